@@ -1,0 +1,42 @@
+"""Quantizer core: pure functions with custom gradients, usable under jit/vmap/grad/pmap.
+
+    from qkd_jax import quant
+    w_hat = quant.interval_quantize(w, -0.1, 0.1, bits=2, signed=True, delta=0.0)
+"""
+
+from qkd_jax.quant.clip import clip_inclusive, clip_straight_through
+from qkd_jax.quant.discretize import discretize, levels_for_bits, round_ste
+from qkd_jax.quant.hessian import ewgs_delta, hutchinson_trace, hvp
+from qkd_jax.quant.quantizers import (
+    dorefa_activation,
+    dorefa_weight,
+    interval_quantize,
+    lsq,
+    lsq_bounds,
+    pact,
+    qkd_interval,
+    qkd_levels,
+)
+from qkd_jax.quant.validation import MAX_BITS, MIN_BITS, check_bits
+
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "check_bits",
+    "clip_inclusive",
+    "clip_straight_through",
+    "discretize",
+    "dorefa_activation",
+    "dorefa_weight",
+    "ewgs_delta",
+    "hutchinson_trace",
+    "hvp",
+    "interval_quantize",
+    "levels_for_bits",
+    "lsq",
+    "lsq_bounds",
+    "pact",
+    "qkd_interval",
+    "qkd_levels",
+    "round_ste",
+]

@@ -2,7 +2,8 @@
 
 Every method routes its rounding through `discretize`, so `delta` switches between the
 straight-through estimator (delta = 0) and EWGS gradient scaling (delta > 0) for all of them.
-Parameters (`lower`, `upper`, `alpha`, `step`, `interval`) are scalars for per-tensor
+Every quantizer accepts `grid_hook`, a function applied to the discretizer output x_q before it
+is mapped back (identity when None). Parameters (`lower`, `upper`, `alpha`, `step`, `interval`) are scalars for per-tensor
 quantization or arrays broadcastable to `x` (e.g. shape (1, 1, 1, C_out) for per-output-channel
 conv weights). Bounds are inclusive: an element exactly on a clip bound passes gradient 1
 (torch.clamp semantics).
@@ -15,6 +16,7 @@ under `jit`; passing a non-positive step or interval there gives inf/NaN outputs
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +25,19 @@ from qkd_jax.quant.clip import clip_inclusive, clip_straight_through
 from qkd_jax.quant.discretize import discretize
 from qkd_jax.quant.validation import check_bits, check_interval, check_positive
 
+GridHook = Optional[Callable[[jax.Array], jax.Array]]
 
-def interval_quantize(x: jax.Array, lower, upper, bits: int, *, signed: bool, delta=0.0) -> jax.Array:
+
+def _on_grid(x_q: jax.Array, grid_hook: GridHook) -> jax.Array:
+    """Applies the caller's hook to the discretizer output x_q (on the [0, 1] grid).
+
+    Layers use it to attach a flax perturbation there, so that gradients and Hessian traces
+    w.r.t. x_q (the EWGS delta update) can be taken without changing the quantizer.
+    """
+    return x_q if grid_hook is None else grid_hook(x_q)
+
+
+def interval_quantize(x: jax.Array, lower, upper, bits: int, *, signed: bool, delta=0.0, grid_hook: GridHook = None) -> jax.Array:
     """Learnable-interval quantizer of EWGS / SQAKD.
 
         x_n = clip((x - lower) / (upper - lower), 0, 1),  x_q = discretize(x_n, 2**bits, delta)
@@ -38,11 +51,11 @@ def interval_quantize(x: jax.Array, lower, upper, bits: int, *, signed: bool, de
     check_interval(lower, upper)
     x = jnp.asarray(x)
     x_n = clip_inclusive((x - lower) / (upper - lower), 0.0, 1.0)
-    x_q = discretize(x_n, 2**bits, delta)
+    x_q = _on_grid(discretize(x_n, 2**bits, delta), grid_hook)
     return 2.0 * (x_q - 0.5) if signed else x_q
 
 
-def pact(x: jax.Array, alpha, bits: int, delta=0.0) -> jax.Array:
+def pact(x: jax.Array, alpha, bits: int, delta=0.0, grid_hook: GridHook = None) -> jax.Array:
     """PACT activation quantizer (Choi et al. 2018).
 
         y = clip(x, 0, alpha),  x_q = discretize(y / alpha, 2**bits, delta),  returns alpha * x_q
@@ -56,7 +69,7 @@ def pact(x: jax.Array, alpha, bits: int, delta=0.0) -> jax.Array:
     x = jnp.asarray(x)
     alpha = jnp.asarray(alpha, x.dtype)
     alpha_sg = jax.lax.stop_gradient(alpha)
-    x_q = discretize(clip_inclusive(x, 0.0, alpha_sg) / alpha_sg, 2**bits, delta)
+    x_q = _on_grid(discretize(clip_inclusive(x, 0.0, alpha_sg) / alpha_sg, 2**bits, delta), grid_hook)
     above = jax.lax.stop_gradient((x >= alpha).astype(x.dtype))
     # Forward: alpha * x_q. Backward to alpha: 1 where x >= alpha (the second term), 0 inside.
     return alpha_sg * x_q + (alpha - alpha_sg) * above
@@ -82,7 +95,7 @@ def _scale_gradient(x: jax.Array, scale) -> jax.Array:
     return jax.lax.stop_gradient(x - scaled) + scaled
 
 
-def lsq(x: jax.Array, step, bits: int, *, signed: bool, delta=0.0) -> jax.Array:
+def lsq(x: jax.Array, step, bits: int, *, signed: bool, delta=0.0, grid_hook: GridHook = None) -> jax.Array:
     """LSQ quantizer (Esser et al. 2020) with a learnable step `step` > 0.
 
         v_hat = step * round(clip(x / step, -Q_N, Q_P))
@@ -104,11 +117,11 @@ def lsq(x: jax.Array, step, bits: int, *, signed: bool, delta=0.0) -> jax.Array:
     step = _scale_gradient(step, 1.0 / math.sqrt(n_per_step * q_p))
     v = clip_inclusive(x / step, -float(q_n), float(q_p))
     levels = 2 if (signed and bits == 1) else span + 1
-    x_q = discretize((v + q_n) / span, levels, delta)
+    x_q = _on_grid(discretize((v + q_n) / span, levels, delta), grid_hook)
     return step * (x_q * span - q_n)
 
 
-def dorefa_weight(w: jax.Array, bits: int, delta=0.0) -> jax.Array:
+def dorefa_weight(w: jax.Array, bits: int, delta=0.0, grid_hook: GridHook = None) -> jax.Array:
     """DoReFa weight quantizer (Zhou et al. 2016); no learnable parameters.
 
         b > 1: w' = tanh(w) / (2 max|tanh(w)|) + 0.5,  returns 2 * discretize(w', 2**b, delta) - 1
@@ -121,16 +134,16 @@ def dorefa_weight(w: jax.Array, bits: int, delta=0.0) -> jax.Array:
         e = jax.lax.stop_gradient(jnp.mean(jnp.abs(w)))
         e = jnp.where(e > 0, e, 1.0)
         x_n = clip_straight_through(0.5 + w / (2.0 * e), 0.0, 1.0)
-        return e * (2.0 * discretize(x_n, 2, delta) - 1.0)
+        return e * (2.0 * _on_grid(discretize(x_n, 2, delta), grid_hook) - 1.0)
     t = jnp.tanh(w)
     x_n = t / (2.0 * jnp.max(jnp.abs(t))) + 0.5
-    return 2.0 * discretize(x_n, 2**bits, delta) - 1.0
+    return 2.0 * _on_grid(discretize(x_n, 2**bits, delta), grid_hook) - 1.0
 
 
-def dorefa_activation(x: jax.Array, bits: int, delta=0.0) -> jax.Array:
+def dorefa_activation(x: jax.Array, bits: int, delta=0.0, grid_hook: GridHook = None) -> jax.Array:
     """DoReFa activation quantizer: discretize(clip(x, 0, 1), 2**bits, delta)."""
     bits = check_bits(bits)
-    return discretize(clip_inclusive(jnp.asarray(x), 0.0, 1.0), 2**bits, delta)
+    return _on_grid(discretize(clip_inclusive(jnp.asarray(x), 0.0, 1.0), 2**bits, delta), grid_hook)
 
 
 def qkd_levels(bits: int, signed: bool) -> int:
@@ -142,7 +155,7 @@ def qkd_levels(bits: int, signed: bool) -> int:
     return 2 if bits == 1 else 2**bits - 1
 
 
-def qkd_interval(x: jax.Array, interval, bits: int, *, signed: bool, delta=0.0) -> jax.Array:
+def qkd_interval(x: jax.Array, interval, bits: int, *, signed: bool, delta=0.0, grid_hook: GridHook = None) -> jax.Array:
     """QKD interval quantizer with a learnable layer-wise interval I > 0.
 
         signed (weights):      c = clip(x / I, -1, 1),  returns I * (2 * discretize((c + 1) / 2, L) - 1),
@@ -159,5 +172,5 @@ def qkd_interval(x: jax.Array, interval, bits: int, *, signed: bool, delta=0.0) 
     levels = qkd_levels(bits, signed)
     if signed:
         c = clip_inclusive(x / interval, -1.0, 1.0)
-        return interval * (2.0 * discretize((c + 1.0) / 2.0, levels, delta) - 1.0)
-    return interval * discretize(clip_inclusive(x / interval, 0.0, 1.0), levels, delta)
+        return interval * (2.0 * _on_grid(discretize((c + 1.0) / 2.0, levels, delta), grid_hook) - 1.0)
+    return interval * _on_grid(discretize(clip_inclusive(x / interval, 0.0, 1.0), levels, delta), grid_hook)

@@ -1,0 +1,170 @@
+"""Per-phase orbax checkpoints: train state, data-iterator state and JSON metadata.
+
+Each phase has its own directory `workdir/<phase>/` and CheckpointManager. Saves are atomic
+(orbax writes into a temporary directory and renames it when complete; unfinished temporary
+directories are ignored and cleaned up). On restore the newest checkpoint is tried first; if it
+is unreadable the previous one is used, with a warning; if none can be read the run stops with
+`CorruptCheckpointError` rather than silently starting over.
+
+A frozen teacher is not stored in student checkpoints: the teacher phase's checkpoint is the
+reference. A trainable teacher (QKD co-studying) is stored with the student.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any, Optional
+
+import flax
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qkd_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(RuntimeError):
+    """No checkpoint of a phase directory could be restored."""
+
+
+def state_to_tree(state: TrainState) -> dict:
+    """The arrays of a TrainState as a nested dict (frozen teacher left out)."""
+    tree = {
+        "step": state.step,
+        "params": state.params,
+        "batch_stats": state.batch_stats,
+        "quant_delta": state.quant_delta,
+        "opt_state": flax.serialization.to_state_dict(state.opt_state),
+        "rng": state.rng,
+    }
+    if state.teacher is not None and state.teacher.trainable:
+        tree["teacher"] = {
+            "params": state.teacher.params,
+            "batch_stats": state.teacher.batch_stats,
+            "opt_state": flax.serialization.to_state_dict(state.teacher.opt_state),
+        }
+    return tree
+
+
+def tree_to_state(template: TrainState, tree: dict) -> TrainState:
+    """Inverse of `state_to_tree`: fills `template` (which supplies static fields and teacher)."""
+    teacher = template.teacher
+    if "teacher" in tree:
+        t = tree["teacher"]
+        teacher = teacher.replace(
+            params=t["params"],
+            batch_stats=t["batch_stats"],
+            opt_state=flax.serialization.from_state_dict(teacher.opt_state, t["opt_state"]),
+        )
+    return template.replace(
+        step=tree["step"],
+        params=tree["params"],
+        batch_stats=tree["batch_stats"],
+        quant_delta=tree["quant_delta"],
+        opt_state=flax.serialization.from_state_dict(template.opt_state, tree["opt_state"]),
+        rng=tree["rng"],
+        teacher=teacher,
+    )
+
+
+def _abstract(tree: Any, mesh: Optional[Mesh]) -> Any:
+    sharding = NamedSharding(mesh, P()) if mesh is not None else None
+
+    def to_struct(x):
+        x = jax.numpy.asarray(x) if not hasattr(x, "shape") else x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or getattr(x, "sharding", None))
+
+    return jax.tree.map(to_struct, tree)
+
+
+class PhaseCheckpointer:
+    """Saves and restores one phase's checkpoints under `directory`."""
+
+    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=False,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        """Finalised checkpoint steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, state: TrainState, *, meta: dict, data_state: Optional[dict] = None) -> int:
+        """Writes a checkpoint at the state's step (blocking, atomic). Returns the step."""
+        step = int(jax.device_get(state.step))
+        items = {
+            "state": ocp.args.StandardSave(state_to_tree(state)),
+            "meta": ocp.args.JsonSave({**meta, "step": step}),
+        }
+        if data_state is not None:
+            items["data"] = ocp.args.JsonSave(data_state)
+        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._manager.wait_until_finished()
+        return step
+
+    def read_meta(self, step: Optional[int] = None) -> Optional[dict]:
+        """The JSON metadata of `step` (default: newest), or None when there is no checkpoint."""
+        steps = self.steps()
+        if not steps:
+            return None
+        step = steps[-1] if step is None else step
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
+
+    def restore(
+        self, template: TrainState, *, mesh: Optional[Mesh] = None
+    ) -> Optional[tuple[TrainState, Optional[dict], dict]]:
+        """(state, data_state, meta) from the newest readable checkpoint; None if there is none.
+
+        Raises CorruptCheckpointError when checkpoints exist but none can be read.
+        """
+        steps = self.steps()
+        if not steps:
+            return None
+        target = _abstract(state_to_tree(template), mesh)
+        errors = []
+        for step in reversed(steps):
+            try:
+                restored = self._restore_step(step, target)
+            except Exception as err:  # orbax/tensorstore raise many types for damaged files
+                errors.append(f"step {step}: {type(err).__name__}: {err}")
+                log.warning(
+                    "checkpoint %s/%d is unreadable (%s); trying the previous one",
+                    self.directory, step, err,
+                )
+                continue
+            state = tree_to_state(template, restored["state"])
+            data = restored.get("data")
+            return state, (dict(data) if data is not None else None), dict(restored["meta"])
+        raise CorruptCheckpointError(
+            f"none of the checkpoints in {self.directory} can be restored:\n  "
+            + "\n  ".join(errors)
+            + "\nMove the directory aside to restart this phase from scratch, or restore it from "
+            "a backup; the run refuses to silently start over."
+        )
+
+    def _restore_step(self, step: int, target: Any) -> dict:
+        step_dir = self.directory / str(step)
+        items = {
+            "state": ocp.args.StandardRestore(target),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if (step_dir / "data").exists():
+            items["data"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        meta = restored["meta"]
+        if meta is None or int(meta.get("step", -1)) != step:
+            raise ValueError(f"metadata of step {step} is missing or names another step: {meta}")
+        return dict(restored)
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,268 @@
+"""The experiment config: its defaults, and validation that runs before any work starts.
+
+Config files under `configs/` start from `base_config()` and add phases with `phase()`.
+`validate(config)` rejects unknown keys (naming them and the known ones) and impossible values
+(naming the key), so a typo on the command line fails in a second instead of after an hour.
+
+A run is an ordered list of phases (`phase_order`), each a ConfigDict in `phases`:
+  kind        'teacher'   train the full-precision model (cross-entropy), or load it from
+                          `teacher_checkpoint`;
+              'calibrate' copy the teacher into the quantized student and initialise every
+                          quantizer parameter from one batch (no training);
+              'student'   train the quantized student with `objective`.
+  init_from   the phase whose final student variables start this phase.
+  teacher_from the phase whose network is the teacher: a 'teacher' phase, or a 'student' phase
+              with train_teacher=True (QKD tutoring uses the co-studied teacher).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import ml_collections
+
+from qkd_jax.distill import OBJECTIVES, get_objective
+from qkd_jax.train.optim import GroupSpec
+
+PHASE_KINDS = ("teacher", "calibrate", "student")
+ESTIMATORS = ("ste", "ewgs", "hessian")
+
+
+def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """A GroupSpec as a ConfigDict. clip_norm 0 means no clipping; decay '' the optimizer's default."""
+    base = dict(
+        optimizer="adam",
+        learning_rate=1e-3,
+        schedule="cosine_epoch",
+        momentum=0.0,
+        nesterov=False,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        decay="",
+        warmup_steps=0,
+        warmup_init_lr=0.0,
+        decay_epochs=(),
+        decay_factor=0.1,
+        clip_norm=0.0,
+    )
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise ValueError(f"unknown optimizer key(s) {sorted(unknown)}; known: {sorted(base)}")
+    base.update(overrides)
+    return ml_collections.ConfigDict(base)
+
+
+def group_spec(cfg: ml_collections.ConfigDict) -> GroupSpec:
+    """GroupSpec from an optimizer ConfigDict (maps the config's '' and 0 sentinels to None)."""
+    values = dict(cfg)
+    values["decay"] = values["decay"] or None
+    values["clip_norm"] = values["clip_norm"] or None
+    values["decay_epochs"] = tuple(values["decay_epochs"])
+    return GroupSpec.from_mapping(values)
+
+
+def phase(kind: str = "student", **overrides: Any) -> ml_collections.ConfigDict:
+    """One phase's ConfigDict with every key present (defaults shown here)."""
+    base = dict(
+        kind=kind,
+        objective="task",
+        alpha=1.0,
+        gamma=1.0,
+        temperature=4.0,
+        label_smoothing=0.0,
+        init_from="",
+        teacher_from="",
+        train_teacher=False,
+        epochs=1,
+        batch_size=64,
+        eval_every_epochs=1,
+        weights=optimizer_config(),
+        quant_params=optimizer_config(learning_rate=1e-5),
+        teacher_opt=optimizer_config(),
+    )
+    for key, value in overrides.items():
+        if key not in base:
+            raise ValueError(f"unknown phase key {key!r}; known: {sorted(base)}")
+        base[key] = value
+    return ml_collections.ConfigDict(base)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every top-level key with its default; experiment files override what they need."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.dataset = ml_collections.ConfigDict(
+        dict(name="qkd_digits", data_dir="", augment="", image_size=0, eval_batch_size=256)
+    )
+    c.model = ml_collections.ConfigDict(dict(name="resnet20", num_classes=0))
+    c.quant = ml_collections.ConfigDict(
+        dict(
+            method="interval",
+            w_bits=2,
+            a_bits=2,
+            preset="sqakd_cifar",
+            estimator="ste",
+            delta=0.0,
+            hessian_every_epochs=10,
+            hessian_batches=3,
+            hessian_batch_size=256,
+            hessian_max_probes=50,
+            pact_alpha=0.0,
+        )
+    )
+    c.teacher_checkpoint = ""
+    c.phase_order = "teacher"
+    c.phases = ml_collections.ConfigDict({"teacher": phase("teacher", weights=optimizer_config())})
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 2
+    c.tensorboard = True
+    return c
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has an impossible value."""
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"config.{key}={value!r} is invalid: {why}")
+
+
+def _check_keys(cfg: Any, template: Any, prefix: str) -> None:
+    known, given = set(template.keys()), set(cfg.keys())
+    for key in sorted(given - known):
+        raise ConfigError(
+            f"unknown config key '{prefix}{key}'; known keys at this level: {sorted(known)}"
+        )
+    for key in sorted(known - given):
+        raise ConfigError(f"config key '{prefix}{key}' is missing (start configs from base_config())")
+    for key in known:
+        sub_t = template[key]
+        if isinstance(sub_t, ml_collections.ConfigDict) and key != "phases":
+            if not isinstance(cfg[key], (ml_collections.ConfigDict, dict)):
+                _fail(prefix + key, cfg[key], "must be a ConfigDict")
+            _check_keys(cfg[key], sub_t, f"{prefix}{key}.")
+
+
+def phase_names(config: ml_collections.ConfigDict) -> list[str]:
+    return [p.strip() for p in config.phase_order.split(",") if p.strip()]
+
+
+def objective_kwargs(name: str, ph: ml_collections.ConfigDict) -> dict:
+    """The phase's objective arguments that the named objective accepts."""
+    params = inspect.signature(OBJECTIVES[name]).parameters
+    return {k: ph[k] for k in ("alpha", "gamma", "temperature", "label_smoothing") if k in params}
+
+
+def build_objective(ph: ml_collections.ConfigDict):
+    return get_objective(ph.objective, **objective_kwargs(ph.objective, ph))
+
+
+def _int_in(key: str, value: Any, lo: int, hi: float = float("inf")) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        _fail(key, value, f"must be an integer in [{lo}, {hi}]")
+
+
+def validate(config: ml_collections.ConfigDict, *, known_models: Iterable[str] = (),
+             known_datasets: Iterable[str] = (), known_methods: Iterable[str] = (),
+             known_presets: Iterable[str] = ()) -> None:
+    """Raises ConfigError naming the first unknown key or impossible value."""
+    _check_keys(config, base_config(), "")
+    known_models, known_datasets = list(known_models), list(known_datasets)
+    known_methods, known_presets = list(known_methods), list(known_presets)
+    if known_models and config.model.name not in known_models:
+        _fail("model.name", config.model.name, f"unknown model; known: {known_models}")
+    if known_datasets and config.dataset.name not in known_datasets:
+        _fail("dataset.name", config.dataset.name, f"unknown dataset; known: {known_datasets}")
+    _int_in("model.num_classes", config.model.num_classes, 0)
+    _int_in("dataset.image_size", config.dataset.image_size, 0)
+    _int_in("dataset.eval_batch_size", config.dataset.eval_batch_size, 1)
+    q = config.quant
+    if known_methods and q.method not in known_methods:
+        _fail("quant.method", q.method, f"unknown quantizer method; known: {known_methods}")
+    if known_presets and q.preset not in known_presets:
+        _fail("quant.preset", q.preset, f"unknown precision preset; known: {known_presets}")
+    _int_in("quant.w_bits", q.w_bits, 1, 8)
+    _int_in("quant.a_bits", q.a_bits, 1, 8)
+    if q.estimator not in ESTIMATORS:
+        _fail("quant.estimator", q.estimator, f"must be one of {ESTIMATORS}")
+    if not q.delta >= 0:
+        _fail("quant.delta", q.delta, "EWGS delta must be >= 0 (0 = straight-through)")
+    _int_in("quant.hessian_every_epochs", q.hessian_every_epochs, 1)
+    _int_in("quant.hessian_batches", q.hessian_batches, 1)
+    _int_in("quant.hessian_batch_size", q.hessian_batch_size, 1)
+    _int_in("quant.hessian_max_probes", q.hessian_max_probes, 1)
+    if q.pact_alpha < 0:
+        _fail("quant.pact_alpha", q.pact_alpha, "must be >= 0 (0 = from data)")
+    _int_in("log_every_steps", config.log_every_steps, 1)
+    _int_in("checkpoint_every_steps", config.checkpoint_every_steps, 1)
+    _int_in("keep_checkpoints", config.keep_checkpoints, 1)
+    _validate_phases(config)
+
+
+def _validate_phases(config: ml_collections.ConfigDict) -> None:
+    order = phase_names(config)
+    if not order:
+        _fail("phase_order", config.phase_order, "names no phase")
+    if len(set(order)) != len(order):
+        _fail("phase_order", config.phase_order, "names a phase twice")
+    defined = set(config.phases.keys())
+    for name in order:
+        if name not in defined:
+            _fail("phase_order", config.phase_order, f"phase {name!r} is not defined in config.phases ({sorted(defined)})")
+    for name in sorted(defined - set(order)):
+        _fail(f"phases.{name}", "...", f"is defined but not listed in phase_order={config.phase_order!r}")
+    template = phase()
+    seen: dict[str, ml_collections.ConfigDict] = {}
+    for name in order:
+        ph = config.phases[name]
+        _check_keys(ph, template, f"phases.{name}.")
+        key = f"phases.{name}"
+        if ph.kind not in PHASE_KINDS:
+            _fail(f"{key}.kind", ph.kind, f"must be one of {PHASE_KINDS}")
+        if ph.objective not in OBJECTIVES:
+            _fail(f"{key}.objective", ph.objective, f"unknown objective; known: {sorted(OBJECTIVES)}")
+        _int_in(f"{key}.epochs", ph.epochs, 0)
+        _int_in(f"{key}.batch_size", ph.batch_size, 1)
+        _int_in(f"{key}.eval_every_epochs", ph.eval_every_epochs, 1)
+        for opt_key in ("weights", "quant_params", "teacher_opt"):
+            try:
+                group_spec(ph[opt_key])
+            except ValueError as err:
+                raise ConfigError(f"config.{key}.{opt_key}: {err}") from None
+        try:
+            objective = build_objective(ph)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"config.{key}: objective {ph.objective!r}: {err}") from None
+        if ph.init_from and ph.init_from not in seen:
+            _fail(f"{key}.init_from", ph.init_from, f"must name an earlier phase ({sorted(seen)})")
+        if ph.teacher_from:
+            src = seen.get(ph.teacher_from)
+            if src is None:
+                _fail(f"{key}.teacher_from", ph.teacher_from, f"must name an earlier phase ({sorted(seen)})")
+            if src.kind != "teacher" and not src.train_teacher:
+                _fail(f"{key}.teacher_from", ph.teacher_from,
+                      "must name a 'teacher' phase or a student phase with train_teacher=True")
+        if ph.kind == "teacher":
+            if ph.init_from or ph.teacher_from or ph.train_teacher:
+                _fail(key, ph.kind, "a teacher phase takes no init_from/teacher_from/train_teacher")
+            if objective.needs_teacher:
+                _fail(f"{key}.objective", ph.objective, "a teacher phase trains with labels only")
+        elif ph.kind == "calibrate":
+            if not ph.init_from or seen[ph.init_from].kind != "teacher":
+                _fail(f"{key}.init_from", ph.init_from, "a calibrate phase starts from a 'teacher' phase")
+        else:
+            if not ph.init_from:
+                _fail(f"{key}.init_from", ph.init_from, "a student phase needs the phase it starts from")
+            if seen[ph.init_from].kind == "teacher":
+                _fail(f"{key}.init_from", ph.init_from,
+                      "a student starts from a 'calibrate' or 'student' phase, not from the FP teacher")
+            if objective.needs_teacher and not ph.teacher_from:
+                _fail(f"{key}.teacher_from", ph.teacher_from, f"objective {ph.objective!r} needs a teacher")
+            if ph.train_teacher != (ph.objective == "co_study"):
+                _fail(f"{key}.train_teacher", ph.train_teacher,
+                      "train_teacher=True goes with objective='co_study' and only with it")
+        seen[name] = ph

@@ -1,0 +1,146 @@
+"""Per-replica train and eval steps: pure functions of (state, batch).
+
+Written in the pmap programming model: when `axis_name` is set, gradients, metrics and
+BatchNorm statistics are averaged over that named axis with `lax.pmean` (the models' BatchNorm
+also synchronises its batch statistics over the same axis in the forward pass). The same
+function runs under `jax.shard_map` (what `qkd_jax.train.parallel` compiles) and under
+`jax.pmap`; with `axis_name=None` it is a plain single-device step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qkd_jax.train.state import TeacherState, TrainState
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _pmean(tree, axis_name: Optional[str]):
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def _psum(tree, axis_name: Optional[str]):
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def _step_rng(state: TrainState, axis_name: Optional[str]) -> jax.Array:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    return rng
+
+
+def _forward(apply_fn: Callable, variables: dict, images: jax.Array, *, train: bool, rng: jax.Array):
+    """Runs a model; in train mode returns (logits, new batch_stats)."""
+    if train:
+        logits, mutated = apply_fn(
+            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+        )
+        return logits, mutated.get("batch_stats", {})
+    return apply_fn(variables, images, train=False), variables.get("batch_stats", {})
+
+
+def _frozen_teacher_logits(teacher: TeacherState, images: jax.Array) -> jax.Array:
+    logits = teacher.apply_fn(teacher.variables(), images, train=False)
+    return jax.lax.stop_gradient(logits)
+
+
+def _apply_updates(params, grads, opt_state, tx: optax.GradientTransformation):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def train_step(
+    state: TrainState, batch: Batch, *, objective: Any, axis_name: Optional[str] = "data"
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update of the student (and of the teacher when it is trainable).
+
+    `objective(student_logits, teacher_logits, labels) -> (loss, aux)` (see qkd_jax.distill).
+    With a trainable teacher (QKD co-studying) the objective must be a co-study objective
+    returning `(student_loss + teacher_loss, aux)` whose stop-gradients route each part to its
+    own network; both networks then run in train mode and are updated with their own optimizer.
+    A frozen teacher runs in inference mode and is never differentiated.
+    """
+    images = batch["image"]
+    labels = batch.get("label")
+    if getattr(objective, "needs_labels", False) and labels is None:
+        raise ValueError(
+            f"objective {getattr(objective, 'name', objective)!r} needs labels but the batch has "
+            f"none; load the training split with labels (data.drop_labels=False)."
+        )
+    rng = _step_rng(state, axis_name)
+    teacher = state.teacher
+    co_study = teacher is not None and teacher.trainable
+    needs_teacher = getattr(objective, "needs_teacher", teacher is not None)
+    if needs_teacher and teacher is None:
+        raise ValueError("the objective needs a teacher but the train state has none")
+    frozen_logits = None
+    if needs_teacher and not co_study:
+        frozen_logits = _frozen_teacher_logits(teacher, images)
+
+    def loss_fn(params, teacher_params):
+        s_vars = {**state.variables(), "params": params}
+        s_logits, s_stats = _forward(state.apply_fn, s_vars, images, train=True, rng=rng)
+        t_stats = None
+        t_logits = frozen_logits
+        if co_study:
+            t_vars = {"params": teacher_params, "batch_stats": teacher.batch_stats}
+            t_logits, t_stats = _forward(
+                teacher.apply_fn, t_vars, images, train=True, rng=jax.random.fold_in(rng, 1)
+            )
+        loss, aux = objective(s_logits, t_logits, labels)
+        return loss, (aux, s_stats, t_stats)
+
+    teacher_params = teacher.params if co_study else None
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (loss, (aux, s_stats, t_stats)), (s_grads, t_grads) = grad_fn(state.params, teacher_params)
+    s_grads = _pmean(s_grads, axis_name)
+    params, opt_state = _apply_updates(state.params, s_grads, state.opt_state, state.tx)
+    new_teacher = teacher
+    if co_study:
+        t_grads = _pmean(t_grads, axis_name)
+        t_params, t_opt = _apply_updates(teacher.params, t_grads, teacher.opt_state, teacher.tx)
+        new_teacher = teacher.replace(
+            params=t_params, opt_state=t_opt, batch_stats=_pmean(t_stats, axis_name)
+        )
+    metrics = {"loss": loss, **{k: v for k, v in aux.items() if k != "loss"}}
+    metrics = _pmean(metrics, axis_name)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        batch_stats=_pmean(s_stats, axis_name),
+        teacher=new_teacher,
+    )
+    return new_state, metrics
+
+
+def classification_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> Metrics:
+    """Sums (not means) of top-1/top-5 hits and the example count, so replicas and batches add up."""
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hit1 = (top5[:, 0] == labels).astype(jnp.float32)
+    hit5 = jnp.any(top5 == labels[:, None], axis=-1).astype(jnp.float32)
+    return {"top1": jnp.sum(hit1 * mask), "top5": jnp.sum(hit5 * mask), "count": jnp.sum(mask)}
+
+
+def eval_step(
+    variables: dict, batch: Batch, *, apply_fn: Callable, axis_name: Optional[str] = "data"
+) -> Metrics:
+    """Inference-mode evaluation of one batch: summed top-1/top-5 hits, cross-entropy and count.
+
+    `batch['mask']` (1 for real examples, 0 for padding) makes padded final batches count each
+    example once; divide the sums by 'count' after accumulating over the whole split.
+    """
+    images, labels = batch["image"], batch["label"]
+    mask = batch.get("mask")
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    logits = apply_fn(variables, images, train=False)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    sums = {**classification_counts(logits, labels, mask), "loss": jnp.sum(ce * mask)}
+    return _psum(sums, axis_name)

@@ -1,0 +1,177 @@
+"""grain pipelines: deterministic, sharded, resumable training and evaluation batches.
+
+Both loaders are `grain.MapDataset`s of whole local batches turned into `grain.IterDataset`s,
+so an iterator's state is the index of its next batch: `state = it.get_state()` and, in a fresh
+process, `it = iter(make_train_loader(<same arguments>)); it.set_state(state)` continue with
+exactly the batches the first iterator would have produced.
+
+Training stream: epoch e visits the examples in the order of `grain`'s index shuffle seeded with
+`seed + e`; epochs are concatenated and cut into global batches of `batch_size` (a batch may
+straddle two epochs; `num_epochs` epochs give floor(num_epochs * n / batch_size) batches, the
+rest is dropped). Augmentation randomness depends only on (seed, epoch, example index), so it
+is the same whether the example is read by one process or by several, before or after a resume.
+Sharding: see `sharding.py`. Batches are dicts of NumPy arrays: 'image' float32 NHWC
+normalised, 'label' int32 (omitted with `drop_labels`), and for evaluation 'mask' (bool,
+False on padding).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from qkd_jax.data import augment as aug
+from qkd_jax.data.sharding import check_shard, global_position, local_batch_size
+
+Batch = dict[str, np.ndarray]
+
+
+def num_train_batches(num_examples: int, batch_size: int, num_epochs: int) -> int:
+    """Global batches in `num_epochs` epochs of the training stream."""
+    return num_epochs * num_examples // batch_size
+
+
+def num_eval_batches(num_examples: int, batch_size: int) -> int:
+    """Global evaluation batches (the last one padded)."""
+    return math.ceil(num_examples / batch_size)
+
+
+def _read(source: Sequence[dict[str, Any]], index: int) -> tuple[np.ndarray, int]:
+    record = source[index]
+    return np.asarray(record["image"]), int(record["label"])
+
+
+class _TrainExample:
+    """Local stream position -> augmented, normalised example (picklable for worker processes)."""
+
+    def __init__(self, source, *, seed, local_batch, global_batch, shard_index, transform,
+                 mean, std, drop_labels):
+        self.source, self.seed, self.transform = source, seed, transform
+        self.local_batch, self.global_batch, self.shard_index = local_batch, global_batch, shard_index
+        self.mean, self.std, self.drop_labels = mean, std, drop_labels
+        self.n = len(source)
+        self.order = grain.MapDataset.range(self.n).shuffle(seed=seed)
+
+    def __call__(self, k: int) -> Batch:
+        g = global_position(k, local_batch=self.local_batch, global_batch=self.global_batch,
+                            shard_index=self.shard_index)
+        epoch = g // self.n
+        index = int(self.order[g]) % self.n
+        image, label = _read(self.source, index)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        out = {"image": aug.normalize(self.transform(image, rng), self.mean, self.std)}
+        if not self.drop_labels:
+            out["label"] = np.int32(label)
+        return out
+
+
+class _EvalExample:
+    """Local stream position -> normalised example with mask; positions past the end are padding."""
+
+    def __init__(self, source, *, local_batch, global_batch, shard_index, transform, mean, std):
+        self.source, self.transform, self.mean, self.std = source, transform, mean, std
+        self.local_batch, self.global_batch, self.shard_index = local_batch, global_batch, shard_index
+        self.n = len(source)
+
+    def _example(self, index: int) -> Batch:
+        image, label = _read(self.source, index)
+        image = aug.normalize(self.transform(image), self.mean, self.std)
+        return {"image": image, "label": np.int32(label), "mask": np.bool_(True)}
+
+    def __call__(self, k: int) -> Batch:
+        g = global_position(k, local_batch=self.local_batch, global_batch=self.global_batch,
+                            shard_index=self.shard_index)
+        if g < self.n:
+            return self._example(g)
+        first = self._example(0)
+        return {"image": np.zeros_like(first["image"]), "label": np.int32(0),
+                "mask": np.bool_(False)}
+
+
+def _finish(ds: grain.MapDataset, local_batch: int, num_threads: int, prefetch: int,
+            worker_count: int) -> grain.IterDataset:
+    ds = ds.batch(local_batch, drop_remainder=True)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                              prefetch_buffer_size=prefetch))
+    if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # outside absl.app.run (tests, notebooks): grain reads flags
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return it
+
+
+def make_train_loader(
+    source: Sequence[dict[str, Any]],
+    *,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    augment: str = "none",
+    image_size: int | None = None,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    drop_labels: bool = False,
+    num_threads: int = 4,
+    prefetch: int = 4,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """Shuffled, augmented training batches of `batch_size // shard_count` examples for this shard.
+
+    `batch_size` is global; `num_epochs=None` repeats forever; `augment` in `augment.AUGMENTS`;
+    `image_size` the output side for 'cifar' crops / 'imagenet' resized crops (default: input
+    size / 224); `mean`/`std` on the 0..1 scale; `seed` in [0, 2**32). `worker_count > 0` adds
+    grain worker processes: the same batches, but an iterator state that only restores into a
+    loader with the same `worker_count` (outside `absl.app.run` this marks absl flags parsed).
+    """
+    check_shard(shard_index, shard_count)
+    local = local_batch_size(batch_size, shard_count)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    if num_epochs is None:
+        length = sys.maxsize // batch_size * local
+    else:
+        length = num_train_batches(len(source), batch_size, num_epochs) * local
+    example = _TrainExample(source, seed=seed, local_batch=local, global_batch=batch_size,
+                            shard_index=shard_index, transform=aug.train_transform(augment, image_size),
+                            mean=tuple(mean), std=tuple(std), drop_labels=drop_labels)
+    ds = grain.MapDataset.range(length).map(example)
+    return _finish(ds, local, num_threads, prefetch, worker_count)
+
+
+def make_eval_loader(
+    source: Sequence[dict[str, Any]],
+    *,
+    batch_size: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    augment: str = "none",
+    image_size: int | None = None,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    num_threads: int = 4,
+    prefetch: int = 4,
+    worker_count: int = 0,
+) -> grain.IterDataset:
+    """Every example once, in source order, no augmentation; the last global batch is padded.
+
+    `augment` names the dataset family: 'imagenet' resizes the short side to
+    round(image_size * 256 / 224) and centre-crops `image_size`; the others only normalise.
+    Each shard yields `num_eval_batches(len(source), batch_size)` batches with a boolean 'mask'.
+    """
+    check_shard(shard_index, shard_count)
+    local = local_batch_size(batch_size, shard_count)
+    length = num_eval_batches(len(source), batch_size) * local
+    example = _EvalExample(source, local_batch=local, global_batch=batch_size,
+                           shard_index=shard_index, transform=aug.eval_transform(augment, image_size),
+                           mean=tuple(mean), std=tuple(std))
+    ds = grain.MapDataset.range(length).map(example)
+    return _finish(ds, local, num_threads, prefetch, worker_count)

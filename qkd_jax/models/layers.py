@@ -1,0 +1,91 @@
+"""Building blocks shared by the model zoo: factory types, torch-style padding and pooling.
+
+Every model creates its convolutions and linear layers only through the injected
+``conv`` / ``dense`` factories (``nn.Conv`` / ``nn.Dense`` for the FP teacher, the
+quantized drop-ins for the student); :func:`conv_layer` is the one place that turns
+torch-style arguments (square kernel, symmetric integer padding) into that call.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+ModuleDef = Any
+Array = jnp.ndarray
+
+#: BatchNorm factory with the torch defaults (torch momentum 0.1 == flax momentum 0.9, eps 1e-5).
+BatchNorm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+def conv_layer(
+    factory: ModuleDef,
+    features: int,
+    kernel_size: int,
+    *,
+    name: str,
+    strides: int = 1,
+    padding: int | None = None,
+    use_bias: bool = False,
+    groups: int = 1,
+) -> nn.Module:
+    """A square conv made by ``factory`` with torch-style symmetric padding ((k-1)//2 by default)."""
+    pad = (kernel_size - 1) // 2 if padding is None else padding
+    return factory(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        feature_group_count=groups,
+        name=name,
+    )
+
+
+def bind_norm(norm: ModuleDef, train: bool, axis_name: str | None, dtype: Any) -> ModuleDef:
+    """The BatchNorm factory for one forward pass: batch statistics (synced over ``axis_name``) in training."""
+    return functools.partial(norm, use_running_average=not train, axis_name=axis_name, dtype=dtype)
+
+
+def _pool_pads(size: int, window: int, stride: int, padding: int, ceil_mode: bool) -> tuple[int, int]:
+    """(low, high) padding that reproduces torch's output size, including ``ceil_mode``."""
+    span = size + 2 * padding - window
+    if not ceil_mode:
+        return padding, padding
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + padding:  # torch: the last window must start inside the input
+        out -= 1
+    return padding, padding + max(0, (out - 1) * stride + window - (size + 2 * padding))
+
+
+def max_pool(x: Array, window: int, stride: int, padding: int = 0, ceil_mode: bool = False) -> Array:
+    """torch.nn.MaxPool2d on NHWC input (padding with -inf, optional ceil_mode)."""
+    pads = tuple(_pool_pads(x.shape[a], window, stride, padding, ceil_mode) for a in (1, 2))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pads)
+
+
+def _adaptive_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) averaging matrix of torch's adaptive average pooling along one axis."""
+    mat = np.zeros((out, size), np.float32)
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        mat[i, start:end] = 1.0 / (end - start)
+    return mat
+
+
+def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
+    """torch.nn.AdaptiveAvgPool2d on NHWC input (identity when the size already matches)."""
+    if x.shape[1:3] == tuple(output_size):
+        return x
+    rows = jnp.asarray(_adaptive_matrix(x.shape[1], output_size[0]), x.dtype)
+    cols = jnp.asarray(_adaptive_matrix(x.shape[2], output_size[1]), x.dtype)
+    return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x)
+
+
+def global_avg_pool(x: Array) -> Array:
+    """Mean over the spatial axes: (N, H, W, C) -> (N, C)."""
+    return jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,84 @@
+"""MobileNetV2 (width 1.0) in the torchvision layout (any input size).
+
+3x3/2 stem (32) + BN + ReLU6; 17 inverted residual blocks (t, c, n, s) =
+(1,16,1,1) (6,24,2,2) (6,32,3,2) (6,64,4,2) (6,96,3,1) (6,160,3,2) (6,320,1,1);
+1x1 conv to 1280 + BN + ReLU6; global average pooling; Dropout; Linear classifier.
+
+Layer names: ``stem``/``stem_bn``; ``block{k}`` (k = 1..17) with ``expand``/``expand_bn``
+(absent when t = 1), ``dw``/``dw_bn``, ``project``/``project_bn``; ``head_conv``/``head_bn``;
+``classifier``. Dropout defaults to 0 (torchvision: 0.2); see :mod:`qkd_jax.models.vgg`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool
+
+MOBILENET_V2_SETTING: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class InvertedResidual(nn.Module):
+    """Expand (1x1) -> depthwise 3x3 -> linear project (1x1); residual when shapes match."""
+
+    features: int
+    strides: int
+    expand_ratio: int
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        hidden = int(round(x.shape[-1] * self.expand_ratio))
+        y = x
+        if self.expand_ratio != 1:
+            y = conv_layer(self.conv, hidden, 1, name="expand")(y)
+            y = nn.relu6(self.norm(name="expand_bn")(y))
+        y = conv_layer(self.conv, hidden, 3, strides=self.strides, groups=hidden, name="dw")(y)
+        y = nn.relu6(self.norm(name="dw_bn")(y))
+        y = conv_layer(self.conv, self.features, 1, name="project")(y)
+        y = self.norm(name="project_bn")(y)
+        if self.strides == 1 and x.shape[-1] == self.features:
+            y = y + x
+        return y
+
+
+class MobileNetV2(nn.Module):
+    """torchvision MobileNetV2, width multiplier 1.0."""
+
+    num_classes: int
+    conv: ModuleDef = nn.Conv
+    dense: ModuleDef = nn.Dense
+    norm: ModuleDef = BatchNorm
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+    dropout_rate: float = 0.0
+    last_channel: int = 1280
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
+        x = jnp.asarray(x, self.dtype)
+        x = conv_layer(self.conv, 32, 3, strides=2, name="stem")(x)
+        x = nn.relu6(norm(name="stem_bn")(x))
+        k = 0
+        for t, c, n, s in MOBILENET_V2_SETTING:
+            for i in range(n):
+                k += 1
+                x = InvertedResidual(c, s if i == 0 else 1, t, self.conv, norm, name=f"block{k}")(x)
+        x = conv_layer(self.conv, self.last_channel, 1, name="head_conv")(x)
+        x = nn.relu6(norm(name="head_bn")(x))
+        x = global_avg_pool(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return self.dense(self.num_classes, use_bias=True, name="classifier")(x)

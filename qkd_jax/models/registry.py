@@ -1,0 +1,78 @@
+"""Model registry: one name per architecture, built with injected conv / dense factories.
+
+    teacher = get_model('resnet20', 10)                      # nn.Conv / nn.Dense: FP
+    student = get_model('resnet20', 10, conv=qconv_factory)  # same parameter paths
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+
+from qkd_jax.models.cifar_resnet import CifarResNet
+from qkd_jax.models.cifar_vgg import CifarVGG
+from qkd_jax.models.efficientnet import EfficientNet
+from qkd_jax.models.layers import ModuleDef
+from qkd_jax.models.mobilenet_v2 import MobileNetV2
+from qkd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
+from qkd_jax.models.shufflenet_v2 import SHUFFLENET_V2_WIDTHS, ShuffleNetV2
+from qkd_jax.models.squeezenet import SqueezeNet
+from qkd_jax.models.vgg import VGG
+
+
+class ModelSpec(NamedTuple):
+    """How to build a registered model and the input size it was designed for."""
+
+    build: Callable[..., nn.Module]
+    image_size: int
+
+
+_CIFAR, _IMAGENET = 32, 224
+
+_MODELS: dict[str, ModelSpec] = {
+    "resnet20": ModelSpec(functools.partial(CifarResNet, depth=20), _CIFAR),
+    "resnet32": ModelSpec(functools.partial(CifarResNet, depth=32), _CIFAR),
+    "resnet56": ModelSpec(functools.partial(CifarResNet, depth=56), _CIFAR),
+    "vgg8": ModelSpec(functools.partial(CifarVGG, depth=8), _CIFAR),
+    "vgg11": ModelSpec(functools.partial(CifarVGG, depth=11), _CIFAR),
+    "vgg13": ModelSpec(functools.partial(CifarVGG, depth=13), _CIFAR),
+    "resnet18": ModelSpec(functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock), _IMAGENET),
+    "resnet34": ModelSpec(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock), _IMAGENET),
+    "resnet50": ModelSpec(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck), _IMAGENET),
+    "vgg11_bn": ModelSpec(VGG, _IMAGENET),
+    "mobilenet_v2": ModelSpec(MobileNetV2, _IMAGENET),
+    "shufflenet_v2_x0_5": ModelSpec(
+        functools.partial(ShuffleNetV2, widths=SHUFFLENET_V2_WIDTHS["x0_5"]), _IMAGENET
+    ),
+    "shufflenet_v2_x1_0": ModelSpec(
+        functools.partial(ShuffleNetV2, widths=SHUFFLENET_V2_WIDTHS["x1_0"]), _IMAGENET
+    ),
+    "squeezenet1_0": ModelSpec(SqueezeNet, _IMAGENET),
+    "efficientnet_b0": ModelSpec(EfficientNet, _IMAGENET),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`get_model`, sorted."""
+    return sorted(_MODELS)
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+def image_size(name: str) -> int:
+    """The input height/width the model was designed for (32 for CIFAR models, 224 otherwise)."""
+    return _spec(name).image_size
+
+
+def get_model(
+    name: str, num_classes: int, conv: ModuleDef = nn.Conv, dense: ModuleDef = nn.Dense, **kwargs: Any
+) -> nn.Module:
+    """Build model ``name`` with the given conv / dense factories; ``kwargs`` go to the module
+    (e.g. ``norm``, ``dtype``, ``axis_name``, ``dropout_rate``)."""
+    return _spec(name).build(num_classes=num_classes, conv=conv, dense=dense, **kwargs)

@@ -1,0 +1,94 @@
+"""ImageNet-style ResNet-18/34/50 in the torchvision layout (any input size).
+
+7x7/2 stem + BN + ReLU + 3x3/2 max pool; four stages (64, 128, 256, 512 planes); basic
+blocks (18/34) or bottlenecks with the stride on the 3x3 conv (50, "v1.5"); 1x1 conv + BN
+downsample where the shape changes; global average pooling; Linear classifier.
+
+Layer names: ``stem``, ``stem_bn``, ``layer{i}_{j}`` (stage i = 1..4, block j from 0) with
+``conv1``/``bn1``, ``conv2``/``bn2`` (``conv3``/``bn3``), ``downsample_conv``/``downsample_bn``
+inside, ``classifier``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool, max_pool
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (torchvision BasicBlock)."""
+
+    planes: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    expansion: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = conv_layer(self.conv, self.planes, 3, strides=self.strides, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = conv_layer(self.conv, self.planes, 3, name="conv2")(y)
+        y = self.norm(name="bn2")(y)
+        return nn.relu(y + _downsample(self, x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 x4 (torchvision Bottleneck)."""
+
+    planes: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+    expansion: int = 4
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        y = conv_layer(self.conv, self.planes, 1, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = conv_layer(self.conv, self.planes, 3, strides=self.strides, name="conv2")(y)
+        y = nn.relu(self.norm(name="bn2")(y))
+        y = conv_layer(self.conv, self.planes * self.expansion, 1, name="conv3")(y)
+        y = self.norm(name="bn3")(y)
+        return nn.relu(y + _downsample(self, x))
+
+
+def _downsample(block: BasicBlock | Bottleneck, x: Array) -> Array:
+    """Identity, or 1x1 strided conv + BN where stride or width changes (called inside a block)."""
+    out = block.planes * block.expansion
+    if block.strides == 1 and x.shape[-1] == out:
+        return x
+    x = conv_layer(block.conv, out, 1, strides=block.strides, name="downsample_conv")(x)
+    return block.norm(name="downsample_bn")(x)
+
+
+class ResNet(nn.Module):
+    """torchvision-layout ResNet; ``stage_sizes`` blocks per stage of ``block_cls``."""
+
+    num_classes: int
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    block_cls: ModuleDef = BasicBlock
+    conv: ModuleDef = nn.Conv
+    dense: ModuleDef = nn.Dense
+    norm: ModuleDef = BatchNorm
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
+        x = jnp.asarray(x, self.dtype)
+        x = conv_layer(self.conv, 64, 7, strides=2, name="stem")(x)
+        x = nn.relu(norm(name="stem_bn")(x))
+        x = max_pool(x, 3, 2, padding=1)
+        for i, blocks in enumerate(self.stage_sizes, start=1):
+            planes = 64 * 2 ** (i - 1)
+            for j in range(blocks):
+                strides = 2 if (i > 1 and j == 0) else 1
+                x = self.block_cls(planes, strides, self.conv, norm, name=f"layer{i}_{j}")(x)
+        x = global_avg_pool(x)
+        return self.dense(self.num_classes, use_bias=True, name="classifier")(x)

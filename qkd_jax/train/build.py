@@ -1,0 +1,86 @@
+"""Building the networks of a run from its config: teacher and student models, rules, variables.
+
+Each network exists in two forms with identical parameters: one whose BatchNorm synchronises
+its statistics over the device axis (for the compiled train step) and one without an axis (for
+work outside the step: calibration, Hessian probes, initialisation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from qkd_jax.data import dataset_info
+from qkd_jax.models import get_model
+from qkd_jax.quant import rules as qrules
+from qkd_jax.quant.layers import quantized_layers
+from qkd_jax.train.parallel import DATA_AXIS
+
+PRESETS: dict[str, Callable[..., qrules.RuleSet]] = {
+    "sqakd_cifar": qrules.sqakd_cifar,
+    "sqakd_cifar_vgg": qrules.sqakd_cifar_vgg,
+    "first_last_8bit": qrules.first_last_8bit,
+    "uniform": qrules.uniform,
+}
+METHODS = ("interval", "pact", "lsq", "dorefa", "qkd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """One network: `train_model` syncs BatchNorm over the device axis, `local_model` does not."""
+
+    train_model: nn.Module
+    local_model: nn.Module
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+    return config.model.num_classes or dataset_info(config.dataset.name).num_classes
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """(H, W, C) fed to the model."""
+    info = dataset_info(config.dataset.name)
+    size = config.dataset.image_size or info.input_size
+    return (size, size, info.image_shape[2])
+
+
+def student_rules(config: ml_collections.ConfigDict) -> qrules.RuleSet:
+    q = config.quant
+    extra = {"pact_alpha": q.pact_alpha} if (q.method == "pact" and q.pact_alpha > 0) else {}
+    return PRESETS[q.preset](q.method, q.w_bits, q.a_bits, **extra)
+
+
+def _network(config: ml_collections.ConfigDict, **layer_kwargs: Any) -> Network:
+    build = lambda axis: get_model(  # noqa: E731
+        config.model.name, num_classes(config), axis_name=axis, **layer_kwargs
+    )
+    return Network(train_model=build(DATA_AXIS), local_model=build(None))
+
+
+def teacher_network(config: ml_collections.ConfigDict) -> Network:
+    return _network(config)
+
+
+def student_network(config: ml_collections.ConfigDict) -> Network:
+    conv, dense = quantized_layers(student_rules(config))
+    return _network(config, conv=conv, dense=dense)
+
+
+def init_variables(model: nn.Module, config: ml_collections.ConfigDict, key: jax.Array) -> dict:
+    """Fresh variables (params, batch_stats, quant_delta), without gradient-probe collections."""
+    dummy = jnp.zeros((1, *input_shape(config)), jnp.float32)
+    variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key)
+    return {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats", "quant_delta")}
+
+
+def set_deltas(variables: dict, value: float) -> dict:
+    """Every entry of 'quant_delta' set to `value` (the fixed-delta EWGS estimator; 0 = STE)."""
+    if "quant_delta" not in variables:
+        return variables
+    deltas = jax.tree.map(lambda d: jnp.full_like(d, value), variables["quant_delta"])
+    return {**variables, "quant_delta": deltas}

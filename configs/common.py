@@ -1,0 +1,392 @@
+"""Recipe builders shared by the experiment configs under configs/ (REFERENCE.md section 6).
+
+configs/ is not a package: each experiment file loads this file by path (importlib, relative to
+its own `__file__`), so `--config=configs/X.py:ARG` works from any working directory.
+
+Every experiment file takes one ARG string (after the colon), comma-separated tokens in any order:
+
+    fp                           train only the full-precision teacher (phase 'teacher')
+    [qat|sqakd|qkd,][METHOD,]wBaB  a quantized student; B in 1..8 for weights (w) and activations (a)
+
+- `qat`  (the default objective): teacher -> calibrate -> student, cross-entropy with labels
+  (plain QAT, the baseline SQAKD is compared with).
+- `sqakd`: teacher -> calibrate -> student with `alpha * KL_T(student, teacher)`, T = 4; labels
+  are never read.
+- `qkd` (ImageNet files): teacher -> calibrate -> self_study -> co_study -> tutoring, T = 2.
+- METHOD: the quantizer ('interval' = EWGS/SQAKD learnable interval, 'pact', 'lsq', 'dorefa',
+  'qkd'); each file lists the ones it accepts and its default.
+
+A run trains the teacher first. To train it once and reuse it, run `:fp` with some workdir W and
+pass `--config.teacher_checkpoint=W/teacher` to the student runs.
+
+The EWGS gradient scaling: `quant.estimator` is 'ste' (delta = 0, what the released SQAKD code
+runs), 'ewgs' (fixed `quant.delta`) or 'hessian' (delta from the Hessian trace every
+`quant.hessian_every_epochs`, REFERENCE.md section 5), e.g. `--config.quant.estimator=hessian`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Mapping, Optional, Sequence
+
+import ml_collections
+
+from qkd_jax.train.config_schema import base_config, optimizer_config, phase
+
+BITS_RE = re.compile(r"w(\d+)a(\d+)")
+
+# Objective token -> the student phase's objective name in qkd_jax.distill.OBJECTIVES.
+STUDENT_OBJECTIVE = {"qat": "task", "sqakd": "sqakd"}
+
+
+# ----------------------------------------------------------------------------- the ARG string
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A parsed ARG: objective token ('fp', 'qat', 'sqakd', 'qkd'), quantizer method and bits."""
+
+    objective: str
+    method: str = ""
+    w_bits: int = 0
+    a_bits: int = 0
+
+
+def parse_variant(
+    arg: Optional[str],
+    *,
+    objectives: Sequence[str],
+    methods: Sequence[str],
+    default: str,
+    default_method: Optional[Mapping[str, str]] = None,
+    paper: Sequence[str] = (),
+) -> Variant:
+    """Parses an ARG string (see the module docstring); '' or None means `default`.
+
+    `default_method` maps an objective to the method used when the ARG names none (a file with a
+    single method needs none). Raises ValueError naming the valid tokens and the paper settings.
+    """
+    text = (arg if arg else default).strip().lower()
+
+    def fail(why: str) -> None:
+        paper_part = f"; paper settings: {', '.join(paper)}" if paper else ""
+        raise ValueError(
+            f"invalid config ARG {arg!r}: {why}. Valid: 'fp', or comma-separated tokens "
+            f"[objective,][method,]w<B>a<B> with objective in {list(objectives)} (default "
+            f"{objectives[0]!r}), method in {list(methods)}, B in 1..8{paper_part}"
+        )
+
+    tokens = [t.strip() for t in text.split(",")]
+    if not all(tokens):
+        fail("empty token")
+    objective = method = bits = None
+    for tok in tokens:
+        match = BITS_RE.fullmatch(tok)
+        if tok == "fp" or tok in objectives:
+            if objective is not None:
+                fail(f"two objectives ({objective!r}, {tok!r})")
+            objective = tok
+        elif tok in methods:
+            if method is not None:
+                fail(f"two methods ({method!r}, {tok!r})")
+            method = tok
+        elif match:
+            if bits is not None:
+                fail("two bit-width tokens")
+            bits = (int(match.group(1)), int(match.group(2)))
+            if not all(1 <= x <= 8 for x in bits):
+                fail(f"bit-widths in {tok!r} must be 1..8")
+        else:
+            fail(f"unknown token {tok!r}")
+    if objective == "fp":
+        if method is not None or bits is not None:
+            fail("'fp' takes no method or bits")
+        return Variant("fp")
+    objective = objective or objectives[0]
+    if bits is None:
+        fail("no bit-width token (e.g. w2a2)")
+    if method is None:
+        if len(methods) == 1:
+            method = methods[0]
+        elif default_method and objective in default_method:
+            method = default_method[objective]
+        else:
+            fail(f"name a quantizer method, one of {list(methods)}")
+    return Variant(objective, method, bits[0], bits[1])
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def sgd(lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0, nesterov: bool = False,
+        schedule: str = "cosine_epoch", **kw) -> ml_collections.ConfigDict:
+    """SGD with torch's coupled weight decay."""
+    return optimizer_config(optimizer="sgd", learning_rate=float(lr), momentum=float(momentum),
+                            nesterov=nesterov, weight_decay=float(weight_decay), schedule=schedule, **kw)
+
+
+def adam(lr: float, *, weight_decay: float = 0.0, schedule: str = "cosine_epoch",
+         **kw) -> ml_collections.ConfigDict:
+    """Adam with coupled L2 (torch Adam `weight_decay`, not AdamW)."""
+    return optimizer_config(optimizer="adam", learning_rate=float(lr), weight_decay=float(weight_decay),
+                            decay="coupled" if weight_decay else "", schedule=schedule, **kw)
+
+
+def start_config(*, dataset: str, model: str, num_classes: int, augment: str, image_size: int,
+                 preset: str) -> ml_collections.ConfigDict:
+    """base_config() with the dataset and model set."""
+    c = base_config()
+    c.dataset.name = dataset
+    c.dataset.augment = augment
+    c.dataset.image_size = image_size
+    c.model.name = model
+    c.model.num_classes = num_classes
+    c.quant.preset = preset
+    return c
+
+
+def set_phases(config: ml_collections.ConfigDict,
+               phases: Sequence[tuple[str, ml_collections.ConfigDict]]) -> None:
+    """Sets `phase_order` and `phases` from (name, phase) pairs in run order."""
+    config.phase_order = ",".join(name for name, _ in phases)
+    config.phases = ml_collections.ConfigDict({name: ph for name, ph in phases})
+
+
+def set_quant(config: ml_collections.ConfigDict, variant: Variant) -> None:
+    config.quant.method = variant.method
+    config.quant.w_bits = variant.w_bits
+    config.quant.a_bits = variant.a_bits
+
+
+def teacher_phase(*, epochs: int, batch_size: int, weights: ml_collections.ConfigDict,
+                  label_smoothing: float = 0.0) -> ml_collections.ConfigDict:
+    """The FP teacher, trained with cross-entropy (or loaded from `config.teacher_checkpoint`)."""
+    return phase("teacher", objective="task", label_smoothing=float(label_smoothing), epochs=epochs,
+                 batch_size=batch_size, weights=weights)
+
+
+def calibrate_phase(*, batch_size: int) -> ml_collections.ConfigDict:
+    """Teacher -> quantized student copy, quantizer parameters initialised from one batch."""
+    return phase("calibrate", init_from="teacher", epochs=0, batch_size=batch_size)
+
+
+def student_phase(variant: Variant, *, epochs: int, batch_size: int, weights: ml_collections.ConfigDict,
+                  quant_params: ml_collections.ConfigDict, alpha: float = 1.0, temperature: float = 4.0,
+                  label_smoothing: float = 0.0) -> ml_collections.ConfigDict:
+    """The quantized student after calibration: 'qat' (cross-entropy) or 'sqakd' (KL only).
+
+    Only the objective's own arguments are set (alpha / temperature for 'sqakd', label smoothing
+    for 'qat'); the others keep phase()'s defaults.
+    """
+    objective = STUDENT_OBJECTIVE[variant.objective]
+    sqakd = objective == "sqakd"
+    return phase(
+        "student",
+        objective=objective,
+        alpha=float(alpha) if sqakd else 1.0,
+        temperature=float(temperature) if sqakd else 4.0,
+        label_smoothing=0.0 if sqakd else float(label_smoothing),
+        init_from="calibrate",
+        teacher_from="teacher" if sqakd else "",
+        epochs=epochs,
+        batch_size=batch_size,
+        weights=weights,
+        quant_params=quant_params,
+    )
+
+
+def standard_phases(config, variant: Variant, teacher: ml_collections.ConfigDict,
+                    student: Optional[ml_collections.ConfigDict]) -> None:
+    """'fp': teacher only; otherwise teacher -> calibrate -> student."""
+    if variant.objective == "fp":
+        set_phases(config, [("teacher", teacher)])
+        return
+    set_quant(config, variant)
+    set_phases(config, [("teacher", teacher), ("calibrate", calibrate_phase(batch_size=student.batch_size)),
+                        ("student", student)])
+
+
+# ----------------------------------------------------------------------------- CIFAR (SQAKD / EWGS)
+
+# Released SQAKD CIFAR scripts (CIFAR/scripts/run_cifar*.sh): FP teacher with SGD + cosine; the
+# quantized student with Adam (coupled L2) for the weights and Adam (no decay) for the quantizer
+# parameters, both cosine per epoch.
+CIFAR_RECIPES = {
+    "cifar10": dict(num_classes=10, batch_size=256, teacher_lr=0.1, teacher_wd=1e-4,
+                    student_lr=1e-3, quant_lr=1e-5, student_wd=1e-4),
+    "cifar100": dict(num_classes=100, batch_size=64, teacher_lr=0.05, teacher_wd=5e-4,
+                     student_lr=5e-4, quant_lr=5e-6, student_wd=5e-4),
+}
+
+
+def cifar_variant(arg: Optional[str], paper: Sequence[str]) -> Variant:
+    return parse_variant(arg, objectives=("qat", "sqakd"), methods=("interval",), default="sqakd,w2a2",
+                         paper=paper)
+
+
+def cifar_config(variant: Variant, *, dataset: str, model: str, preset: str, epochs: int,
+                 alpha: float = 1.0) -> ml_collections.ConfigDict:
+    """FP teacher / EWGS QAT / EWGS + SQAKD on CIFAR (REFERENCE.md section 6, first three rows)."""
+    r = CIFAR_RECIPES[dataset]
+    c = start_config(dataset=dataset, model=model, num_classes=r["num_classes"], augment="cifar",
+                     image_size=32, preset=preset)
+    teacher = teacher_phase(epochs=epochs, batch_size=r["batch_size"],
+                            weights=sgd(r["teacher_lr"], weight_decay=r["teacher_wd"]))
+    student = None
+    if variant.objective != "fp":
+        student = student_phase(
+            variant, epochs=epochs, batch_size=r["batch_size"], alpha=alpha, temperature=4.0,
+            weights=adam(r["student_lr"], weight_decay=r["student_wd"]),
+            quant_params=adam(r["quant_lr"]),
+        )
+    standard_phases(c, variant, teacher, student)
+    return c
+
+
+# ----------------------------------------------------------------------------- Tiny-ImageNet (SQAKD)
+
+TINY_METHODS = ("pact", "lsq", "dorefa")
+TINY_WARMUP_STEPS = 2500
+TINY_WARMUP_INIT_LR = 1e-4
+TINY_EPOCHS = 100
+
+# Per model, from the released SQAKD Tiny-ImageNet scripts (TinyImageNet/scripts/run_tinyimagenet_*.sh):
+# teacher lr / weight decay, batch size, and the SQAKD alpha for low (<= 3 bits) and high bit-widths,
+# with per-method exceptions. Entries marked (*) are not in the released scripts: our choice, by
+# analogy with the other models.
+TINY_MODELS = {
+    "resnet18": dict(teacher_lr=5e-2, teacher_wd=5e-4, batch_size=64,
+                     alpha_low=1.0, alpha_high=1.0, alpha_high_by_method={}),
+    "vgg11_bn": dict(teacher_lr=5e-2, teacher_wd=5e-4, batch_size=32,
+                     alpha_low=10.0, alpha_high=100.0, alpha_high_by_method={"lsq": 200.0}),
+    "mobilenet_v2": dict(teacher_lr=4e-3, teacher_wd=1e-4, batch_size=64,
+                         batch_size_by_method={"lsq": 32, "dorefa": 32},
+                         alpha_low=10.0, alpha_high=100.0, alpha_w8_by_method={"lsq": 300.0}),
+    "shufflenet_v2_x0_5": dict(teacher_lr=5e-2, teacher_wd=5e-4, batch_size=64,
+                               alpha_low=10.0,  # (*)
+                               alpha_high=100.0, alpha_w8_by_method={"dorefa": 800.0}),
+    "squeezenet1_0": dict(teacher_lr=5e-2, teacher_wd=5e-4, batch_size=64,
+                          alpha_low=10.0,  # (*)
+                          alpha_high=50.0),
+}
+
+
+def tiny_alpha(model: str, method: str, w_bits: int, a_bits: int) -> float:
+    """The SQAKD alpha of the released Tiny-ImageNet runs (see TINY_MODELS)."""
+    m = TINY_MODELS[model]
+    if max(w_bits, a_bits) <= 3:
+        return m["alpha_low"]
+    if min(w_bits, a_bits) >= 8 and method in m.get("alpha_w8_by_method", {}):
+        return m["alpha_w8_by_method"][method]
+    return m.get("alpha_high_by_method", {}).get(method, m["alpha_high"])
+
+
+def tiny_student_lr(w_bits: int, a_bits: int) -> tuple[float, float]:
+    """(lr, weight decay) of the quantized student: W3A3 and below 4e-3 / 1e-4, else 5e-4 / 5e-4."""
+    return (4e-3, 1e-4) if max(w_bits, a_bits) <= 3 else (5e-4, 5e-4)
+
+
+def tiny_sgd(lr: float, weight_decay: float = 0.0) -> ml_collections.ConfigDict:
+    """SGD nesterov 0.9, linear warmup from 1e-4 over 2500 iterations, then cosine per iteration."""
+    return sgd(lr, momentum=0.9, nesterov=True, weight_decay=weight_decay, schedule="warmup_cosine",
+               warmup_steps=TINY_WARMUP_STEPS, warmup_init_lr=TINY_WARMUP_INIT_LR)
+
+
+def tiny_imagenet_variant(arg: Optional[str], paper: Sequence[str]) -> Variant:
+    return parse_variant(arg, objectives=("qat", "sqakd"), methods=TINY_METHODS, default="sqakd,pact,w4a4",
+                         paper=paper)
+
+
+def tiny_imagenet_config(variant: Variant, *, model: str) -> ml_collections.ConfigDict:
+    """PACT / LSQ / DoReFa with and without SQAKD on Tiny-ImageNet, 64 px upsampled to 224."""
+    m = TINY_MODELS[model]
+    c = start_config(dataset="tiny_imagenet", model=model, num_classes=200, augment="imagenet",
+                     image_size=224, preset="first_last_8bit")
+    teacher = teacher_phase(epochs=TINY_EPOCHS, batch_size=m["batch_size"], label_smoothing=0.1,
+                            weights=tiny_sgd(m["teacher_lr"], m["teacher_wd"]))
+    student = None
+    if variant.objective != "fp":
+        lr, wd = tiny_student_lr(variant.w_bits, variant.a_bits)
+        batch = m.get("batch_size_by_method", {}).get(variant.method, m["batch_size"])
+        student = student_phase(
+            variant, epochs=TINY_EPOCHS, batch_size=batch, label_smoothing=0.1, temperature=4.0,
+            alpha=tiny_alpha(model, variant.method, variant.w_bits, variant.a_bits),
+            # The released code has one SGD for all parameters; here the quantizer parameters get
+            # the same SGD and schedule in their own group, without weight decay (optim.py).
+            weights=tiny_sgd(lr, wd), quant_params=tiny_sgd(lr),
+        )
+    standard_phases(c, variant, teacher, student)
+    return c
+
+
+# ----------------------------------------------------------------------------- ImageNet (EWGS / SQAKD / QKD)
+
+IMAGENET_EPOCHS = 100
+IMAGENET_BATCH = 256
+# QKD's CIFAR schedule 30 / 100 / 70 epochs (200) rescaled to the 100-epoch ImageNet budget.
+QKD_IMAGENET_EPOCHS = {"self_study": 15, "co_study": 50, "tutoring": 35}
+QKD_TEMPERATURE = 2.0
+
+
+def imagenet_variant(arg: Optional[str], paper: Sequence[str]) -> Variant:
+    return parse_variant(arg, objectives=("qat", "sqakd", "qkd"),
+                         methods=("interval", "qkd", "pact", "lsq", "dorefa"), default="qkd,w4a4",
+                         default_method={"qat": "interval", "sqakd": "interval", "qkd": "qkd"}, paper=paper)
+
+
+def imagenet_weights() -> ml_collections.ConfigDict:
+    """EWGS ImageNet: SGD 1e-2, momentum 0.9, coupled wd 1e-4, cosine per epoch."""
+    return sgd(1e-2, momentum=0.9, weight_decay=1e-4, schedule="cosine_epoch")
+
+
+def imagenet_quant() -> ml_collections.ConfigDict:
+    """EWGS ImageNet quantizer parameters: Adam 1e-5, no decay, cosine per epoch."""
+    return adam(1e-5, schedule="cosine_epoch")
+
+
+def imagenet_config(variant: Variant, *, model: str) -> ml_collections.ConfigDict:
+    """ResNet on ImageNet: FP teacher, EWGS QAT, SQAKD, or QKD (SS -> CS -> TU); first/last layer 8-bit."""
+    c = start_config(dataset="imagenet2012", model=model, num_classes=1000, augment="imagenet",
+                     image_size=224, preset="first_last_8bit")
+    # EWGS ImageNet Hessian schedule, used with --config.quant.estimator=hessian.
+    c.quant.hessian_every_epochs = 1
+    c.quant.hessian_batches = 10
+    c.quant.hessian_batch_size = 16
+    c.checkpoint_every_steps = 1000
+    # The papers start from a pretrained FP model; without `teacher_checkpoint` the teacher is
+    # trained here with the torchvision ResNet recipe (SGD 0.1, 90 epochs, /10 at 30 and 60).
+    teacher = teacher_phase(epochs=90, batch_size=IMAGENET_BATCH,
+                            weights=sgd(0.1, momentum=0.9, weight_decay=1e-4, schedule="step",
+                                        decay_epochs=(30, 60), decay_factor=0.1))
+    if variant.objective != "qkd":
+        student = None
+        if variant.objective != "fp":
+            student = student_phase(variant, epochs=IMAGENET_EPOCHS, batch_size=IMAGENET_BATCH,
+                                    alpha=1.0, temperature=4.0, weights=imagenet_weights(),
+                                    quant_params=imagenet_quant())
+        standard_phases(c, variant, teacher, student)
+        return c
+    set_quant(c, variant)
+
+    def qkd(**kw):  # fresh optimizer ConfigDicts per phase: an override touches one phase only
+        return dict(batch_size=IMAGENET_BATCH, temperature=QKD_TEMPERATURE, weights=imagenet_weights(),
+                    quant_params=imagenet_quant(), **kw)
+
+    set_phases(c, [
+        ("teacher", teacher),
+        ("calibrate", calibrate_phase(batch_size=IMAGENET_BATCH)),
+        ("self_study", phase("student", **qkd(objective="self_study", init_from="calibrate",
+                                                 epochs=QKD_IMAGENET_EPOCHS["self_study"]))),
+        # The teacher (from the FP phase) and the student train together; the teacher gets the
+        # student's weight recipe.
+        ("co_study", phase("student", **qkd(objective="co_study", init_from="self_study",
+                                               teacher_from="teacher", train_teacher=True,
+                                               epochs=QKD_IMAGENET_EPOCHS["co_study"],
+                                               teacher_opt=imagenet_weights()))),
+        # Frozen co-studied teacher.
+        ("tutoring", phase("student", **qkd(objective="tutoring", init_from="co_study",
+                                               teacher_from="co_study",
+                                               epochs=QKD_IMAGENET_EPOCHS["tutoring"]))),
+    ])
+    return c

@@ -1,0 +1,68 @@
+r"""ImageNet ResNet-34: EWGS QAT, SQAKD and QKD at W2A2 / W3A3 / W4A4 (REFERENCE.md sections 4 and 6).
+
+Every conv and linear layer is quantized, the first and the last at 8 bits (preset 'first_last_8bit').
+
+ARG (after the colon; default 'qkd,w4a4'):
+  fp                 FP teacher only (torchvision recipe: SGD 0.1, momentum 0.9, wd 1e-4, batch 256,
+                     90 epochs, lr / 10 at epochs 30 and 60).
+  qat,wBaB           EWGS QAT: teacher -> calibrate -> student, cross-entropy ('interval' quantizer).
+  sqakd,wBaB         SQAKD: teacher -> calibrate -> student, KL_T only, alpha 1, T 4 ('interval').
+  qkd,wBaB           QKD ('qkd' quantizer, T 2): teacher -> calibrate -> self_study (15 epochs, CE)
+                     -> co_study (50 epochs, teacher trained too) -> tutoring (35 epochs, frozen
+                     co-studied teacher). QKD's CIFAR schedule 30/100/70 (200 epochs) scaled to the
+                     100-epoch ImageNet budget; every phase restarts its cosine schedule.
+  B in 1..8, paper settings W2A2, W3A3, W4A4; a method token overrides the quantizer
+  (e.g. 'sqakd,lsq,w4a4').
+Student phases (EWGS ImageNet recipe): SGD 1e-2, momentum 0.9, coupled wd 1e-4 (weights) + Adam 1e-5
+(quantizer parameters), batch 256, 100 epochs, cosine per epoch. The co-studied teacher uses the
+weights' SGD recipe. --config.quant.estimator=hessian gives the EWGS Hessian delta (every epoch on
+10 batches of 16).
+
+Teacher: the papers start from a pretrained FP model. Train it once with ':fp' (or convert a
+pretrained model into that phase's checkpoint format) and point the student runs at it with
+--config.teacher_checkpoint=WORKDIR/teacher; without it every run trains its own teacher first.
+
+Run:
+  python -m qkd_jax.main --config=configs/imagenet_resnet34.py:fp --workdir=/tmp/in_r34_fp
+  for o in qat sqakd qkd; do for b in w2a2 w3a3 w4a4; do
+    python -m qkd_jax.main --config=configs/imagenet_resnet34.py:$o,$b --workdir=/tmp/in_r34_${o}_$b \
+      --config.teacher_checkpoint=/tmp/in_r34_fp/teacher
+  done; done
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+
+def _common():
+    """configs/common.py, loaded by path: configs/ is not an installed package."""
+    path = pathlib.Path(__file__).resolve().with_name("common.py")
+    module = sys.modules.get("qkd_jax_configs_common")
+    if module is None or pathlib.Path(module.__file__).resolve() != path:
+        spec = importlib.util.spec_from_file_location("qkd_jax_configs_common", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["qkd_jax_configs_common"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+common = _common()
+
+# The paper's settings (each is a valid ARG; other bit-widths are accepted too).
+VARIANTS = (
+    "fp",
+    "qat,w2a2",
+    "qat,w3a3",
+    "qat,w4a4",
+    "sqakd,w2a2",
+    "sqakd,w3a3",
+    "sqakd,w4a4",
+    "qkd,w2a2",
+    "qkd,w3a3",
+    "qkd,w4a4",
+)
+
+
+def get_config(arg: str = ""):
+    return common.imagenet_config(common.imagenet_variant(arg, VARIANTS), model="resnet34")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Sequence, Union
+from typing import Sequence
 
 import jax
 
@@ -38,7 +38,7 @@ ENV_FORCE = "QKD_DISTRIBUTED"
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
-def _env_int(name: str) -> Optional[int]:
+def _env_int(name: str) -> int | None:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
@@ -67,7 +67,7 @@ def _running_on_cloud_tpu_vm() -> bool:
     return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
-def detect_cluster() -> Optional[str]:
+def detect_cluster() -> str | None:
     """The multi-process environment this process runs in, or None for a single-process run.
 
     'manual' (QKD_COORDINATOR/QKD_NUM_PROCESSES/QKD_PROCESS_ID set), 'slurm' (inside `srun`
@@ -114,10 +114,10 @@ def _initialize(source: str, **kwargs) -> None:
 
 
 def initialize_distributed(
-    coordinator_address: Optional[str] = None,
-    num_processes: Optional[int] = None,
-    process_id: Optional[int] = None,
-    local_device_ids: Optional[Union[int, Sequence[int]]] = None,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: int | Sequence[int] | None = None,
 ) -> None:
     """Connects this process to the others of a multi-process run; no-op for a single process.
 
@@ -140,7 +140,9 @@ def initialize_distributed(
             )
         logger.debug("initialize_distributed(): already initialized, nothing to do")
         return
-    coordinator = coordinator_address if coordinator_address is not None else os.environ.get(ENV_COORDINATOR, "").strip() or None
+    coordinator = coordinator_address
+    if coordinator is None:
+        coordinator = os.environ.get(ENV_COORDINATOR, "").strip() or None
     count = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
     pid = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
     given = {"coordinator_address": coordinator, "num_processes": count, "process_id": pid}

@@ -87,15 +87,18 @@ def _image_size(ctx: RunContext) -> int:
     return build.input_shape(ctx.config)[0]
 
 
-def _train_loader(ctx: RunContext, batch_size: int, epochs: Optional[int], seed: int, labels: bool):
+def _train_loader(ctx: RunContext, batch_size: int, epochs: Optional[int], seed: int, labels: bool,
+                  sharded: bool = True):
+    """Training batches; `sharded=False` gives every process the whole global batch (for work
+    such as calibration and Hessian probes that every process repeats identically)."""
     source = qdata.get_source(ctx.config.dataset.name, ctx.info.train_split, ctx.data_dir)
     return qdata.make_train_loader(
         source,
         batch_size=batch_size,
         seed=seed,
         num_epochs=epochs,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+        shard_index=jax.process_index() if sharded else 0,
+        shard_count=jax.process_count() if sharded else 1,
         augment=_augment(ctx),
         image_size=_image_size(ctx),
         mean=ctx.info.mean,
@@ -173,7 +176,10 @@ def _teacher_variables(ctx: RunContext, source: str) -> dict:
 
 
 def _steps_per_epoch(ctx: RunContext, batch_size: int) -> int:
-    return max(1, qdata.num_train_batches(ctx.info.num_train, batch_size, 1))
+    # The size of the train split on disk, not DatasetInfo.num_train: the loader's epochs are
+    # len(source) examples long, and a prepared/mock split may differ from the nominal size.
+    source = qdata.get_source(ctx.config.dataset.name, ctx.info.train_split, ctx.data_dir)
+    return max(1, qdata.num_train_batches(len(source), batch_size, 1))
 
 
 def _build_state(ctx: RunContext, name: str, ph, init_vars: dict) -> tuple[TrainState, build.Network, Any]:
@@ -272,10 +278,12 @@ def _run_calibrate(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> P
     variables = copy_teacher_to_student(teacher_vars, template_vars)
     q = ctx.config.quant
     variables = build.set_deltas(dict(variables), q.delta if q.estimator == "ewgs" else 0.0)
-    loader = _train_loader(ctx, ph.batch_size, 1, _phase_seed(ctx, name), labels=False)
+    loader = _train_loader(ctx, ph.batch_size, 1, _phase_seed(ctx, name), labels=False, sharded=False)
     batch = next(iter(loader))
     t0 = time.perf_counter()
-    variables = calibrate(net.local_model, variables, jnp.asarray(batch["image"]), train=True)
+    # One compiled forward pass (op-by-op it takes ~20 s for a ResNet-20 on CPU).
+    variables = jax.jit(lambda v, x: calibrate(net.local_model, v, x, train=True))(
+        variables, jnp.asarray(batch["image"]))
     _print(f"[{name}] calibrated every quantizer on one batch of {ph.batch_size} "
            f"({time.perf_counter() - t0:.1f} s); {q.method} W{q.w_bits}A{q.a_bits}, preset {q.preset}")
     state = state.replace(params=variables["params"], quant_delta=variables.get("quant_delta", {}))
@@ -380,8 +388,8 @@ def _check_finite(values: dict, name: str, step: int, last_saved: int) -> dict:
 def _update_deltas(ctx: RunContext, name: str, ph, state: TrainState, net, objective, epoch: int):
     """Recomputes every layer's EWGS delta from Hessian traces on a few training batches."""
     q = ctx.config.quant
-    loader = _train_loader(ctx, q.hessian_batch_size * jax.process_count(), None,
-                           _phase_seed(ctx, name) + 7919 * epoch, labels=objective.needs_labels)
+    loader = _train_loader(ctx, q.hessian_batch_size, None, _phase_seed(ctx, name) + 7919 * epoch,
+                           labels=objective.needs_labels, sharded=False)
     it = iter(loader)
     batches = [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(q.hessian_batches)]
     t0 = time.perf_counter()

@@ -68,6 +68,7 @@ def ewgs_delta(traces: jax.Array, grads: jax.Array, *, eps: float = 1e-8) -> jax
     Args:
       traces: shape (K,), Tr(H_k) of the task loss w.r.t. the discretizer output x_q on batch k.
       grads: shape (K, *x_q.shape), g_k = dL/dx_q on batch k; N = x_q.size.
+      The std is the sample std (ddof=1), torch's `Tensor.std()` as in the released EWGS code.
       eps: keeps a zero gradient from dividing by zero (its delta is then 0 when Tr(H) = 0).
     """
     traces = jnp.atleast_1d(jnp.asarray(traces))
@@ -80,5 +81,5 @@ def ewgs_delta(traces: jax.Array, grads: jax.Array, *, eps: float = 1e-8) -> jax
     k = traces.shape[0]
     flat = grads.reshape(k, -1)
     n = flat.shape[1]
-    ratio = (traces / n) / (3.0 * jnp.std(flat, axis=1) + eps)
+    ratio = (traces / n) / (3.0 * jnp.std(flat, axis=1, ddof=1) + eps)
     return jnp.maximum(0.0, jnp.mean(ratio))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from qkd_jax.quant.clip import clip_inclusive, clip_straight_through
-from qkd_jax.quant.discretize import discretize
+from qkd_jax.quant.discretize import discretize, discretize_index
 from qkd_jax.quant.validation import check_bits, check_interval, check_positive
 
 GridHook = Optional[Callable[[jax.Array], jax.Array]]
@@ -90,9 +90,13 @@ def lsq_bounds(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def _scale_gradient(x: jax.Array, scale) -> jax.Array:
-    """Identity in the forward pass; multiplies the gradient by `scale` (LSQ's grad_scale)."""
+    """Identity in the forward pass; multiplies the gradient by `scale` (LSQ's grad_scale).
+
+    Written as x + (s - s) rather than (x - s) + s so that the forward value is exactly x
+    (the latter can be one ulp off, which moves elements on a clip bound or a tie).
+    """
     scaled = x * scale
-    return jax.lax.stop_gradient(x - scaled) + scaled
+    return jax.lax.stop_gradient(x) + (scaled - jax.lax.stop_gradient(scaled))
 
 
 def lsq(x: jax.Array, step, bits: int, *, signed: bool, delta=0.0, grid_hook: GridHook = None) -> jax.Array:
@@ -116,9 +120,16 @@ def lsq(x: jax.Array, step, bits: int, *, signed: bool, delta=0.0, grid_hook: Gr
     n_per_step = x.size // max(step.size, 1)
     step = _scale_gradient(step, 1.0 / math.sqrt(n_per_step * q_p))
     v = clip_inclusive(x / step, -float(q_n), float(q_p))
-    levels = 2 if (signed and bits == 1) else span + 1
-    x_q = _on_grid(discretize((v + q_n) / span, levels, delta), grid_hook)
-    return step * (x_q * span - q_n)
+    if signed and bits == 1:
+        # grid {-1, +1}: x_n = (v + 1) / 2 is exact in floating point
+        return step * (2.0 * _on_grid(discretize((v + 1.0) / 2.0, 2, delta), grid_hook) - 1.0)
+    # round(v) itself, as LSQ's formula says: going through x_n = (v + Q_N) / span and back
+    # (x_n * span) is not exact in floating point and would move ties k + 1/2 off half-to-even.
+    # q_n is 0 or even, so round(v) + q_n = round(v + q_n): the same grid and EWGS factor.
+    r = discretize_index(v, span + 1, delta)
+    if grid_hook is None:
+        return step * r
+    return step * (grid_hook((r + q_n) / span) * span - q_n)
 
 
 def dorefa_weight(w: jax.Array, bits: int, delta=0.0, grid_hook: GridHook = None) -> jax.Array:

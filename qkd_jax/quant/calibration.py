@@ -1,0 +1,145 @@
+"""Data-dependent initialisation of quantizer parameters on one batch (REFERENCE.md section 2).
+
+    new_variables = calibrate(student, variables, images, train=True)
+
+`variables` is the student holding the teacher's weights (and batch statistics). One forward
+pass is run with the 'quant_calibration' collection mutable: each quantized layer then computes
+its parameters from its own kernel W and its own input x *during the call*, writes them there,
+and uses them at once for its output. So layers are calibrated in order and every layer sees its
+input as produced by the already-calibrated quantized layers before it (the official EWGS
+code's init flag does the same in its first forward pass). The function returns a new variables
+dict in which every params[...]['quant'] leaf is replaced; all other collections (batch_stats
+included) are returned unchanged.
+
+BatchNorm: whatever `**apply_kwargs` select. `train=True` (the recommended setting, as in the
+EWGS code whose init runs in the first training step) normalises with the calibration batch's
+statistics; the running statistics that pass updates are thrown away (the teacher's are kept).
+`train=False` uses the teacher's running statistics.
+
+Closed forms (std is the unbiased sample std, ddof=1, as torch.Tensor.std in the official code;
+x = the layer's input, W = its kernel, Q_P from `lsq_bounds`):
+    interval: w_upper = 3 std(W), w_lower = -3 std(W);
+              a_upper = 3 std(x) / sqrt(1 - 2/pi), a_lower = min(x)
+              output_scale = mean|layer(x, W)| / mean|layer(a_hat, w_hat)|, the bias included in
+              both (the official code computes F.conv2d(..., self.bias) in both)
+    lsq:      w_step = 2 mean|W| / sqrt(Q_P(w_bits, signed)), a_step = 2 mean|x| / sqrt(Q_P(a_bits, a_signed))
+    qkd:      w_interval = max|W|; a_interval = max(x) (unsigned) or max|x| (signed)
+    pact:     a_alpha = the rule's constant `pact_alpha` if set, else 3 std(x) / sqrt(1 - 2/pi)
+              (the interval method's a_upper: a clipping level of the same statistic)
+    dorefa:   nothing to calibrate
+Degenerate batches are guarded: positive quantities are at least EPS, an interval whose upper
+does not exceed its lower bound gets upper = max(x) (and at least lower + EPS), and
+output_scale is 1 when mean|layer(a_hat, w_hat)| is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import unfreeze
+
+from qkd_jax.quant.layer_quant import CALIBRATION_COLLECTION, QUANT
+from qkd_jax.quant.quantizers import lsq_bounds
+from qkd_jax.quant.rules import LayerPrecision
+
+EPS = 1e-8
+_HALF_NORMAL = math.sqrt(1.0 - 2.0 / math.pi)
+
+
+def _std(x: jax.Array) -> jax.Array:
+    return jnp.std(x, ddof=1) if x.size > 1 else jnp.zeros((), x.dtype)
+
+
+def _positive(v: jax.Array) -> jax.Array:
+    return jnp.maximum(v, EPS)
+
+
+def weight_params(lp: LayerPrecision, w: jax.Array) -> dict[str, jax.Array]:
+    """Weight-side quantizer parameters from the kernel W (see module docstring)."""
+    if not lp.quantized or lp.w_bits is None:
+        return {}
+    w = jax.lax.stop_gradient(jnp.asarray(w, jnp.float32))
+    if lp.method == "interval":
+        s = _positive(3.0 * _std(w))
+        return {"w_lower": -s, "w_upper": s}
+    if lp.method == "lsq":
+        q_p = lsq_bounds(lp.w_bits, True)[1]
+        return {"w_step": _positive(2.0 * jnp.mean(jnp.abs(w)) / math.sqrt(q_p))}
+    if lp.method == "qkd":
+        return {"w_interval": _positive(jnp.max(jnp.abs(w)))}
+    return {}
+
+
+def input_params(lp: LayerPrecision, x: jax.Array) -> dict[str, jax.Array]:
+    """Activation-side quantizer parameters from the layer input x (see module docstring)."""
+    if not lp.quantized or lp.a_bits is None:
+        return {}
+    x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
+    if lp.method == "interval":
+        lower = jnp.min(x)
+        upper = 3.0 * _std(x) / _HALF_NORMAL
+        upper = jnp.where(upper > lower, upper, jnp.max(x))
+        return {"a_lower": lower, "a_upper": jnp.maximum(upper, lower + EPS)}
+    if lp.method == "pact":
+        if lp.pact_alpha is not None:
+            return {"a_alpha": jnp.asarray(lp.pact_alpha, jnp.float32)}
+        return {"a_alpha": _positive(3.0 * _std(x) / _HALF_NORMAL)}
+    if lp.method == "lsq":
+        q_p = lsq_bounds(lp.a_bits, lp.a_signed)[1]
+        return {"a_step": _positive(2.0 * jnp.mean(jnp.abs(x)) / math.sqrt(q_p))}
+    if lp.method == "qkd":
+        stat = jnp.max(jnp.abs(x)) if lp.a_signed else jnp.max(x)
+        return {"a_interval": _positive(stat)}
+    return {}
+
+
+def output_scale(y_fp: jax.Array, y_q: jax.Array) -> jax.Array:
+    """mean|y_fp| / mean|y_q| (1 when the quantized output is all zero)."""
+    num = jnp.mean(jnp.abs(jax.lax.stop_gradient(y_fp).astype(jnp.float32)))
+    den = jnp.mean(jnp.abs(jax.lax.stop_gradient(y_q).astype(jnp.float32)))
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
+
+
+ApplyFn = Callable[..., Any]
+
+
+def calibrate(
+    model: Union[nn.Module, ApplyFn],
+    variables: Mapping[str, Any],
+    *args: Any,
+    mutable: Sequence[str] = ("batch_stats",),
+    **apply_kwargs: Any,
+) -> dict[str, Any]:
+    """Returns new variables with every quantizer parameter initialised from one batch.
+
+    Args:
+      model: the student module (or its `apply` function).
+      variables: the student's variables ('params', 'batch_stats', 'quant_delta', ...).
+      *args, **apply_kwargs: the forward call, e.g. `images, train=True`.
+      mutable: further collections the forward pass writes (the default lets BatchNorm run in
+        train mode); what it writes there is discarded.
+
+    Raises:
+      ValueError: when a layer holding quantizer parameters did not run in the forward pass.
+    """
+    apply_fn = model.apply if isinstance(model, nn.Module) else model
+    mutable = [CALIBRATION_COLLECTION, *[m for m in mutable if m != CALIBRATION_COLLECTION]]
+    _, written = apply_fn(variables, *args, mutable=mutable, **apply_kwargs)
+    calib = traverse_util.flatten_dict(unfreeze(written.get(CALIBRATION_COLLECTION, {})))
+    params = traverse_util.flatten_dict(unfreeze(variables["params"]))
+    expected = {k for k in params if QUANT in k[:-1]}
+    missing = sorted("/".join(k) for k in expected - set(calib))
+    if missing:
+        raise ValueError(f"calibration did not reach these quantizer parameters (layer not called?): {missing}")
+    for key, value in calib.items():
+        if key not in params:
+            raise ValueError(f"calibration wrote {'/'.join(key)}, which is not in params")
+        params[key] = jnp.asarray(value, jnp.asarray(params[key]).dtype).reshape(jnp.shape(params[key]))
+    new = {k: v for k, v in unfreeze(variables).items()}
+    new["params"] = traverse_util.unflatten_dict(params)
+    return new

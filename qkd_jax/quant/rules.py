@@ -1,0 +1,291 @@
+"""Per-layer precision rules: which quantizer, how many bits, for every conv/dense layer.
+
+A `RuleSet` is an ordered tuple of `Rule`s; a layer takes the first rule whose regex
+`pattern` fully matches its module path (`'/'.join(module.path)`, e.g. 'layer1_0/conv1',
+'stem', 'classifier'). Layers no rule matches stay full precision and are listed as such in the
+report; a rule that matches no layer of a model is an error (`resolve` raises), so a typo never
+silently leaves a model unquantized.
+
+Methods (weight quantizer / activation quantizer, REFERENCE.md section 2):
+    'interval'  learnable interval (EWGS / SQAKD-CIFAR) / learnable interval, with |output_scale|
+    'pact'      DoReFa weights / PACT activations (learnable alpha)
+    'lsq'       LSQ (learnable step) / LSQ
+    'dorefa'    DoReFa / DoReFa (no learnable parameters)
+    'qkd'       QKD interval (learnable I_W) / QKD interval (learnable I_X)
+    'none'      full precision (same as fp=True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+from qkd_jax.quant.validation import check_bits
+
+METHODS = ("interval", "pact", "lsq", "dorefa", "qkd", "none")
+#: Methods whose activation quantizer has a signed variant (`a_signed=True`).
+SIGNED_ACTIVATION_METHODS = ("interval", "lsq", "qkd")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerPrecision:
+    """The resolved precision of one layer (what a quantized layer needs to run).
+
+    `w_bits` / `a_bits` None means that side is full precision; `method == 'none'` means both.
+    `a_signed`: the activation grid is signed (LSQ / QKD; the interval method handles signed
+    inputs through its learnable lower bound). `output_scale`: multiply the output by a learnable
+    |output_scale| (EWGS). `pact_alpha`: a constant PACT alpha for calibration (None: from data).
+    """
+
+    method: str = "none"
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+    a_signed: bool = False
+    output_scale: bool = False
+    pact_alpha: Optional[float] = None
+    rule: Optional[int] = None  # index of the rule that matched, None when no rule did
+    pattern: Optional[str] = None
+
+    @property
+    def quantized(self) -> bool:
+        """True when weights or activations are quantized."""
+        return self.method != "none" and (self.w_bits is not None or self.a_bits is not None)
+
+
+FULL_PRECISION = LayerPrecision()
+
+
+def _check_optional_bits(bits: Any, name: str) -> Optional[int]:
+    return None if bits is None else check_bits(bits, name)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """One precision rule.
+
+    Args:
+      pattern: regex, fully matched against the layer path ('layer1_0/conv1').
+      method: one of METHODS; 'none' (or fp=True) keeps the layer full precision.
+      w_bits, a_bits: 1..8, or None to keep that side full precision (at least one is needed
+        for a quantizing method).
+      fp: shorthand for method='none'; takes no bits.
+      a_signed: signed activation grid (only 'lsq' and 'qkd'; 'interval' accepts and ignores it).
+      output_scale: learnable |output_scale| on the layer output; None = the method's default
+        (True for 'interval', False otherwise).
+      pact_alpha: constant initial PACT alpha (> 0) used by calibration; None = from data.
+    """
+
+    pattern: str
+    method: str = "none"
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+    fp: bool = False
+    a_signed: bool = False
+    output_scale: Optional[bool] = None
+    pact_alpha: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str):
+            raise ValueError(f"Rule pattern must be a regex string, got {self.pattern!r}")
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regex: {err}") from None
+        if self.method not in METHODS:
+            raise ValueError(f"Rule {self.pattern!r}: method must be one of {METHODS}, got {self.method!r}")
+        if self.fp and self.method != "none":
+            raise ValueError(f"Rule {self.pattern!r}: fp=True contradicts method={self.method!r}")
+        if self.full_precision:
+            if self.w_bits is not None or self.a_bits is not None:
+                raise ValueError(
+                    f"Rule {self.pattern!r} is full precision (fp=True / method='none') but sets "
+                    f"w_bits={self.w_bits!r}, a_bits={self.a_bits!r}; drop the bits."
+                )
+            return
+        _check_optional_bits(self.w_bits, f"Rule {self.pattern!r}: w_bits")
+        _check_optional_bits(self.a_bits, f"Rule {self.pattern!r}: a_bits")
+        if self.w_bits is None and self.a_bits is None:
+            raise ValueError(
+                f"Rule {self.pattern!r} with method={self.method!r} quantizes nothing: set w_bits "
+                f"and/or a_bits (1..8), or use fp=True."
+            )
+        if self.a_signed and self.method not in SIGNED_ACTIVATION_METHODS:
+            raise ValueError(
+                f"Rule {self.pattern!r}: method {self.method!r} has no signed activation quantizer "
+                f"(a_signed=True works with {SIGNED_ACTIVATION_METHODS})."
+            )
+        if self.pact_alpha is not None and (self.method != "pact" or not self.pact_alpha > 0):
+            raise ValueError(f"Rule {self.pattern!r}: pact_alpha needs method='pact' and a value > 0")
+
+    @property
+    def full_precision(self) -> bool:
+        return self.fp or self.method == "none"
+
+    def matches(self, path: str) -> bool:
+        """True when `pattern` fully matches the layer path."""
+        return re.fullmatch(self.pattern, path) is not None
+
+    def precision(self, index: Optional[int] = None) -> LayerPrecision:
+        """The LayerPrecision this rule gives a layer it matches."""
+        if self.full_precision:
+            return LayerPrecision(rule=index, pattern=self.pattern)
+        scale = self.method == "interval" if self.output_scale is None else bool(self.output_scale)
+        return LayerPrecision(
+            method=self.method,
+            w_bits=self.w_bits,
+            a_bits=self.a_bits,
+            a_signed=self.a_signed,
+            output_scale=scale,
+            pact_alpha=self.pact_alpha,
+            rule=index,
+            pattern=self.pattern,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuleSet:
+    """Ordered rules, first match wins; unmatched layers are full precision."""
+
+    rules: tuple[Rule, ...]
+
+    def __post_init__(self) -> None:
+        rules = tuple(self.rules)
+        for r in rules:
+            if not isinstance(r, Rule):
+                raise ValueError(f"RuleSet takes Rule objects, got {r!r}")
+        object.__setattr__(self, "rules", rules)
+
+    def match(self, path: str) -> LayerPrecision:
+        """Precision of the layer at `path` (first matching rule; FULL_PRECISION when none)."""
+        for i, rule in enumerate(self.rules):
+            if rule.matches(path):
+                return rule.precision(i)
+        return FULL_PRECISION
+
+
+def rule_set(*rules: Rule) -> RuleSet:
+    """RuleSet from positional rules: rule_set(Rule(pattern='stem', fp=True), ...)."""
+    return RuleSet(rules=rules)
+
+
+def full_precision() -> RuleSet:
+    """Every layer full precision (the student then computes exactly what the teacher does)."""
+    return rule_set(Rule(pattern=".*", fp=True))
+
+
+def uniform(method: str, w_bits: Optional[int], a_bits: Optional[int], **kw: Any) -> RuleSet:
+    """Every conv/dense layer quantized the same way."""
+    return rule_set(Rule(pattern=".*", method=method, w_bits=w_bits, a_bits=a_bits, **kw))
+
+
+def sqakd_cifar(method: str, w_bits: int, a_bits: int, **kw: Any) -> RuleSet:
+    """SQAKD / EWGS CIFAR ResNets: 'stem' and 'classifier' FP, every other conv quantized."""
+    return rule_set(
+        Rule(pattern="stem", fp=True),
+        Rule(pattern="classifier", fp=True),
+        Rule(pattern=".*", method=method, w_bits=w_bits, a_bits=a_bits, **kw),
+    )
+
+
+def sqakd_cifar_vgg(method: str, w_bits: int, a_bits: int, **kw: Any) -> RuleSet:
+    """SQAKD CIFAR VGG: the first stage ('stem', 'stage1_conv*') and 'classifier' FP, the rest quantized."""
+    return rule_set(
+        Rule(pattern=r"stem|stage1_conv\d+", fp=True),
+        Rule(pattern="classifier", fp=True),
+        Rule(pattern=".*", method=method, w_bits=w_bits, a_bits=a_bits, **kw),
+    )
+
+
+def first_last_8bit(method: str, w_bits: int, a_bits: int, **kw: Any) -> RuleSet:
+    """QKD / ImageNet: every conv and dense quantized, 'stem' and 'classifier' at W8A8.
+
+    The stem's input is a normalised (signed) image: LSQ and QKD use their signed activation
+    grid there, the interval method its learnable lower bound. PACT and DoReFa have no signed
+    activation quantizer, so with them the stem quantizes its weights only (8 bits) and keeps
+    its input full precision (the report shows a_bits '-').
+    """
+    if method == "none":
+        return full_precision()
+    stem_a_bits: Optional[int] = 8
+    stem_signed = method in ("lsq", "qkd")
+    if method in ("pact", "dorefa"):
+        stem_a_bits = None
+    return rule_set(
+        Rule(pattern="stem", method=method, w_bits=8, a_bits=stem_a_bits, a_signed=stem_signed, **kw),
+        Rule(pattern="classifier", method=method, w_bits=8, a_bits=8, **kw),
+        Rule(pattern=".*", method=method, w_bits=w_bits, a_bits=a_bits, **kw),
+    )
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def quantizable_paths(tree: Union[Mapping[str, Any], Iterable[str]]) -> list[str]:
+    """Paths ('a/b/c') of the conv/dense layers in a variables or params tree (dicts holding a
+    'kernel'); a sequence of path strings is returned as a list unchanged."""
+    if not isinstance(tree, Mapping):
+        paths = list(tree)
+        if not all(isinstance(p, str) for p in paths):
+            raise ValueError("quantizable_paths takes a params/variables tree or a list of path strings")
+        return paths
+    if "params" in tree and isinstance(tree["params"], Mapping):
+        tree = tree["params"]
+    found: list[str] = []
+
+    def visit(node: Mapping[str, Any], prefix: tuple[str, ...]) -> None:
+        if "kernel" in node and not isinstance(node["kernel"], Mapping):
+            found.append("/".join(prefix))
+        for name, child in node.items():
+            if isinstance(child, Mapping) and name != "quant":
+                visit(child, prefix + (str(name),))
+
+    visit(tree, ())
+    return found
+
+
+def resolve(rules: RuleSet, tree: Union[Mapping[str, Any], Iterable[str]]) -> dict[str, LayerPrecision]:
+    """Precision of every conv/dense layer of `tree` (see `quantizable_paths`), in tree order.
+
+    Raises:
+      ValueError: when a rule matched no layer (it would be a silent no-op), naming the rule
+        and listing the layer paths.
+    """
+    paths = quantizable_paths(tree)
+    resolved = {p: rules.match(p) for p in paths}
+    used = {lp.rule for lp in resolved.values() if lp.rule is not None}
+    unused = [(i, r) for i, r in enumerate(rules.rules) if i not in used]
+    if unused:
+        names = ", ".join(f"#{i} {r.pattern!r}" for i, r in unused)
+        raise ValueError(
+            f"precision rule(s) {names} matched no layer (a rule may also be shadowed by an "
+            f"earlier one; first match wins). Layer paths: {paths}"
+        )
+    return resolved
+
+
+def _bits(b: Optional[int]) -> str:
+    return "-" if b is None else str(b)
+
+
+def report(resolved: Mapping[str, LayerPrecision]) -> str:
+    """Readable table: layer -> method, weight bits, activation bits, rule."""
+    header = ("layer", "method", "W", "A", "rule")
+    rows = [header]
+    for path, lp in resolved.items():
+        method = lp.method if lp.quantized else "fp"
+        if lp.quantized and lp.a_signed and lp.a_bits is not None:
+            method += " (signed act)"
+        rule = "no rule" if lp.rule is None else f"#{lp.rule} {lp.pattern!r}"
+        rows.append((path or "<root>", method, _bits(lp.w_bits), _bits(lp.a_bits), rule))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    n_q = sum(lp.quantized for lp in resolved.values())
+    lines.append(f"{n_q} of {len(resolved)} layers quantized")
+    return "\n".join(lines)
+
+
+def describe(rules: RuleSet, tree: Union[Mapping[str, Any], Sequence[str]]) -> str:
+    """`report(resolve(rules, tree))`: resolves (raising on an unmatched rule) and formats."""
+    return report(resolve(rules, tree))

@@ -40,3 +40,50 @@ __all__ = [
     "qkd_levels",
     "round_ste",
 ]
+
+# Quantized layers, per-layer precision rules and calibration (issue 3).
+from qkd_jax.quant.calibration import calibrate  # noqa: E402
+from qkd_jax.quant.layer_quant import (  # noqa: E402
+    CALIBRATION_COLLECTION,
+    DELTA_COLLECTION,
+    PERTURBATIONS,
+    QUANT,
+)
+from qkd_jax.quant.layers import QConv, QDense, quantized_layers  # noqa: E402
+from qkd_jax.quant.rules import (  # noqa: E402
+    LayerPrecision,
+    Rule,
+    RuleSet,
+    describe,
+    first_last_8bit,
+    full_precision,
+    quantizable_paths,
+    resolve,
+    rule_set,
+    sqakd_cifar,
+    sqakd_cifar_vgg,
+    uniform,
+)
+
+__all__ += [
+    "CALIBRATION_COLLECTION",
+    "DELTA_COLLECTION",
+    "LayerPrecision",
+    "PERTURBATIONS",
+    "QConv",
+    "QDense",
+    "QUANT",
+    "Rule",
+    "RuleSet",
+    "calibrate",
+    "describe",
+    "first_last_8bit",
+    "full_precision",
+    "quantizable_paths",
+    "quantized_layers",
+    "resolve",
+    "rule_set",
+    "sqakd_cifar",
+    "sqakd_cifar_vgg",
+    "uniform",
+]

@@ -22,7 +22,8 @@ Collections a quantized layer uses (paths relative to the layer):
                    by init; create them with apply(..., mutable=['perturbations']) on the batch
                    to probe, then pass them in to get dL/dx_q as their gradient. Without the
                    collection the hook is a no-op.
-    quant_calibration  written only when that collection is mutable (see `calibration`).
+    quant_calibration  written only when apply names that collection as mutable (mutable=True
+                   does not count); see `calibration`.
     intermediates  'w_hat', 'a_hat' (tuples, flax `sow`): the fake-quantized weights and inputs,
                    recorded only when apply is given mutable=['intermediates'].
 """
@@ -76,6 +77,14 @@ def _hook(module: nn.Module, name: str):
     return lambda x_q: module.perturb(name, x_q)
 
 
+def _calibrating(module: nn.Module) -> bool:
+    """True when apply named 'quant_calibration' as mutable (not at init, not with mutable=True,
+    so a caller making every collection mutable does not recalibrate by accident)."""
+    if module.is_initializing() or not module.is_mutable_collection(CALIBRATION_COLLECTION):
+        return False
+    return module.scope is not None and module.scope.mutable is not True
+
+
 def _sow(module: nn.Module, name: str, value: jax.Array) -> None:
     """Records w_hat / a_hat in 'intermediates' when the caller made it mutable (not at init)."""
     if not module.is_initializing() and module.is_mutable_collection(INTERMEDIATES):
@@ -110,7 +119,7 @@ def _forward(
     q: dict[str, Any] = {}
     if placeholders:
         q = dict(module.param(QUANT, lambda _: {k: jnp.asarray(v, jnp.float32) for k, v in placeholders.items()}))
-    calibrating = module.is_mutable_collection(CALIBRATION_COLLECTION) and not module.is_initializing()
+    calibrating = _calibrating(module)
     if calibrating:
         q.update(calib.weight_params(lp, kernel))
         q.update(calib.input_params(lp, x))

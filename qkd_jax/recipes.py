@@ -1,7 +1,7 @@
 """Recipe builders shared by the experiment configs under configs/ (REFERENCE.md section 6).
 
-configs/ is not a package: each experiment file loads this file by path (importlib, relative to
-its own `__file__`), so `--config=configs/X.py:ARG` works from any working directory.
+The experiment files under configs/ are short: their docstring (the run commands), their
+VARIANTS and a `get_config(arg)` that calls a builder here.
 
 Every experiment file takes one ARG string (after the colon), comma-separated tokens in any order:
 
@@ -390,3 +390,48 @@ def imagenet_config(variant: Variant, *, model: str) -> ml_collections.ConfigDic
                                                epochs=QKD_IMAGENET_EPOCHS["tutoring"]))),
     ])
     return c
+
+
+# The paper settings of each config family (each a valid ARG of its config files).
+CIFAR_VARIANTS = (
+    "fp",
+    "qat,w1a1",
+    "qat,w2a2",
+    "qat,w4a4",
+    "sqakd,w1a1",
+    "sqakd,w2a2",
+    "sqakd,w4a4",
+)
+TINY_IMAGENET_VARIANTS = (
+    "fp",
+    "qat,pact,w3a3",
+    "qat,pact,w4a4",
+    "qat,pact,w8a8",
+    "qat,lsq,w3a3",
+    "qat,lsq,w4a4",
+    "qat,lsq,w8a8",
+    "qat,dorefa,w3a3",
+    "qat,dorefa,w4a4",
+    "qat,dorefa,w8a8",
+    "sqakd,pact,w3a3",
+    "sqakd,pact,w4a4",
+    "sqakd,pact,w8a8",
+    "sqakd,lsq,w3a3",
+    "sqakd,lsq,w4a4",
+    "sqakd,lsq,w8a8",
+    "sqakd,dorefa,w3a3",
+    "sqakd,dorefa,w4a4",
+    "sqakd,dorefa,w8a8",
+)
+IMAGENET_VARIANTS = (
+    "fp",
+    "qat,w2a2",
+    "qat,w3a3",
+    "qat,w4a4",
+    "sqakd,w2a2",
+    "sqakd,w3a3",
+    "sqakd,w4a4",
+    "qkd,w2a2",
+    "qkd,w3a3",
+    "qkd,w4a4",
+)

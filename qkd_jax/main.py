@@ -7,6 +7,7 @@ Multi-host (TPU pods, SLURM, several processes): set QKD_DISTRIBUTED=1 (or run w
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,9 +30,26 @@ def main(argv: list[str]) -> None:
     run(_CONFIG.value, _WORKDIR.value)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; an override of a config key that does not exist (which config_flags
+    reports as a bare KeyError/AttributeError traceback) becomes one line naming the flag."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as err:
+        missing = str(err.args[0] if err.args else err).split("\n")[0].strip("\"'")
+        overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        named = [o for o in overrides if missing in o.split(".")[1:]]
+        if not named:
+            raise
+        sys.stderr.write(f"FATAL Flags parsing error: --{named[0]}: unknown config key "
+                         f"'{named[0].split('.', 1)[1]}' (no field {missing!r}); check the spelling "
+                         f"against the config file and qkd_jax/train/config_schema.py.\n")
+        sys.exit(1)
+
+
 def run_cli() -> None:
     """Console-script entry point (`qkd-jax`)."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,11 @@ class PhaseCheckpointer:
         }
         if data_state is not None:
             items["data"] = ocp.args.JsonSave(data_state)
+        if step in self._manager.all_steps():
+            # Only a checkpoint that restore() skipped as unreadable can be here (it fell back to
+            # an earlier one and the run got back to this step): replace it, or orbax refuses.
+            log.warning("replacing the unreadable checkpoint %s/%d", self.directory, step)
+            self._manager.delete(step)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._manager.wait_until_finished()
         return step

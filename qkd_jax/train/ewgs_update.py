@@ -90,7 +90,7 @@ def layer_traces_and_grads(
 
 
 def _ratio(trace: jax.Array, grad: jax.Array, eps: float) -> jax.Array:
-    return (trace / grad.size) / (3.0 * jnp.std(grad) + eps)
+    return (trace / grad.size) / (3.0 * jnp.std(grad, ddof=1) + eps)  # torch .std() (ddof=1)
 
 
 @functools.partial(jax.jit, static_argnames=("objective", "max_probes", "rtol", "eps"))

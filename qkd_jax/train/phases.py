@@ -23,6 +23,7 @@ import numpy as np
 
 from qkd_jax import data as qdata
 from qkd_jax.models import copy_teacher_to_student
+from qkd_jax.quant import rules as qrules
 from qkd_jax.quant.calibration import calibrate
 from qkd_jax.train import build, parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
@@ -274,7 +275,14 @@ def _run_calibrate(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> P
     if restored is not None and restored[2].get("completed"):
         _print(f"[{name}] already calibrated: read from {ckpt.directory}")
         return _result(name, ph, restored[0], restored[2].get("eval", {}))
-    teacher_vars = ctx.results[ph.init_from].student
+    # Resolving raises when a precision rule matches no layer (never a silently FP student).
+    precision = qrules.describe(build.student_rules(ctx.config), template_vars["params"])
+    if jax.process_index() == 0:
+        (ctx.workdir / "precision.txt").write_text(precision + "\n")
+    _print(f"[{name}] per-layer precision (also in {ctx.workdir / 'precision.txt'}):\n{precision}")
+    # Empty collections left out: a network without BatchNorm (SqueezeNet) carries an empty
+    # 'batch_stats' in its state but has none in its init variables.
+    teacher_vars = {k: v for k, v in ctx.results[ph.init_from].student.items() if jax.tree.leaves(v)}
     variables = copy_teacher_to_student(teacher_vars, template_vars)
     q = ctx.config.quant
     variables = build.set_deltas(dict(variables), q.delta if q.estimator == "ewgs" else 0.0)
@@ -286,7 +294,8 @@ def _run_calibrate(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> P
         variables, jnp.asarray(batch["image"]))
     _print(f"[{name}] calibrated every quantizer on one batch of {ph.batch_size} "
            f"({time.perf_counter() - t0:.1f} s); {q.method} W{q.w_bits}A{q.a_bits}, preset {q.preset}")
-    state = state.replace(params=variables["params"], quant_delta=variables.get("quant_delta", {}))
+    state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
+                          quant_delta=variables.get("quant_delta", {}))
     eval_metrics = evaluate(ctx, net.train_model, state.variables())
     ctx.writer.write(name, 0, "eval", eval_metrics)
     _print(f"[{name}] eval after calibration: top1 {eval_metrics['top1']:.2f}%")

@@ -1,0 +1,53 @@
+"""Integer export of a trained student and a reference integer inference that checks it.
+
+    from qkd_jax.quant import export as qexport
+    exported = qexport.export_checkpoint(workdir, 'sqakd')       # or export_variables(model, vars, shape)
+    exported.save('student.npz')                                 # .npz arrays + JSON manifest
+    exported = qexport.IntegerExport.load('student.npz')         # validated on load
+    logits = qexport.IntegerModel(qexport.load_model(exported), exported)(images)
+    print(qexport.size_report(exported).format())
+
+Modules: codes (per-method grids, weight/activation codes), packing (bit packing),
+fileformat (file, manifest, validator), exporter (variables / checkpoint -> export),
+integer_inference (the student's flax graph with integer conv/dense), report (sizes).
+Command line: python -m qkd_jax.export --workdir=DIR --phase=NAME --out=FILE.npz
+"""
+
+from qkd_jax.quant.export.codes import Grid, activation_grid, encode_weight, weight_grid
+from qkd_jax.quant.export.exporter import (
+    ConfigMismatchError,
+    ExportError,
+    FullPrecisionModelError,
+    export_checkpoint,
+    export_variables,
+    load_model,
+)
+from qkd_jax.quant.export.fileformat import FORMAT, VERSION, IntegerExport, ManifestError, validate_manifest
+from qkd_jax.quant.export.integer_inference import IntegerModel, integer_apply
+from qkd_jax.quant.export.packing import pack_codes, packed_nbytes, unpack_codes
+from qkd_jax.quant.export.report import SizeReport, size_report
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "ConfigMismatchError",
+    "ExportError",
+    "FullPrecisionModelError",
+    "Grid",
+    "IntegerExport",
+    "IntegerModel",
+    "ManifestError",
+    "SizeReport",
+    "activation_grid",
+    "encode_weight",
+    "export_checkpoint",
+    "export_variables",
+    "integer_apply",
+    "load_model",
+    "pack_codes",
+    "packed_nbytes",
+    "size_report",
+    "unpack_codes",
+    "validate_manifest",
+    "weight_grid",
+]

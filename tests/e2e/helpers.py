@@ -1,0 +1,194 @@
+"""Small configs and checkpoint readers for the end-to-end tests.
+
+The file doubles as a config file for the CLI (ml_collections `get_config(arg)`), so a subprocess
+runs exactly the config a test builds in-process:
+
+    python -m qkd_jax.main --config=tests/e2e/helpers.py:resume --workdir=DIR
+
+Only `qkd_jax.train.config_schema` is imported at module level (the CLI loads this file before
+the runner); JAX, numpy and orbax are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import Any, Optional
+
+from qkd_jax.train.config_schema import base_config, optimizer_config, phase
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+HELPERS = "tests/e2e/helpers.py"  # relative to REPO (the subprocesses' working directory)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _set_phases(config, phases: list[tuple[str, Any]]) -> None:
+    import ml_collections
+
+    config.phase_order = ",".join(name for name, _ in phases)
+    config.phases = ml_collections.ConfigDict({name: ph for name, ph in phases})
+
+
+def teacher_only(*, epochs: int = 1, batch_size: int = 64, lr: float = 0.05, **top: Any):
+    """Digits, FP ResNet-20, one short teacher phase (SGD, constant rate)."""
+    c = base_config()
+    c.dataset.name = "qkd_digits"
+    c.dataset.eval_batch_size = 360  # the whole test split in one batch (360 = 8 * 45)
+    c.model.name = "resnet20"
+    c.tensorboard = False
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 4
+    weights = optimizer_config(optimizer="sgd", learning_rate=lr, momentum=0.9, schedule="constant")
+    _set_phases(c, [("teacher", phase("teacher", epochs=epochs, batch_size=batch_size, weights=weights))])
+    for key, value in top.items():
+        c[key] = value
+    return c
+
+
+def sqakd_chain(config, *, epochs: int = 1, batch_size: int = 16) -> None:
+    """Appends calibrate -> sqakd (KL to the frozen teacher, no labels) to a teacher-only config."""
+    phases = [(n, config.phases[n]) for n in config.phase_order.split(",")]
+    phases += [
+        ("calibrate", phase("calibrate", init_from="teacher", batch_size=batch_size)),
+        ("sqakd", phase("student", objective="sqakd", init_from="calibrate", teacher_from="teacher",
+                        epochs=epochs, batch_size=batch_size)),
+    ]
+    _set_phases(config, phases)
+
+
+def qkd_chain(config, *, epochs: int = 1, batch_size: int = 16) -> None:
+    """Appends the QKD phases self_study -> co_study (trained teacher) -> tutoring (after calibrate)."""
+    phases = [(n, config.phases[n]) for n in config.phase_order.split(",")]
+    phases += [
+        ("self_study", phase("student", objective="self_study", init_from="calibrate", epochs=epochs,
+                             batch_size=batch_size, temperature=2.0)),
+        ("co_study", phase("student", objective="co_study", init_from="self_study", teacher_from="teacher",
+                           train_teacher=True, epochs=epochs, batch_size=batch_size, temperature=2.0)),
+        ("tutoring", phase("student", objective="tutoring", init_from="co_study", teacher_from="co_study",
+                           epochs=epochs, batch_size=batch_size, temperature=2.0)),
+    ]
+    _set_phases(config, phases)
+
+
+def resume_config():
+    """Digits teacher -> calibrate -> sqakd (1 epoch of 22 steps, batch 64), a checkpoint every
+    3 steps, so a run can be killed in the middle of the sqakd phase. The teacher trains for 0
+    epochs (initialised, evaluated and saved): what matters is that its checkpoint is what the
+    resumed student reads back as its frozen teacher."""
+    c = teacher_only(epochs=0, batch_size=64, checkpoint_every_steps=3, log_every_steps=11)
+    sqakd_chain(c, epochs=1, batch_size=64)
+    c.phases.sqakd.weights = optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch")
+    return c
+
+
+def get_config(arg: str = "teacher"):
+    """CLI entry: 'teacher' (teacher_only) or 'resume' (resume_config)."""
+    if arg == "teacher":
+        return teacher_only()
+    if arg == "resume":
+        return resume_config()
+    raise ValueError(f"unknown helpers config {arg!r}; use 'teacher' or 'resume'")
+
+
+# ----------------------------------------------------------------------------- checkpoints on disk
+
+
+def finalized_steps(phase_dir: str | os.PathLike) -> list[int]:
+    """Steps of the finalised orbax checkpoints in a phase directory (tmp dirs excluded), sorted."""
+    phase_dir = pathlib.Path(phase_dir)
+    if not phase_dir.is_dir():
+        return []
+    return sorted(int(d.name) for d in phase_dir.iterdir()
+                  if d.is_dir() and d.name.isdigit() and (d / "_CHECKPOINT_METADATA").exists())
+
+
+def read_state(step_dir: str | os.PathLike) -> dict:
+    """The raw arrays of a step's 'state' item as numpy (no template needed)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(step_dir).absolute() / "state"
+    with ocp.PyTreeCheckpointer() as ckptr:
+        # Restored as numpy on the host: no device placement (fast with 8 devices in the process).
+        structure = ckptr.metadata(path).item_metadata.tree
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
+        return ckptr.restore(path, restore_args=args)
+
+
+def state_keys(step_dir: str | os.PathLike) -> list[str]:
+    """Top-level keys of a step's 'state' item, from its metadata only (no arrays read)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return sorted(ckptr.metadata(pathlib.Path(step_dir).absolute() / "state").item_metadata.tree)
+
+
+def read_meta(step_dir: str | os.PathLike) -> dict:
+    """The 'meta' JSON item of a step (phase, step, completed, eval, ...)."""
+    return json.loads((pathlib.Path(step_dir) / "meta" / "metadata").read_text())
+
+
+def flat(tree: Any) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def assert_trees_identical(a: Any, b: Any) -> None:
+    """Same leaves at the same paths, bit for bit."""
+    import numpy as np
+
+    fa, fb = flat(a), flat(b)
+    assert sorted(fa) == sorted(fb), sorted(set(fa) ^ set(fb))
+    for key in fa:
+        assert fa[key].dtype == fb[key].dtype, key
+        np.testing.assert_array_equal(fa[key], fb[key], err_msg=key)
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- subprocesses
+
+
+def subprocess_env(devices: int = 1) -> dict[str, str]:
+    """Environment for a CLI subprocess: CPU, a fixed device count, the tests' compilation cache.
+
+    The pytest process's XLA_FLAGS (8 devices, from conftest) are replaced, not inherited.
+    """
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(REPO / ".cache" / "jax")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("QKD_DISTRIBUTED", None)
+    return env
+
+
+def cli_command(config_arg: str, workdir: str | os.PathLike, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "qkd_jax.main", f"--config={HELPERS}:{config_arg}",
+            f"--workdir={workdir}", *overrides]
+
+
+def run_cli(config_arg: str, workdir: str | os.PathLike, *overrides: str, timeout: float = 300,
+            devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs the CLI to completion; with `check`, a failure shows its output."""
+    proc = subprocess.run(cli_command(config_arg, workdir, *overrides), cwd=REPO, env=subprocess_env(devices),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"CLI failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def tail(path: Optional[pathlib.Path], n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path and path.exists() else ""

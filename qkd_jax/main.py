@@ -25,9 +25,18 @@ def main(argv: list[str]) -> None:
         from qkd_jax.train.distributed import initialize_distributed
 
         initialize_distributed()
+    from qkd_jax.data import DatasetNotPreparedError
+    from qkd_jax.train.checkpoint import CorruptCheckpointError
+    from qkd_jax.train.config_schema import ConfigError
     from qkd_jax.train.loop import run
+    from qkd_jax.train.phases import NonFiniteLossError
 
-    run(_CONFIG.value, _WORKDIR.value)
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, DatasetNotPreparedError, CorruptCheckpointError, NonFiniteLossError) as err:
+        # Problems the user fixes (config, data, checkpoints, divergence): the message, no traceback.
+        sys.stderr.write(f"qkd_jax: {type(err).__name__}: {err}\n")
+        sys.exit(1)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -29,6 +29,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def check_datasets(config: ml_collections.ConfigDict) -> None:
+    """Opens the train and eval splits now, so a missing dataset stops the run before any work
+    (DatasetNotPreparedError says how to prepare it)."""
+    info = qdata.dataset_info(config.dataset.name)
+    for split in (info.train_split, info.eval_split):
+        qdata.get_source(config.dataset.name, split, config.dataset.data_dir or None)
+
+
 def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseResult]) -> str:
     """One row per phase: kind, objective, precision, top-1/top-5."""
     q = config.quant
@@ -56,6 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, PhaseResult]:
     """Runs every phase of `config` in `workdir`; finished phases are read back, not rerun."""
     validate_config(config)
+    check_datasets(config)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or parallel.make_mesh()

@@ -13,7 +13,7 @@ import ml_collections
 from qkd_jax import data as qdata
 from qkd_jax.models import list_models
 from qkd_jax.train import build, parallel
-from qkd_jax.train.config_schema import phase_names, validate
+from qkd_jax.train.config_schema import build_objective, phase_names, validate
 from qkd_jax.train.metrics import MetricsWriter, format_duration
 from qkd_jax.train.phases import PhaseResult, RunContext, run_phase
 
@@ -47,8 +47,6 @@ def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseRes
         objective = "-" if res.kind == "calibrate" else ph.objective
         uses_labels = "-"
         if res.kind != "calibrate":
-            from qkd_jax.train.config_schema import build_objective
-
             uses_labels = "yes" if build_objective(ph).needs_labels else "no"
         top1 = res.eval.get("top1")
         top5 = res.eval.get("top5")

@@ -19,8 +19,6 @@ import types
 
 import pytest
 
-from qkd_jax.train import loop
-from qkd_jax.train.checkpoint import CorruptCheckpointError
 from tests.e2e.helpers import (
     REPO,
     assert_trees_identical,
@@ -28,7 +26,6 @@ from tests.e2e.helpers import (
     finalized_steps,
     read_meta,
     read_state,
-    resume_config,
     run_cli,
     subprocess_env,
     tail,
@@ -48,37 +45,44 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _run_until_two_checkpoints(workdir, log) -> list[int]:
-    """Starts the CLI and SIGKILLs it as soon as two mid-phase sqakd checkpoints are finalised."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cli_command("resume", workdir), cwd=REPO, env=subprocess_env(1),
+def _start(workdir, log) -> subprocess.Popen:
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cli_command("resume", workdir), cwd=REPO, env=subprocess_env(1),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while True:
-            steps = [s for s in finalized_steps(workdir / PHASE) if 0 < s < TOTAL]
-            if len(steps) >= 2:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended ({proc.returncode}) before it could be killed:\n{tail(log)}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no two {PHASE} checkpoints after {RUN_TIMEOUT} s:\n{tail(log)}")
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        _kill_group(proc)
+
+
+def _kill_after_two_checkpoints(proc: subprocess.Popen, workdir, log) -> list[int]:
+    """SIGKILLs the run as soon as two mid-phase sqakd checkpoints are finalised on disk."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        steps = [s for s in finalized_steps(workdir / PHASE) if 0 < s < TOTAL]
+        if len(steps) >= 2:
+            break
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended ({proc.returncode}) before it could be killed:\n{tail(log)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no two {PHASE} checkpoints after {RUN_TIMEOUT} s:\n{tail(log)}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
     return finalized_steps(workdir / PHASE)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The reference run and the interrupted run, started together (same command, own workdirs)."""
     base = tmp_path_factory.mktemp("resume")
-    reference = base / "reference"
-    run_cli("resume", reference, timeout=RUN_TIMEOUT)
+    reference, interrupted = base / "reference", base / "interrupted"
+    procs = [_start(interrupted, base / "interrupted.log"), _start(reference, base / "reference.log")]
+    try:
+        steps = _kill_after_two_checkpoints(procs[0], interrupted, base / "interrupted.log")
+        if procs[1].wait(timeout=RUN_TIMEOUT) != 0:
+            pytest.fail(f"the reference run failed:\n{tail(base / 'reference.log')}")
+    finally:
+        for proc in procs:
+            _kill_group(proc)
     assert finalized_steps(reference / PHASE)[-1] == TOTAL
-    interrupted = base / "interrupted"
-    steps = _run_until_two_checkpoints(interrupted, base / "interrupted.log")
+    assert read_meta(reference / PHASE / str(TOTAL))["completed"]
     # The kill landed mid-phase: the earlier phases are complete, sqakd is not.
     assert read_meta(interrupted / "teacher" / str(finalized_steps(interrupted / "teacher")[-1]))["completed"]
     assert read_meta(interrupted / "calibrate" / "0")["completed"]
@@ -132,18 +136,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(runs):
     _assert_same_final_state(workdir, runs.reference)
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_every_checkpoint_corrupt_stops_instead_of_restarting(runs):
     workdir = _copy(runs, "all_corrupt")
     for step in runs.steps:
         _corrupt_state_item(workdir / PHASE / str(step))
     metrics_before = (workdir / "metrics.jsonl").read_text()
-    # In-process (the error comes from the restore, before anything is compiled for sqakd).
-    with pytest.raises(CorruptCheckpointError) as err:
-        loop.run(resume_config(), workdir)
-    message = str(err.value)
-    assert f"none of the checkpoints in {workdir / PHASE} can be restored" in message
+    proc = run_cli("resume", workdir, timeout=RUN_TIMEOUT, check=False)
+    assert proc.returncode == 1
+    assert (f"CorruptCheckpointError: none of the checkpoints in {workdir / PHASE} can be restored"
+            in proc.stderr), proc.stderr[-3000:]
     for step in runs.steps:
-        assert f"step {step}:" in message
+        assert f"step {step}:" in proc.stderr
+    assert "[teacher] already completed" in proc.stdout  # the intact phases were read back
+    assert f"[{PHASE}] resuming" not in proc.stdout and f"[{PHASE}] student:" not in proc.stdout
     assert finalized_steps(workdir / PHASE) == runs.steps  # nothing new written, nothing deleted
     assert (workdir / "metrics.jsonl").read_text() == metrics_before  # no training step ran

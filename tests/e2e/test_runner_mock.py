@@ -64,8 +64,12 @@ def cifar10_config(data_dir):
 
 
 def imagenet_config(data_dir):
-    """ImageNet-style ResNet-18 on 32 px crops of the variable-sized mock images, PACT W4A4."""
-    c = _config("imagenet2012", "resnet18", data_dir, image_size=32)
+    """ImageNet-style SqueezeNet 1.0 on 32 px crops of the variable-sized mock images, PACT W4A4.
+
+    SqueezeNet has no BatchNorm: its teacher carries an empty 'batch_stats' collection, which
+    the calibrate phase has to accept (it used to fail copying it into the student).
+    """
+    c = _config("imagenet2012", "squeezenet1_0", data_dir, image_size=32)
     c.quant.method, c.quant.preset, c.quant.w_bits, c.quant.a_bits = "pact", "first_last_8bit", 4, 4
     sqakd_chain(c, batch_size=BATCH)
     return c
@@ -101,6 +105,9 @@ def _check_first_run(config, workdir, results, out: str) -> None:
             assert all(np.isfinite(r["loss"]) for r in train)
             assert [r["step"] for r in evals] == [STEPS]
             assert f"[{name}] done: eval top1" in out
+            # The epoch is the mock split's length (not the real dataset's 50k / 1.28M images).
+            assert (f"[{name}] {kind}: objective {config.phases[name].objective}, 1 epochs x {STEPS} "
+                    f"steps, global batch {BATCH}, {MESH_DEVICES} device(s)") in out
         # The whole mock eval split, once: padding rows are masked out.
         assert evals[-1]["count"] == MOCK_EXAMPLES
         assert 0.0 <= evals[-1]["top1"] <= evals[-1]["top5"] <= 100.0

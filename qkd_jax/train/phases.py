@@ -368,10 +368,12 @@ def _run_training(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> Ph
             _print(f"[{name}] epoch {done // spe}: eval top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}%")
         if done != total and (done % ctx.config.checkpoint_every_steps == 0 or epoch_end):
             _check_finite(jax.device_get(metrics), name, done, last_saved)
+            _check_finite({"params": _all_finite(state.params)}, name, done, last_saved)
             ckpt.save(state, meta=_meta(ctx, name, completed=False), data_state=iterator.get_state())
             last_saved = done
     if metrics is not None:
         _check_finite(jax.device_get(metrics), name, total, last_saved)
+        _check_finite({"params": _all_finite(state.params)}, name, total, last_saved)
     eval_metrics = evaluate(ctx, net.train_model, state.variables())
     ctx.writer.write(name, total, "eval", eval_metrics)
     _print(f"[{name}] done: eval top1 {eval_metrics['top1']:.2f}% top5 {eval_metrics['top5']:.2f}% "
@@ -379,6 +381,16 @@ def _run_training(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> Ph
     ckpt.save(state, meta=_meta(ctx, name, completed=True, eval_metrics=eval_metrics),
               data_state=iterator.get_state())
     return _result(name, ph, state, eval_metrics)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """1.0 when every element of `tree` is finite, NaN otherwise (the metric the check reads).
+
+    The loss of the step that produced a state comes from before its update, so the
+    parameters themselves are checked before a checkpoint is written."""
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    return jnp.where(ok, 1.0, jnp.nan)
 
 
 def _check_finite(values: dict, name: str, step: int, last_saved: int) -> dict:

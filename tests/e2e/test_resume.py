@@ -3,13 +3,15 @@
 Every run is `python -m qkd_jax.main --config=tests/e2e/helpers.py:resume` (digits, ResNet-20:
 teacher -> calibrate -> sqakd, a checkpoint every 3 steps) on ONE CPU device, so the
 reference and the resumed runs execute the same compiled programs. The module fixture runs the
-reference to completion, then starts the same command in another workdir and kills it once two
-mid-phase sqakd checkpoints are finalised on disk. Each test resumes its own copy of that
-interrupted workdir.
+command in two workdirs (overlapping): the reference runs to completion, the other is killed
+as soon as two mid-phase sqakd checkpoints are finalised on disk (orbax writes a tmp dir and
+renames it). Each test resumes its own copy of that interrupted workdir.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -68,31 +70,61 @@ def _kill_after_two_checkpoints(proc: subprocess.Popen, workdir, log) -> list[in
     return finalized_steps(workdir / PHASE)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The reference run and the interrupted run, started together (same command, own workdirs)."""
-    base = tmp_path_factory.mktemp("resume")
+def _produce(base) -> list[int]:
+    """The reference run and the interrupted run (same command, own workdirs).
+
+    The second starts once the reference has saved its first sqakd checkpoint: by then every
+    program is in the persistent compilation cache, so it compiles nothing.
+    """
     reference, interrupted = base / "reference", base / "interrupted"
-    procs = [_start(interrupted, base / "interrupted.log"), _start(reference, base / "reference.log")]
+    for workdir in (reference, interrupted):  # leftovers of a failed attempt must not be resumed
+        shutil.rmtree(workdir, ignore_errors=True)
+    procs = [_start(reference, base / "reference.log")]
     try:
-        steps = _kill_after_two_checkpoints(procs[0], interrupted, base / "interrupted.log")
-        if procs[1].wait(timeout=RUN_TIMEOUT) != 0:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not finalized_steps(reference / PHASE) and procs[0].poll() is None:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the reference run made no {PHASE} checkpoint:\n{tail(base / 'reference.log')}")
+            time.sleep(0.1)
+        procs.append(_start(interrupted, base / "interrupted.log"))
+        steps = _kill_after_two_checkpoints(procs[1], interrupted, base / "interrupted.log")
+        if procs[0].wait(timeout=RUN_TIMEOUT) != 0:
             pytest.fail(f"the reference run failed:\n{tail(base / 'reference.log')}")
     finally:
         for proc in procs:
             _kill_group(proc)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under pytest-xdist the workers share this session's temp root: the first one to get
+        # the lock produces the runs, the others reuse them (pytest-xdist's recipe, with flock).
+        base = tmp_path_factory.getbasetemp().parent / "resume_runs"
+        base.mkdir(exist_ok=True)
+    else:
+        base = tmp_path_factory.mktemp("resume_runs")
+    with open(base / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = base / "steps.json"
+        if not done.exists():
+            done.write_text(json.dumps(_produce(base)))
+        steps = json.loads(done.read_text())
+    reference, interrupted = base / "reference", base / "interrupted"
     assert finalized_steps(reference / PHASE)[-1] == TOTAL
     assert read_meta(reference / PHASE / str(TOTAL))["completed"]
     # The kill landed mid-phase: the earlier phases are complete, sqakd is not.
     assert read_meta(interrupted / "teacher" / str(finalized_steps(interrupted / "teacher")[-1]))["completed"]
     assert read_meta(interrupted / "calibrate" / "0")["completed"]
     assert not read_meta(interrupted / PHASE / str(steps[-1]))["completed"]
-    assert steps[-1] < TOTAL
-    return types.SimpleNamespace(base=base, reference=reference, interrupted=interrupted, steps=steps)
+    assert finalized_steps(interrupted / PHASE) == steps and steps[-1] < TOTAL
+    return types.SimpleNamespace(reference=reference, interrupted=interrupted, steps=steps)
 
 
-def _copy(runs, name: str):
-    workdir = runs.base / name
+def _copy(runs, tmp_path):
+    """A private copy of the interrupted workdir (the original is shared by the tests)."""
+    workdir = tmp_path / "work"
     shutil.copytree(runs.interrupted, workdir)
     return workdir
 
@@ -114,8 +146,8 @@ def _corrupt_state_item(step_dir) -> None:
         f.write_bytes(b"\0 not an orbax checkpoint \0")
 
 
-def test_sigkilled_run_resumes_to_identical_parameters(runs):
-    workdir = _copy(runs, "resumed")
+def test_sigkilled_run_resumes_to_identical_parameters(runs, tmp_path):
+    workdir = _copy(runs, tmp_path)
     proc = run_cli("resume", workdir, timeout=RUN_TIMEOUT)
     assert "[teacher] already completed at step 0" in proc.stdout
     assert "[calibrate] already calibrated" in proc.stdout
@@ -126,8 +158,8 @@ def test_sigkilled_run_resumes_to_identical_parameters(runs):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_corrupt_newest_checkpoint_falls_back_to_previous(runs):
-    workdir = _copy(runs, "corrupt_newest")
+def test_corrupt_newest_checkpoint_falls_back_to_previous(runs, tmp_path):
+    workdir = _copy(runs, tmp_path)
     newest, previous = runs.steps[-1], runs.steps[-2]
     _corrupt_state_item(workdir / PHASE / str(newest))
     proc = run_cli("resume", workdir, timeout=RUN_TIMEOUT)
@@ -136,8 +168,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(runs):
     _assert_same_final_state(workdir, runs.reference)
 
 
-def test_every_checkpoint_corrupt_stops_instead_of_restarting(runs):
-    workdir = _copy(runs, "all_corrupt")
+def test_every_checkpoint_corrupt_stops_instead_of_restarting(runs, tmp_path):
+    workdir = _copy(runs, tmp_path)
     for step in runs.steps:
         _corrupt_state_item(workdir / PHASE / str(step))
     metrics_before = (workdir / "metrics.jsonl").read_text()

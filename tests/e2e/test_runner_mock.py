@@ -116,6 +116,9 @@ def _check_first_run(config, workdir, results, out: str) -> None:
         trains_teacher = bool(config.phases[name].train_teacher)
         assert ("teacher" in state_keys(workdir / name / str(steps[-1]))) == trains_teacher, name
         assert (results[name].teacher is not None) == trains_teacher, name
+    # Calibration copies the teacher and only sets quantizer parameters: BatchNorm statistics
+    # are the teacher's (empty for SqueezeNet).
+    assert_trees_identical(results["calibrate"].student["batch_stats"], results["teacher"].student["batch_stats"])
     summary = json.loads((workdir / "summary.json").read_text())
     assert list(summary) == phases
     for name in phases:

@@ -27,8 +27,9 @@ x = the layer's input, W = its kernel, Q_P from `lsq_bounds`):
     pact:     a_alpha = the rule's constant `pact_alpha` if set, else 3 std(x) / sqrt(1 - 2/pi)
               (the interval method's a_upper: a clipping level of the same statistic)
     dorefa:   nothing to calibrate
-Degenerate batches are guarded: positive quantities are at least EPS, an interval whose upper
-does not exceed its lower bound gets upper = max(x) (and at least lower + EPS), and
+Degenerate batches are guarded: a positive quantity whose statistic is <= EPS (all-zero input or
+kernel) becomes 1, an interval whose upper does not exceed its lower bound gets upper = max(x)
+(and lower + 1 when that is no wider than EPS), and
 output_scale is 1 when mean|layer(a_hat, w_hat)| is 0.
 """
 
@@ -56,7 +57,11 @@ def _std(x: jax.Array) -> jax.Array:
 
 
 def _positive(v: jax.Array) -> jax.Array:
-    return jnp.maximum(v, EPS)
+    """`v`, or 1 when the statistic is degenerate (<= EPS, e.g. an all-zero input).
+
+    Any width quantizes an all-zero tensor exactly, but a tiny one (EPS) makes the gradients
+    w.r.t. the step or interval (~ x / s^2) overflow as soon as the input moves."""
+    return jnp.where(v > EPS, v, 1.0)
 
 
 def weight_params(lp: LayerPrecision, w: jax.Array) -> dict[str, jax.Array]:
@@ -84,7 +89,7 @@ def input_params(lp: LayerPrecision, x: jax.Array) -> dict[str, jax.Array]:
         lower = jnp.min(x)
         upper = 3.0 * _std(x) / _HALF_NORMAL
         upper = jnp.where(upper > lower, upper, jnp.max(x))
-        return {"a_lower": lower, "a_upper": jnp.maximum(upper, lower + EPS)}
+        return {"a_lower": lower, "a_upper": jnp.where(upper > lower + EPS, upper, lower + 1.0)}
     if lp.method == "pact":
         if lp.pact_alpha is not None:
             return {"a_alpha": jnp.asarray(lp.pact_alpha, jnp.float32)}

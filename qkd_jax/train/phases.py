@@ -197,7 +197,9 @@ def _build_state(ctx: RunContext, name: str, ph, init_vars: dict) -> tuple[Train
         t_vars = _teacher_variables(ctx, ph.teacher_from)
         if ph.train_teacher:
             t_spec = group_spec(ph.teacher_opt)
-            t_tx = build_optimizer(t_spec, t_spec, steps_per_epoch=spe, total_steps=total)
+            # An FP teacher has no quantizer parameters: its 'quant' group is empty.
+            t_tx = build_optimizer(t_spec, dataclasses.replace(t_spec, weight_decay=0.0),
+                                   steps_per_epoch=spe, total_steps=total)
     state = create_train_state(
         apply_fn=net.train_model.apply,
         variables=init_vars,

@@ -1,0 +1,106 @@
+"""Smoke runs of the paper config files themselves, shrunk to a few steps.
+
+Each config file is loaded as `--config=configs/X.py:ARG` loads it, then shrunk (1 epoch per
+phase, batch 16, 32 px inputs, learning rates capped at 1e-3) without touching its phase
+structure, objectives, optimizer kinds and schedules, quantizer method or precision preset, and run end to end: CIFAR-10 and ImageNet on
+`tfds.testing.mock_data`, Tiny-ImageNet on a small fake image folder. Every phase must finish
+with an evaluation over the whole (mock) eval split.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+
+import jax
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from qkd_jax.train import loop, parallel
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MOCK_EXAMPLES = 32
+BATCH = 16
+
+
+def _load(spec: str):
+    name, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(f"_smoke_{name[:-3]}", ROOT / "configs" / name)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _shrink(config, image_size: int = 0):
+    config.dataset.eval_batch_size = BATCH
+    if image_size:
+        config.dataset.image_size = image_size
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 1000
+    config.tensorboard = False
+    config.teacher_checkpoint = ""
+    for name in config.phase_order.split(","):
+        ph = config.phases[name]
+        ph.epochs = 1
+        ph.batch_size = BATCH
+        for group in ("weights", "quant_params", "teacher_opt"):
+            ph[group].warmup_steps = min(ph[group].warmup_steps, 1)
+            # Two steps on a few solid-colour images: the recipes' rates (asserted in
+            # tests/configs) can blow such a tiny run up; small ones keep the smoke run finite.
+            ph[group].learning_rate = min(ph[group].learning_rate, 1e-3)
+    return config
+
+
+def _write_tiny_imagenet(root: pathlib.Path, per_class: int = 11) -> None:
+    """A Tiny-ImageNet-200 folder with 3 classes of solid-colour 64x64 JPEGs."""
+    base = root / "tiny-imagenet-200"
+    wnids = ["n01", "n02", "n03"]
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rows = []
+    for c, wnid in enumerate(wnids):
+        folder = base / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        colour = tuple(200 if i == c else 20 for i in range(3))
+        for k in range(per_class):
+            Image.new("RGB", (64, 64), colour).save(folder / f"{wnid}_{k}.JPEG")
+            name = f"val_{c}_{k}.JPEG"
+            Image.new("RGB", (64, 64), colour).save(base / "val" / "images" / name)
+            rows.append(f"{name}\t{wnid}\t0\t0\t63\t63\n")
+    (base / "val" / "val_annotations.txt").write_text("".join(rows))
+
+
+def _check(config, results, expected_count: int) -> None:
+    assert list(results) == config.phase_order.split(",")
+    for name, res in results.items():
+        assert res.eval["count"] == expected_count, name
+        assert 0.0 <= res.eval["top1"] <= 100.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec, image_size",
+    [("cifar10_resnet20.py:sqakd,w2a2", 0), ("imagenet_resnet18.py:qkd,w4a4", 32)],
+)
+def test_paper_config_runs_on_mock_data(spec, image_size, tmp_path):
+    config = _shrink(_load(spec), image_size)
+    config.dataset.data_dir = str(tmp_path / "no_data")  # mock_data must be what is read
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_CODE):
+        results = loop.run(config, tmp_path / "run", mesh=mesh)
+    _check(config, results, MOCK_EXAMPLES)
+    if spec.startswith("imagenet"):
+        assert results["co_study"].teacher is not None  # the co-studied teacher is kept for tutoring
+
+
+@pytest.mark.slow
+def test_tiny_imagenet_config_runs_on_an_image_folder(tmp_path):
+    _write_tiny_imagenet(tmp_path / "data")
+    config = _shrink(_load("tiny_imagenet_mobilenet_v2.py:sqakd,lsq,w3a3"), image_size=32)
+    config.dataset.data_dir = str(tmp_path / "data")
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    results = loop.run(config, tmp_path / "run", mesh=mesh)
+    _check(config, results, 33)  # 3 classes x 11 val images
+    assert os.path.exists(tmp_path / "run" / "precision.txt")

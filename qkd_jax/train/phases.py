@@ -327,6 +327,12 @@ def _run_training(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> Ph
         if meta.get("completed"):
             _print(f"[{name}] already completed at step {meta['step']}: read from {ckpt.directory}")
             return _result(name, ph, state, meta.get("eval", {}))
+        if ph.kind == "teacher" and ctx.config.teacher_checkpoint:
+            # Never train on in another run's directory.
+            raise ValueError(
+                f"config.teacher_checkpoint={ctx.config.teacher_checkpoint!r} holds an unfinished "
+                f"teacher phase (step {meta['step']}); finish that run first (rerun its command)."
+            )
         _print(f"[{name}] resuming from step {meta['step']} ({ckpt.directory})")
     elif ph.kind == "teacher" and ctx.config.teacher_checkpoint:
         raise FileNotFoundError(

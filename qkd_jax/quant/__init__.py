@@ -6,7 +6,7 @@
 
 from qkd_jax.quant.clip import clip_inclusive, clip_straight_through
 from qkd_jax.quant.discretize import discretize, levels_for_bits, round_ste
-from qkd_jax.quant.hessian import ewgs_delta, hutchinson_trace, hvp
+from qkd_jax.quant.hessian import ewgs_delta, ewgs_ratio, hutchinson_trace, hutchinson_traces, hvp
 from qkd_jax.quant.quantizers import (
     dorefa_activation,
     dorefa_weight,
@@ -29,7 +29,9 @@ __all__ = [
     "dorefa_activation",
     "dorefa_weight",
     "ewgs_delta",
+    "ewgs_ratio",
     "hutchinson_trace",
+    "hutchinson_traces",
     "hvp",
     "interval_quantize",
     "levels_for_bits",

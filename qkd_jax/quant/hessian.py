@@ -6,7 +6,7 @@ functions (the discretizer) support; forward-over-reverse would not.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,61 @@ import jax.numpy as jnp
 def hvp(fn: Callable[[jax.Array], jax.Array], x: jax.Array, v: jax.Array) -> jax.Array:
     """H(x) v for a scalar function `fn`, by reverse-over-reverse differentiation."""
     return jax.grad(lambda y: jnp.vdot(jax.grad(fn)(y), v))(x)
+
+
+def _tree_vdot(a, b) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def hutchinson_traces(
+    fn: Callable[[Any], jax.Array],
+    tree: Any,
+    key: jax.Array,
+    *,
+    max_probes: int = 50,
+    rtol: float = 1e-3,
+) -> tuple[Any, jax.Array]:
+    """Hutchinson estimates of the Hessian's diagonal blocks' traces, one per leaf of `tree`.
+
+    Each probe is one Rademacher vector v over all leaves and one Hessian-vector product; leaf
+    l's estimate is the mean of v_l . (H v)_l, whose expectation is Tr(H_ll) (the cross-leaf terms
+    vanish in expectation, as in PyHessian and the released EWGS code). Probes are drawn until
+    the running mean of the total trace moves by less than `rtol` (relative) between two probes,
+    or `max_probes` have been used. Jit-compatible (a `lax.while_loop`).
+
+    Returns:
+      (a tree like `tree` of scalar trace estimates, number of probes used).
+    """
+    if max_probes < 1:
+        raise ValueError(f"max_probes must be >= 1, got {max_probes}")
+    leaves, treedef = jax.tree.flatten(tree)
+    dtypes = [x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32 for x in leaves]
+    grad_fn = jax.grad(fn)
+
+    def probe(k):
+        keys = [k] if len(leaves) == 1 else list(jax.random.split(k, len(leaves)))
+        v = treedef.unflatten(
+            [jax.random.rademacher(kk, x.shape, dtype=d) for kk, x, d in zip(keys, leaves, dtypes)]
+        )
+        hv = jax.grad(lambda y: _tree_vdot(grad_fn(y), v))(tree)
+        return jax.tree.map(jnp.vdot, v, hv)
+
+    def cond(carry):
+        n, _, _, converged = carry
+        return (n < max_probes) & ~converged
+
+    def body(carry):
+        n, sums, mean, _ = carry
+        sums = jax.tree.map(jnp.add, sums, probe(jax.random.fold_in(key, n)))
+        new_mean = sum(jax.tree.leaves(sums)) / (n + 1)
+        moved = jnp.abs(new_mean - mean) / (jnp.abs(mean) + 1e-12)
+        converged = (n > 0) & (moved < rtol)
+        return n + 1, sums, new_mean, converged
+
+    sums0 = treedef.unflatten([jnp.zeros((), d) for d in dtypes])
+    init = (jnp.asarray(0), sums0, jnp.asarray(0.0, jnp.result_type(*dtypes)), jnp.asarray(False))
+    n, sums, _, _ = jax.lax.while_loop(cond, body, init)
+    return jax.tree.map(lambda t: t / n, sums), n
 
 
 def hutchinson_trace(
@@ -33,42 +88,25 @@ def hutchinson_trace(
     Returns:
       (trace estimate, number of probes used).
     """
-    if max_probes < 1:
-        raise ValueError(f"max_probes must be >= 1, got {max_probes}")
-    x = jnp.asarray(x)
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-    grad_fn = jax.grad(fn)
+    return hutchinson_traces(fn, jnp.asarray(x), key, max_probes=max_probes, rtol=rtol)
 
-    def probe(k):
-        v = jax.random.rademacher(k, x.shape, dtype=dtype)
-        hv = jax.grad(lambda y: jnp.vdot(grad_fn(y), v))(x)
-        return jnp.vdot(v, hv)
 
-    def cond(carry):
-        n, _, _, converged = carry
-        return (n < max_probes) & ~converged
+def ewgs_ratio(trace: jax.Array, grad: jax.Array, *, eps: float = 1e-8) -> jax.Array:
+    """One batch's EWGS ratio (Tr(H) / N) / (3 std(g) + eps), N = grad.size.
 
-    def body(carry):
-        n, total, mean, _ = carry
-        sample = probe(jax.random.fold_in(key, n))
-        total = total + sample
-        new_mean = total / (n + 1)
-        moved = jnp.abs(new_mean - mean) / (jnp.abs(mean) + 1e-12)
-        converged = (n > 0) & (moved < rtol)
-        return n + 1, total, new_mean, converged
-
-    init = (jnp.asarray(0), jnp.asarray(0.0, dtype), jnp.asarray(0.0, dtype), jnp.asarray(False))
-    n, _, mean, _ = jax.lax.while_loop(cond, body, init)
-    return mean, n
+    The std is the sample std (ddof=1), torch's `Tensor.std()` as in the released EWGS code.
+    """
+    return (trace / grad.size) / (3.0 * jnp.std(grad, ddof=1) + eps)
 
 
 def ewgs_delta(traces: jax.Array, grads: jax.Array, *, eps: float = 1e-8) -> jax.Array:
     """EWGS scaling factor from K batches: max(0, mean_k[(Tr(H_k) / N) / (3 std(g_k) + eps)]).
 
+    The per-batch ratio is `ewgs_ratio` (sample std, as the released EWGS code).
+
     Args:
       traces: shape (K,), Tr(H_k) of the task loss w.r.t. the discretizer output x_q on batch k.
       grads: shape (K, *x_q.shape), g_k = dL/dx_q on batch k; N = x_q.size.
-      The std is the sample std (ddof=1), torch's `Tensor.std()` as in the released EWGS code.
       eps: keeps a zero gradient from dividing by zero (its delta is then 0 when Tr(H) = 0).
     """
     traces = jnp.atleast_1d(jnp.asarray(traces))
@@ -78,8 +116,5 @@ def ewgs_delta(traces: jax.Array, grads: jax.Array, *, eps: float = 1e-8) -> jax
             f"grads needs a leading batch axis of size {traces.shape[0]} (one per trace), "
             f"got shape {grads.shape}"
         )
-    k = traces.shape[0]
-    flat = grads.reshape(k, -1)
-    n = flat.shape[1]
-    ratio = (traces / n) / (3.0 * jnp.std(flat, axis=1, ddof=1) + eps)
-    return jnp.maximum(0.0, jnp.mean(ratio))
+    ratios = jax.vmap(lambda t, g: ewgs_ratio(t, g, eps=eps))(traces, grads)
+    return jnp.maximum(0.0, jnp.mean(ratios))

@@ -23,14 +23,11 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from qkd_jax.quant.hessian import ewgs_ratio, hutchinson_traces
 from qkd_jax.train.state import TrainState
 
 # perturbation name -> key of the same layer in the 'quant_delta' collection
 PROBE_TO_DELTA = {"w_q": "w", "a_q": "a"}
-
-
-def _tree_vdot(a, b) -> jax.Array:
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def _batch_loss_fn(state: TrainState, batch: Mapping[str, jax.Array], objective: Any):
@@ -61,36 +58,8 @@ def layer_traces_and_grads(
     loss_fn, zeros, key: jax.Array, *, max_probes: int = 50, rtol: float = 1e-3
 ) -> tuple[Any, Any, jax.Array]:
     """Per-leaf Hutchinson traces of the Hessian of `loss_fn` at `zeros`, its gradient, probes used."""
-    grad_fn = jax.grad(loss_fn)
-    grads = grad_fn(zeros)
-    leaves, treedef = jax.tree.flatten(zeros)
-
-    def probe(k):
-        keys = jax.random.split(k, len(leaves))
-        v = treedef.unflatten([jax.random.rademacher(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)])
-        hv = jax.grad(lambda p: _tree_vdot(grad_fn(p), v))(zeros)
-        return jax.tree.map(lambda a, b: jnp.vdot(a, b), v, hv)
-
-    def cond(carry):
-        n, _, _, converged = carry
-        return (n < max_probes) & ~converged
-
-    def body(carry):
-        n, sums, prev_total, _ = carry
-        sums = jax.tree.map(jnp.add, sums, probe(jax.random.fold_in(key, n)))
-        total = sum(jax.tree.leaves(sums)) / (n + 1)
-        converged = (n > 0) & (jnp.abs(total - prev_total) < rtol * (jnp.abs(prev_total) + 1e-12))
-        return n + 1, sums, total, converged
-
-    init_sums = jax.tree.map(lambda x: jnp.zeros((), x.dtype), zeros)
-    init = (jnp.asarray(0), init_sums, jnp.asarray(0.0), jnp.asarray(False))
-    n, sums, _, _ = jax.lax.while_loop(cond, body, init)
-    traces = jax.tree.map(lambda s: s / n, sums)
-    return traces, grads, n
-
-
-def _ratio(trace: jax.Array, grad: jax.Array, eps: float) -> jax.Array:
-    return (trace / grad.size) / (3.0 * jnp.std(grad, ddof=1) + eps)  # torch .std() (ddof=1)
+    traces, n = hutchinson_traces(loss_fn, zeros, key, max_probes=max_probes, rtol=rtol)
+    return traces, jax.grad(loss_fn)(zeros), n
 
 
 @functools.partial(jax.jit, static_argnames=("objective", "max_probes", "rtol", "eps"))
@@ -98,7 +67,7 @@ def _batch_ratios(state, batch, key, *, objective, max_probes, rtol, eps):
     """Per-layer (Tr(H)/N) / (3 std(g) + eps) on one batch, keyed like the perturbations."""
     loss_fn, zeros = _batch_loss_fn(state, batch, objective)
     traces, grads, _ = layer_traces_and_grads(loss_fn, zeros, key, max_probes=max_probes, rtol=rtol)
-    return jax.tree.map(lambda t, g: _ratio(t, g, eps), traces, grads)
+    return jax.tree.map(lambda t, g: ewgs_ratio(t, g, eps=eps), traces, grads)
 
 
 def compute_ewgs_deltas(

@@ -27,7 +27,8 @@ PRESETS: dict[str, Callable[..., qrules.RuleSet]] = {
     "first_last_8bit": qrules.first_last_8bit,
     "uniform": qrules.uniform,
 }
-METHODS = ("interval", "pact", "lsq", "dorefa", "qkd")
+# The quantizing methods a config may name (rules.METHODS less "none").
+METHODS = tuple(m for m in qrules.METHODS if m != "none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,6 @@ class PhaseResult:
     kind: str
     student: dict  # params / batch_stats / quant_delta of the phase's network
     teacher: Optional[dict]  # the co-trained teacher (train_teacher phases only)
-    quantized: bool
     eval: dict
 
 
@@ -62,6 +61,8 @@ class RunContext:
     results: dict[str, PhaseResult] = dataclasses.field(default_factory=dict)
     # Compiled eval steps by model, so evaluating every few epochs compiles once per network.
     eval_steps: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    # Opened data sources by split, shared by the loaders and the epoch-length computation.
+    sources: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def info(self) -> qdata.DatasetInfo:
@@ -70,6 +71,12 @@ class RunContext:
     @property
     def data_dir(self) -> Optional[str]:
         return self.config.dataset.data_dir or None
+
+    def source(self, split: str):
+        """The dataset's random-access source for `split`, opened once per run."""
+        if split not in self.sources:
+            self.sources[split] = qdata.get_source(self.config.dataset.name, split, self.data_dir)
+        return self.sources[split]
 
 
 def _print(msg: str) -> None:
@@ -92,9 +99,8 @@ def _train_loader(ctx: RunContext, batch_size: int, epochs: Optional[int], seed:
                   sharded: bool = True):
     """Training batches; `sharded=False` gives every process the whole global batch (for work
     such as calibration and Hessian probes that every process repeats identically)."""
-    source = qdata.get_source(ctx.config.dataset.name, ctx.info.train_split, ctx.data_dir)
     return qdata.make_train_loader(
-        source,
+        ctx.source(ctx.info.train_split),
         batch_size=batch_size,
         seed=seed,
         num_epochs=epochs,
@@ -109,9 +115,8 @@ def _train_loader(ctx: RunContext, batch_size: int, epochs: Optional[int], seed:
 
 
 def _eval_batches(ctx: RunContext):
-    source = qdata.get_source(ctx.config.dataset.name, ctx.info.eval_split, ctx.data_dir)
     return qdata.make_eval_loader(
-        source,
+        ctx.source(ctx.info.eval_split),
         batch_size=ctx.config.dataset.eval_batch_size,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
@@ -165,12 +170,6 @@ def _network_of(ctx: RunContext, kind: str) -> build.Network:
     return build.teacher_network(ctx.config) if kind == "teacher" else build.student_network(ctx.config)
 
 
-def _teacher_network_for(ctx: RunContext, source: str) -> build.Network:
-    """The teacher of a phase: the FP network, or the co-studied (quantization-friendly) FP teacher."""
-    del source  # both are the full-precision architecture
-    return build.teacher_network(ctx.config)
-
-
 def _teacher_variables(ctx: RunContext, source: str) -> dict:
     result = ctx.results[source]
     return result.student if result.kind == "teacher" else result.teacher
@@ -179,21 +178,22 @@ def _teacher_variables(ctx: RunContext, source: str) -> dict:
 def _steps_per_epoch(ctx: RunContext, batch_size: int) -> int:
     # The size of the train split on disk, not DatasetInfo.num_train: the loader's epochs are
     # len(source) examples long, and a prepared/mock split may differ from the nominal size.
-    source = qdata.get_source(ctx.config.dataset.name, ctx.info.train_split, ctx.data_dir)
-    return max(1, qdata.num_train_batches(len(source), batch_size, 1))
+    return max(1, qdata.num_train_batches(len(ctx.source(ctx.info.train_split)), batch_size, 1))
 
 
-def _build_state(ctx: RunContext, name: str, ph, init_vars: dict) -> tuple[TrainState, build.Network, Any]:
-    """The phase's TrainState (student + teacher), its networks and objective."""
+def _build_state(ctx: RunContext, name: str, ph, init_vars: dict, net: build.Network) -> tuple[TrainState, Any]:
+    """The phase's TrainState (`net` as the student, plus its teacher) and its objective.
+
+    A teacher is always the full-precision architecture: the FP teacher phase's network or the
+    co-studied (quantization-friendly) teacher of a train_teacher phase."""
     objective = build_objective(ph)
     spe = _steps_per_epoch(ctx, ph.batch_size)
     total = max(1, spe * ph.epochs)
     tx = build_optimizer(group_spec(ph.weights), group_spec(ph.quant_params), steps_per_epoch=spe,
                          total_steps=total)
-    net = _network_of(ctx, ph.kind)
     t_net = t_vars = t_tx = None
     if ph.teacher_from:
-        t_net = _teacher_network_for(ctx, ph.teacher_from)
+        t_net = build.teacher_network(ctx.config)
         t_vars = _teacher_variables(ctx, ph.teacher_from)
         if ph.train_teacher:
             t_spec = group_spec(ph.teacher_opt)
@@ -209,14 +209,14 @@ def _build_state(ctx: RunContext, name: str, ph, init_vars: dict) -> tuple[Train
         teacher_variables=t_vars,
         teacher_tx=t_tx,
     )
-    return state, net, objective
+    return state, objective
 
 
-def _local(state: TrainState, net: build.Network, ctx: RunContext, ph) -> TrainState:
+def _local(state: TrainState, net: build.Network, ctx: RunContext) -> TrainState:
     """The same state with apply functions that need no device axis (for work outside the step)."""
     teacher = state.teacher
     if teacher is not None:
-        teacher = teacher.replace(apply_fn=_teacher_network_for(ctx, ph.teacher_from).local_model.apply)
+        teacher = teacher.replace(apply_fn=build.teacher_network(ctx.config).local_model.apply)
     return state.replace(apply_fn=net.local_model.apply, teacher=teacher)
 
 
@@ -229,7 +229,6 @@ def _result(name: str, ph, state: TrainState, eval_metrics: dict) -> PhaseResult
         kind=ph.kind,
         student=jax.device_get(state.variables()),
         teacher=teacher,
-        quantized=ph.kind != "teacher",
         eval=eval_metrics,
     )
 
@@ -272,7 +271,7 @@ def _run_calibrate(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> P
     net = build.student_network(ctx.config)
     key = jax.random.key(_phase_seed(ctx, name))
     template_vars = build.init_variables(net.local_model, ctx.config, key)
-    state, _, _ = _build_state(ctx, name, ph, template_vars)
+    state, _ = _build_state(ctx, name, ph, template_vars, net)
     restored = ckpt.restore(state, mesh=ctx.mesh)
     if restored is not None and restored[2].get("completed"):
         _print(f"[{name}] already calibrated: read from {ckpt.directory}")
@@ -319,7 +318,7 @@ def _meta(ctx: RunContext, name: str, *, completed: bool, eval_metrics: Optional
 def _run_training(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> PhaseResult:
     net = _network_of(ctx, ph.kind)
     init_vars = _initial_variables(ctx, name, ph, net)
-    state, net, objective = _build_state(ctx, name, ph, init_vars)
+    state, objective = _build_state(ctx, name, ph, init_vars, net)
     restored = ckpt.restore(state, mesh=ctx.mesh)
     data_state = None
     if restored is not None:
@@ -360,7 +359,7 @@ def _run_training(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> Ph
     for step in range(start, total):
         epoch = step // spe
         if hessian and step % spe == 0 and epoch > 0 and epoch % q.hessian_every_epochs == 0:
-            state = _update_deltas(ctx, name, ph, state, net, objective, epoch)
+            state = _update_deltas(ctx, name, state, net, objective, epoch)
         batch = next(iterator)
         state, metrics = p_step(state, parallel.shard_batch(batch, ctx.mesh))
         done = step + 1
@@ -414,7 +413,7 @@ def _check_finite(values: dict, name: str, step: int, last_saved: int) -> dict:
     return values
 
 
-def _update_deltas(ctx: RunContext, name: str, ph, state: TrainState, net, objective, epoch: int):
+def _update_deltas(ctx: RunContext, name: str, state: TrainState, net, objective, epoch: int):
     """Recomputes every layer's EWGS delta from Hessian traces on a few training batches."""
     q = ctx.config.quant
     loader = _train_loader(ctx, q.hessian_batch_size, None, _phase_seed(ctx, name) + 7919 * epoch,
@@ -422,7 +421,7 @@ def _update_deltas(ctx: RunContext, name: str, ph, state: TrainState, net, objec
     it = iter(loader)
     batches = [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(q.hessian_batches)]
     t0 = time.perf_counter()
-    local = _local(jax.device_get(state), net, ctx, ph)
+    local = _local(jax.device_get(state), net, ctx)
     deltas = compute_ewgs_deltas(local, batches, objective, jax.random.key(epoch),
                                  max_probes=q.hessian_max_probes)
     deltas = jax.device_get(deltas)

@@ -81,6 +81,24 @@ def _abstract(tree: Any, mesh: Optional[Mesh]) -> Any:
     return jax.tree.map(to_struct, tree)
 
 
+def read_arrays(step_dir: str | pathlib.Path, keys: Optional[tuple[str, ...]] = None) -> dict:
+    """The arrays of one checkpoint step's train state as NumPy, without a template.
+
+    `keys` picks top-level entries (e.g. ('params', 'batch_stats')); missing ones are skipped.
+    Reads on the host, so it works whatever device count wrote the checkpoint (export, tools).
+    """
+    import numpy as np
+
+    path = pathlib.Path(step_dir).absolute() / "state"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        wanted = {k: tree[k] for k in (keys or tuple(tree)) if k in tree}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        return checkpointer.restore(
+            path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args, partial_restore=True)
+        )
+
+
 class PhaseCheckpointer:
     """Saves and restores one phase's checkpoints under `directory`."""
 

@@ -29,12 +29,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def check_datasets(config: ml_collections.ConfigDict) -> None:
+def open_datasets(config: ml_collections.ConfigDict) -> dict:
     """Opens the train and eval splits now, so a missing dataset stops the run before any work
-    (DatasetNotPreparedError says how to prepare it)."""
+    (DatasetNotPreparedError says how to prepare it). Returns {split: source} for the run."""
     info = qdata.dataset_info(config.dataset.name)
-    for split in (info.train_split, info.eval_split):
-        qdata.get_source(config.dataset.name, split, config.dataset.data_dir or None)
+    return {split: qdata.get_source(config.dataset.name, split, config.dataset.data_dir or None)
+            for split in (info.train_split, info.eval_split)}
 
 
 def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseResult]) -> str:
@@ -62,14 +62,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, PhaseResult]:
     """Runs every phase of `config` in `workdir`; finished phases are read back, not rerun."""
     validate_config(config)
-    check_datasets(config)
+    sources = open_datasets(config)
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or parallel.make_mesh()
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
-    ctx = RunContext(config=config, workdir=workdir, mesh=mesh, writer=writer)
+    ctx = RunContext(config=config, workdir=workdir, mesh=mesh, writer=writer, sources=sources)
     t0 = time.perf_counter()
     try:
         for name in phase_names(config):

@@ -319,17 +319,12 @@ def _phase_dirs(workdir: pathlib.Path) -> list[str]:
 
 def _restore_arrays(step_dir: pathlib.Path) -> dict:
     """'params' and 'batch_stats' of a saved TrainState, as numpy (any device count)."""
-    import orbax.checkpoint as ocp
+    from qkd_jax.train.checkpoint import read_arrays
 
-    path = step_dir / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
-    wanted = {k: tree[k] for k in ("params", "batch_stats") if k in tree}
-    if "params" not in wanted:
-        raise ExportError(f"{path} holds no 'params'")
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
-                                                                 partial_restore=True))
+    arrays = read_arrays(step_dir, ("params", "batch_stats"))
+    if "params" not in arrays:
+        raise ExportError(f"{step_dir / 'state'} holds no 'params'")
+    return arrays
 
 
 def _shape_diff(expected: Mapping[str, Any], found: Mapping[str, Any], limit: int = 10) -> list[str]:

@@ -20,6 +20,7 @@ from qkd_jax.models import get_model
 from qkd_jax.quant import rules as qrules
 from qkd_jax.quant.layers import quantized_layers
 from qkd_jax.train.parallel import DATA_AXIS
+from qkd_jax.train.state import KEPT_COLLECTIONS
 
 PRESETS: dict[str, Callable[..., qrules.RuleSet]] = {
     "sqakd_cifar": qrules.sqakd_cifar,
@@ -76,7 +77,7 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict, key: jax
     """Fresh variables (params, batch_stats, quant_delta), without gradient-probe collections."""
     dummy = jnp.zeros((1, *input_shape(config)), jnp.float32)
     variables = jax.jit(lambda k: model.init(k, dummy, train=False))(key)
-    return {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats", "quant_delta")}
+    return {k: v for k, v in dict(variables).items() if k in KEPT_COLLECTIONS}
 
 
 def set_deltas(variables: dict, value: float) -> dict:

@@ -26,6 +26,7 @@ def main(argv: list[str]) -> None:
 
         initialize_distributed()
     from qkd_jax.data import DatasetNotPreparedError
+    from qkd_jax.quant.calibration import DeadLayerError
     from qkd_jax.train.checkpoint import CorruptCheckpointError
     from qkd_jax.train.config_schema import ConfigError
     from qkd_jax.train.loop import run
@@ -33,8 +34,10 @@ def main(argv: list[str]) -> None:
 
     try:
         run(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, DatasetNotPreparedError, CorruptCheckpointError, NonFiniteLossError) as err:
-        # Problems the user fixes (config, data, checkpoints, divergence): the message, no traceback.
+    except (ConfigError, DatasetNotPreparedError, CorruptCheckpointError, NonFiniteLossError,
+            DeadLayerError) as err:
+        # Problems the user fixes (config, data, checkpoints, divergence, calibration): the message,
+        # no traceback.
         sys.stderr.write(f"qkd_jax: {type(err).__name__}: {err}\n")
         sys.exit(1)
 

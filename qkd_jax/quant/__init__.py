@@ -17,6 +17,7 @@ from qkd_jax.quant.quantizers import (
     qkd_interval,
     qkd_levels,
 )
+from qkd_jax.quant.positive import positive_width  # noqa: E402
 from qkd_jax.quant.validation import MAX_BITS, MIN_BITS, check_bits
 
 __all__ = [
@@ -41,10 +42,11 @@ __all__ = [
     "qkd_interval",
     "qkd_levels",
     "round_ste",
+    "positive_width",
 ]
 
 # Quantized layers, per-layer precision rules and calibration (issue 3).
-from qkd_jax.quant.calibration import calibrate  # noqa: E402
+from qkd_jax.quant.calibration import DeadLayerError, calibrate, calibrate_with_report  # noqa: E402
 from qkd_jax.quant.layer_quant import (  # noqa: E402
     CALIBRATION_COLLECTION,
     DELTA_COLLECTION,
@@ -70,6 +72,7 @@ from qkd_jax.quant.rules import (  # noqa: E402
 __all__ += [
     "CALIBRATION_COLLECTION",
     "DELTA_COLLECTION",
+    "DeadLayerError",
     "LayerPrecision",
     "PERTURBATIONS",
     "QConv",
@@ -78,6 +81,7 @@ __all__ += [
     "Rule",
     "RuleSet",
     "calibrate",
+    "calibrate_with_report",
     "describe",
     "first_last_8bit",
     "full_precision",

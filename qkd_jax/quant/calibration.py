@@ -31,6 +31,12 @@ Degenerate batches are guarded: a positive quantity whose statistic is <= EPS (a
 kernel) becomes 1, an interval whose upper does not exceed its lower bound gets upper = max(x)
 (and lower + 1 when that is no wider than EPS), and
 output_scale is 1 when mean|layer(a_hat, w_hat)| is 0.
+
+Dead layers. A quantized layer whose quantized output layer(a_hat, w_hat) (without bias) is
+identically zero on the calibration batch while its float output layer(x, W) is not, passes
+no signal and gets no gradient through its kernel or quantizer parameters. Each layer records
+that flag during calibration; `calibrate` raises `DeadLayerError` naming every such layer (under
+`jit` the flags cannot be read: use `calibrate_with_report` and `raise_on_dead_layers`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from flax.core import unfreeze
 
@@ -49,6 +56,11 @@ from qkd_jax.quant.quantizers import lsq_bounds
 from qkd_jax.quant.rules import LayerPrecision
 
 EPS = 1e-8
+DEAD = "dead_output"  # the per-layer flag written next to the parameters while calibrating
+
+
+class DeadLayerError(ValueError):
+    """Calibration left a quantized layer whose quantized output is identically zero."""
 _HALF_NORMAL = math.sqrt(1.0 - 2.0 / math.pi)
 
 
@@ -113,6 +125,55 @@ def output_scale(y_fp: jax.Array, y_q: jax.Array) -> jax.Array:
 ApplyFn = Callable[..., Any]
 
 
+def dead_output(y_q: jax.Array, y_fp: jax.Array) -> jax.Array:
+    """True when the quantized output (without bias) is all zero while the float one is not."""
+    return jnp.logical_and(jnp.all(jax.lax.stop_gradient(y_q) == 0), jnp.any(jax.lax.stop_gradient(y_fp) != 0))
+
+
+def calibrate_with_report(
+    model: Union[nn.Module, ApplyFn],
+    variables: Mapping[str, Any],
+    *args: Any,
+    mutable: Sequence[str] = ("batch_stats",),
+    **apply_kwargs: Any,
+) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """`calibrate` without the dead-layer check: (new variables, {layer path: dead flag}).
+
+    Works under `jit`; pass the flags to `raise_on_dead_layers` outside it.
+    """
+    apply_fn = model.apply if isinstance(model, nn.Module) else model
+    mutable = [CALIBRATION_COLLECTION, *[m for m in mutable if m != CALIBRATION_COLLECTION]]
+    _, written = apply_fn(variables, *args, mutable=mutable, **apply_kwargs)
+    calib = traverse_util.flatten_dict(unfreeze(written.get(CALIBRATION_COLLECTION, {})))
+    dead = {"/".join(k[:-1]): v for k, v in calib.items() if k[-1] == DEAD}
+    calib = {k: v for k, v in calib.items() if k[-1] != DEAD}
+    params = traverse_util.flatten_dict(unfreeze(variables["params"]))
+    expected = {k for k in params if QUANT in k[:-1]}
+    missing = sorted("/".join(k) for k in expected - set(calib))
+    if missing:
+        raise ValueError(f"calibration did not reach these quantizer parameters (layer not called?): {missing}")
+    for key, value in calib.items():
+        if key not in params:
+            raise ValueError(f"calibration wrote {'/'.join(key)}, which is not in params")
+        params[key] = jnp.asarray(value, jnp.asarray(params[key]).dtype).reshape(jnp.shape(params[key]))
+    new = {k: v for k, v in unfreeze(variables).items()}
+    new["params"] = traverse_util.unflatten_dict(params)
+    return new, dead
+
+
+def raise_on_dead_layers(flags: Mapping[str, Any]) -> None:
+    """Raises DeadLayerError naming every layer whose flag is set (concrete values only)."""
+    dead = sorted(path for path, flag in flags.items() if bool(np.asarray(flag)))
+    if dead:
+        raise DeadLayerError(
+            f"calibration left {len(dead)} quantized layer(s) whose quantized output is identically "
+            f"zero on the calibration batch although the float layer's is not: {', '.join(dead)}. Every "
+            f"input activation of such a layer rounds to the zero code, so it passes no signal and its "
+            f"kernel and quantizer parameters get no gradient. Calibrate on a larger or more varied batch "
+            f"(config.phases.<calibrate phase>.batch_size), check that the teacher's layer before it is "
+            f"not dead, or keep the layer at a higher precision with a precision rule.")
+
+
 def calibrate(
     model: Union[nn.Module, ApplyFn],
     variables: Mapping[str, Any],
@@ -131,20 +192,10 @@ def calibrate(
 
     Raises:
       ValueError: when a layer holding quantizer parameters did not run in the forward pass.
+      DeadLayerError: when a quantized layer's output is identically zero after calibration
+        (checked when the values are concrete, i.e. not under `jit`).
     """
-    apply_fn = model.apply if isinstance(model, nn.Module) else model
-    mutable = [CALIBRATION_COLLECTION, *[m for m in mutable if m != CALIBRATION_COLLECTION]]
-    _, written = apply_fn(variables, *args, mutable=mutable, **apply_kwargs)
-    calib = traverse_util.flatten_dict(unfreeze(written.get(CALIBRATION_COLLECTION, {})))
-    params = traverse_util.flatten_dict(unfreeze(variables["params"]))
-    expected = {k for k in params if QUANT in k[:-1]}
-    missing = sorted("/".join(k) for k in expected - set(calib))
-    if missing:
-        raise ValueError(f"calibration did not reach these quantizer parameters (layer not called?): {missing}")
-    for key, value in calib.items():
-        if key not in params:
-            raise ValueError(f"calibration wrote {'/'.join(key)}, which is not in params")
-        params[key] = jnp.asarray(value, jnp.asarray(params[key]).dtype).reshape(jnp.shape(params[key]))
-    new = {k: v for k, v in unfreeze(variables).items()}
-    new["params"] = traverse_util.unflatten_dict(params)
+    new, dead = calibrate_with_report(model, variables, *args, mutable=mutable, **apply_kwargs)
+    if not any(isinstance(v, jax.core.Tracer) for v in dead.values()):  # concrete: check now
+        raise_on_dead_layers(dead)
     return new

@@ -11,8 +11,11 @@ for its precision. The computation of a quantized layer is
     y = layer(a_hat, w_hat)                     (the plain nn.Conv / nn.Dense, bias included)
     y = y * |output_scale|                      (when the rule has an output scale: 'interval')
 
-with w_hat = quantize_weight(W), a_hat = quantize_input(x) (see `layer_quant`). A layer whose
-rule says full precision is exactly nn.Conv / nn.Dense.
+with w_hat = quantize_weight(W), a_hat = quantize_input(x) (see `layer_quant`). When both
+weights and inputs are quantized, layer(a_hat, w_hat) is computed as
+layer(q_a, q_w) * (s_a * s_w) + bias on the integers q = a_hat / s_a, w_hat / s_w: the same
+value and gradients, but exact and processor-independent (see `layer_quant`, "Integer
+factorisation"). A layer whose rule says full precision is exactly nn.Conv / nn.Dense.
 
 Collections a quantized layer uses (paths relative to the layer):
     params         'kernel', 'bias' (as nn.Conv), 'quant' {learnable quantizer parameters}
@@ -43,9 +46,14 @@ from qkd_jax.quant.layer_quant import (
     CALIBRATION_COLLECTION,
     DELTA_COLLECTION,
     QUANT,
+    add_bias,
+    combined_scale,
+    input_scale,
+    integer_valued,
     placeholder_params,
     quantize_input,
     quantize_weight,
+    weight_scale,
 )
 from qkd_jax.quant.rules import FULL_PRECISION, LayerPrecision, RuleSet
 
@@ -131,7 +139,18 @@ def _forward(
         a_hat = quantize_input(lp, x, q, _delta(module, "a"), _hook(module, "a_q"))
     _sow(module, "w_hat", w_hat)
     _sow(module, "a_hat", a_hat)
-    y = op(a_hat, w_hat, bias)
+    if lp.w_bits is not None and lp.a_bits is not None:
+        s_w, s_a = weight_scale(lp, q, w_hat), input_scale(lp, q)
+        q_w = integer_valued(w_hat, s_w).astype(w_hat.dtype)
+        y = op(integer_valued(a_hat, s_a), q_w, None)
+        if calibrating:
+            module.put_variable(CALIBRATION_COLLECTION, calib.DEAD, calib.dead_output(y, op(x, kernel, None)))
+        y = add_bias(y * combined_scale(s_a, s_w).astype(y.dtype), bias)
+    else:
+        y = op(a_hat, w_hat, bias)
+        if calibrating:
+            module.put_variable(CALIBRATION_COLLECTION, calib.DEAD,
+                                calib.dead_output(op(a_hat, w_hat, None), op(x, kernel, None)))
     if lp.output_scale:
         if calibrating:
             q["output_scale"] = calib.output_scale(op(x, kernel, bias), y)

@@ -10,7 +10,9 @@ conv weights). Bounds are inclusive: an element exactly on a clip bound passes g
 
 Validity (bits in 1..8, positive steps/intervals, upper > lower) is checked with ValueError
 when the values are static (Python numbers or NumPy arrays). Traced values cannot be checked
-under `jit`; passing a non-positive step or interval there gives inf/NaN outputs.
+under `jit`: there every learnable width (step, interval, alpha, upper - lower) is used through
+`positive.positive_width` / `positive.interval_width`, so a value that training pushes across
+zero keeps the outputs finite instead of killing the run (see `qkd_jax.quant.positive`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 
 from qkd_jax.quant.clip import clip_inclusive, clip_straight_through
 from qkd_jax.quant.discretize import discretize, discretize_index
+from qkd_jax.quant.positive import interval_width, positive_width
 from qkd_jax.quant.validation import check_bits, check_interval, check_positive
 
 GridHook = Optional[Callable[[jax.Array], jax.Array]]
@@ -50,7 +53,7 @@ def interval_quantize(x: jax.Array, lower, upper, bits: int, *, signed: bool, de
     bits = check_bits(bits)
     check_interval(lower, upper)
     x = jnp.asarray(x)
-    x_n = clip_inclusive((x - lower) / (upper - lower), 0.0, 1.0)
+    x_n = clip_inclusive((x - lower) / interval_width(lower, upper), 0.0, 1.0)
     x_q = _on_grid(discretize(x_n, 2**bits, delta), grid_hook)
     return 2.0 * (x_q - 0.5) if signed else x_q
 
@@ -67,7 +70,7 @@ def pact(x: jax.Array, alpha, bits: int, delta=0.0, grid_hook: GridHook = None) 
     bits = check_bits(bits)
     check_positive(alpha, "alpha")
     x = jnp.asarray(x)
-    alpha = jnp.asarray(alpha, x.dtype)
+    alpha = positive_width(jnp.asarray(alpha, x.dtype))
     alpha_sg = jax.lax.stop_gradient(alpha)
     x_q = _on_grid(discretize(clip_inclusive(x, 0.0, alpha_sg) / alpha_sg, 2**bits, delta), grid_hook)
     above = jax.lax.stop_gradient((x >= alpha).astype(x.dtype))
@@ -116,7 +119,7 @@ def lsq(x: jax.Array, step, bits: int, *, signed: bool, delta=0.0, grid_hook: Gr
     x = jnp.asarray(x)
     q_n, q_p = lsq_bounds(bits, signed)
     span = q_n + q_p
-    step = jnp.asarray(step, x.dtype)
+    step = positive_width(jnp.asarray(step, x.dtype))
     n_per_step = x.size // max(step.size, 1)
     step = _scale_gradient(step, 1.0 / math.sqrt(n_per_step * q_p))
     v = clip_inclusive(x / step, -float(q_n), float(q_p))
@@ -179,7 +182,7 @@ def qkd_interval(x: jax.Array, interval, bits: int, *, signed: bool, delta=0.0, 
     bits = check_bits(bits)
     check_positive(interval, "interval")
     x = jnp.asarray(x)
-    interval = jnp.asarray(interval, x.dtype)
+    interval = positive_width(jnp.asarray(interval, x.dtype))
     levels = qkd_levels(bits, signed)
     if signed:
         c = clip_inclusive(x / interval, -1.0, 1.0)

@@ -24,7 +24,7 @@ import numpy as np
 from qkd_jax import data as qdata
 from qkd_jax.models import copy_teacher_to_student
 from qkd_jax.quant import rules as qrules
-from qkd_jax.quant.calibration import calibrate
+from qkd_jax.quant.calibration import calibrate_with_report, raise_on_dead_layers
 from qkd_jax.train import build, parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
 from qkd_jax.train.config_schema import build_objective, group_spec
@@ -291,8 +291,9 @@ def _run_calibrate(ctx: RunContext, name: str, ph, ckpt: PhaseCheckpointer) -> P
     batch = next(iter(loader))
     t0 = time.perf_counter()
     # One compiled forward pass (op-by-op it takes ~20 s for a ResNet-20 on CPU).
-    variables = jax.jit(lambda v, x: calibrate(net.local_model, v, x, train=True))(
+    variables, dead = jax.jit(lambda v, x: calibrate_with_report(net.local_model, v, x, train=True))(
         variables, jnp.asarray(batch["image"]))
+    raise_on_dead_layers(jax.device_get(dead))
     _print(f"[{name}] calibrated every quantizer on one batch of {ph.batch_size} "
            f"({time.perf_counter() - t0:.1f} s); {q.method} W{q.w_bits}A{q.a_bits}, preset {q.preset}")
     state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}),

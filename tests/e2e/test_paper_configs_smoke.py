@@ -14,6 +14,7 @@ import os
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
@@ -54,20 +55,33 @@ def _shrink(config, image_size: int = 0):
 
 
 def _write_tiny_imagenet(root: pathlib.Path, per_class: int = 11) -> None:
-    """A Tiny-ImageNet-200 folder with 3 classes of solid-colour 64x64 JPEGs."""
+    """A Tiny-ImageNet-200 folder with 3 classes of textured 64x64 JPEGs (a class colour plus
+    pixel noise).
+
+    Not solid colours: a batch of constant images has almost no spatial variance, so every
+    training-mode BatchNorm of a deep net divides by ~sqrt(eps) and the gradients grow by up to
+    1/sqrt(1e-5) ~ 316 per layer. MobileNetV2 (52 BatchNorms) then reached gradients ~1e18 on
+    the second step and overflowed float32 on some processors: a property of the data, not of
+    the recipe (real images have texture)."""
     base = root / "tiny-imagenet-200"
     wnids = ["n01", "n02", "n03"]
     (base / "val" / "images").mkdir(parents=True)
     (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    rng = np.random.default_rng(0)
     rows = []
+
+    def image(c: int) -> Image.Image:
+        colour = np.asarray([200 if i == c else 60 for i in range(3)], np.float64)
+        pixels = np.clip(colour + rng.normal(0.0, 40.0, size=(64, 64, 3)), 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels, "RGB")
+
     for c, wnid in enumerate(wnids):
         folder = base / "train" / wnid / "images"
         folder.mkdir(parents=True)
-        colour = tuple(200 if i == c else 20 for i in range(3))
         for k in range(per_class):
-            Image.new("RGB", (64, 64), colour).save(folder / f"{wnid}_{k}.JPEG")
+            image(c).save(folder / f"{wnid}_{k}.JPEG", quality=90)
             name = f"val_{c}_{k}.JPEG"
-            Image.new("RGB", (64, 64), colour).save(base / "val" / "images" / name)
+            image(c).save(base / "val" / "images" / name, quality=90)
             rows.append(f"{name}\t{wnid}\t0\t0\t63\t63\n")
     (base / "val" / "val_annotations.txt").write_text("".join(rows))
 

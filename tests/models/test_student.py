@@ -149,19 +149,29 @@ def test_2bit_weights_take_four_values(name, key, n_quant):
     ("vgg8", "vgg8-fl-int2", 6 * 5),
 ])
 def test_gradients_reach_every_weight_and_quantizer_parameter(name, key, n_quant_params):
+    """Every kernel and quantizer parameter gets a gradient in a training-mode pass, except
+    `output_scale`: every quantized conv here feeds a BatchNorm, and a training-mode BatchNorm
+    normalises its input's scale away (BN(c y) = BN(y) up to its epsilon), so the training
+    gradient of output_scale is mathematically ~eps / var (measured 1e-7..1e-3 against ~10 in
+    eval mode) and its float32 value, zero included, is rounding noise. Its gradient is checked
+    in eval mode, where the running statistics make the scale matter."""
     model, variables, _, _ = student(name, key)
     r = jax.random.normal(KEY(3), (X.shape[0], 10))
 
-    def loss(params):
-        logits, _ = model.apply({**variables, "params": params}, X, train=True, mutable=["batch_stats"])
-        return jnp.sum(logits * r)
+    def grads_of(train):
+        def loss(params):
+            logits, _ = model.apply({**variables, "params": params}, X, train=train, mutable=["batch_stats"])
+            return jnp.sum(logits * r)
 
-    grads = traverse_util.flatten_dict(jax.jit(jax.grad(loss))(variables["params"]))
+        return traverse_util.flatten_dict(jax.jit(jax.grad(loss))(variables["params"]))
+
+    grads, eval_grads = grads_of(True), grads_of(False)
     quant = [k for k in grads if "quant" in k]
     kernels = [k for k in grads if k[-1] == "kernel"]
     assert len(kernels) == N_LAYERS[name] and len(quant) == n_quant_params
     for k in quant + kernels:
-        assert float(jnp.abs(grads[k]).max()) > 0, "/".join(k)
+        g = eval_grads[k] if k[-1] == "output_scale" else grads[k]
+        assert float(jnp.abs(g).max()) > 0, "/".join(k)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads.values())
 
 

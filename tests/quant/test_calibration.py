@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from qkd_jax.quant.calibration import calibrate
+from qkd_jax.quant.calibration import DeadLayerError, calibrate, calibrate_with_report, raise_on_dead_layers
 from qkd_jax.quant.layers import quantized_layers
 from qkd_jax.quant.rules import Rule, rule_set
 from tests.quant.test_layers import np_conv, np_fake_quant
@@ -176,3 +176,25 @@ def test_mutable_true_does_not_recalibrate(batch):
     out, written = model.apply(variables, batch, train=False, mutable=True)
     assert "quant_calibration" not in written
     np.testing.assert_array_equal(out, model.apply(variables, batch, train=False))
+
+
+def test_a_dead_quantized_layer_is_reported_by_name(batch):
+    """A PACT clipping value far above every input puts each activation on the zero code: the
+    quantized output of q1 is identically zero while the float one is not. Calibration names it
+    instead of returning it silently. Later layers then see a constant input (BatchNorm of q1's
+    bias, zero at init, through ReLU): their float outputs are zero too, so they are not blamed."""
+    model, variables = _student("pact", batch, pact_alpha=1e4)
+    with pytest.raises(DeadLayerError, match=r"layer\(s\) .*: q1\. ") as info:
+        calibrate(model, variables, batch, train=True)
+    assert "batch_size" in str(info.value)  # and says what to do
+    # Under jit the flags come back for the caller to check (the runner does).
+    _, flags = jax.jit(lambda v, x: calibrate_with_report(model, v, x, train=True))(variables, batch)
+    assert {k for k, v in flags.items() if bool(v)} == {"q1"}
+    with pytest.raises(DeadLayerError):
+        raise_on_dead_layers(jax.device_get(flags))
+
+
+def test_a_live_calibration_reports_no_dead_layer(batch):
+    model, variables = _student("pact", batch)
+    _, flags = calibrate_with_report(model, variables, batch, train=True)
+    assert set(flags) == {"q1", "q2", "classifier"} and not any(bool(v) for v in flags.values())

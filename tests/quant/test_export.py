@@ -264,14 +264,17 @@ def test_file_round_trip(small):
     np.testing.assert_allclose(got, small["fake"], rtol=0, atol=RTOL * np.abs(small["fake"]).max())
 
 
-def test_batchnorm_is_folded_per_channel(small):
+def test_batchnorm_is_a_per_channel_affine(small):
+    """y = (x - mean) * mul + add with mul = scale / sqrt(var + eps) (float64 reference; float32
+    rsqrt and product: a few ulps), add = bias and mean stored as they are."""
     exp, params, stats = small["exported"], small["variables"]["params"], small["variables"]["batch_stats"]
     for name in ("interval2_bn1", "qkd2_bn2"):
         p, s = params[name], stats[name]
         entry = exp.manifest["batchnorm"][name]
         mul = p["scale"].astype(np.float64) / np.sqrt(s["var"].astype(np.float64) + 1e-5)
         np.testing.assert_allclose(exp.arrays[entry["mul"]["key"]], mul, rtol=1e-6)
-        np.testing.assert_allclose(exp.arrays[entry["add"]["key"]], p["bias"] - s["mean"] * mul, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(exp.arrays[entry["add"]["key"]], p["bias"])
+        np.testing.assert_array_equal(exp.arrays[entry["mean"]["key"]], s["mean"])
 
 
 def test_size_report(small):
@@ -288,7 +291,8 @@ def test_size_report(small):
     # kernel, bias, w_lower, w_upper, a_lower, a_upper, output_scale
     assert row.fp32_bytes == 4 * (216 + 8 + 5)
     assert rows["qkd2_c2"].export_bytes == 72 + 3 * 4 + 8 * 4 + 4 * 2  # 3x3x4x8 codes; 3 levels; I_X
-    assert rows["pact2_bn1"].export_bytes == 2 * 8 * 4 and rows["pact2_bn1"].fp32_bytes == 4 * 8 * 4
+    # mean, mul, add of 8 channels; the checkpoint holds mean, var, scale, bias
+    assert rows["pact2_bn1"].export_bytes == 3 * 8 * 4 and rows["pact2_bn1"].fp32_bytes == 4 * 8 * 4
     text = report.format()
     assert "interval2_c1" in text and "total" in text and "export file on disk" in text
     assert report.file_bytes == small["path"].stat().st_size
@@ -371,7 +375,7 @@ def _corrupt(exp, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m, a: m.update(version=2), r"version: this reader understands version 1"),
+    (lambda m, a: m.update(version=1), r"version: this reader understands version 2"),
     (lambda m, a: m.update(format="other"), r"format"),
     (lambda m, a: m["layers"]["interval2_c1"]["weight"].pop("grid"),
      r"layers\['interval2_c1'\]\.weight\.grid: missing"),

@@ -27,7 +27,10 @@ map back is affine in k. Written with a signed integer value q and a real scale 
       qkd signed  b>1 I (2 x_q - 1)          2^b - 1           1, 2^(b-1) - 1          I / (2^(b-1) - 1)
       qkd signed  b=1 I (2 x_q - 1)          2                 2, 1                    I
 
-(x_q = k / (L - 1) is the discretizer output on [0, 1].) The interval method's |output_scale| is
+(x_q = k / (L - 1) is the discretizer output on [0, 1].) Each grid's scale is the float32 value
+the quantized layer itself multiplies by (`layer_quant.weight_scale` / `input_scale`: products of
+float32 numbers such as |step| * float32(1 / (L - 1)), never divisions), so the integer export's
+s_a * s_w is bit-identical to the fake-quant layer's. The interval method's |output_scale| is
 *not* folded into s: it stays a separate float32 factor applied after the bias, exactly where
 QConv / QDense apply it.
 
@@ -53,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qkd_jax.quant.layer_quant import quantize_input
+from qkd_jax.quant.layer_quant import input_scale, quantize_input, weight_scale
 from qkd_jax.quant.quantizers import lsq_bounds
 from qkd_jax.quant.rules import LayerPrecision
 
@@ -107,72 +110,67 @@ def _binary(scale: float) -> Grid:
     return Grid(2, 2, 1, scale)
 
 
-def _scalar(q: Mapping[str, object], name: str) -> float:
-    value = np.asarray(q[name], np.float32)
-    if value.size != 1:
-        raise ValueError(f"quantizer parameter {name!r} has shape {value.shape}; the export handles "
-                         f"per-tensor (scalar) parameters")
-    return float(value.reshape(()))
+def _params32(q: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Per-tensor (scalar) quantizer parameters as float32 NumPy scalars."""
+    out = {}
+    for name, value in q.items():
+        value = np.asarray(value, np.float32)
+        if value.size != 1:
+            raise ValueError(f"quantizer parameter {name!r} has shape {value.shape}; the export handles "
+                             f"per-tensor (scalar) parameters")
+        out[name] = value.reshape(())
+    return out
+
+
+def _f32(value) -> float:
+    """A float32 scale as a Python float (exactly the float32 value the layer multiplies by)."""
+    return float(np.float32(np.asarray(value)))
 
 
 def weight_grid(lp: LayerPrecision, q: Mapping[str, object], w_hat: np.ndarray | None = None) -> Grid:
-    """Grid of the layer's weight quantizer. 1-bit DoReFa/PACT needs `w_hat` (its scale E = mean|W|
-    is computed inside the forward pass; |w_hat| = E for every element)."""
+    """Grid of the layer's weight quantizer; its scale is the layer's own float32 `weight_scale`.
+    1-bit DoReFa/PACT needs `w_hat` (its scale E = mean|W| is computed inside the forward pass;
+    |w_hat| = E for every element)."""
     b, m = lp.w_bits, lp.method
     if b is None:
         raise ValueError("weights are full precision: no weight grid")
-    if m == "interval":
-        return _symmetric_odd(b, 1.0 / (2**b - 1))
-    if m in ("pact", "dorefa"):
-        if b > 1:
-            return _symmetric_odd(b, 1.0 / (2**b - 1))
+    if m not in METHODS:
+        raise ValueError(f"unknown method {m!r}")
+    params = _params32({k: v for k, v in q.items() if k in WEIGHT_PARAMS[m]})
+    if m in ("pact", "dorefa") and b == 1:
         if w_hat is None:
             raise ValueError("1-bit DoReFa weights: the scale E is read from the fake-quantized weights")
         e = np.abs(np.asarray(w_hat, np.float32))
         if e.size == 0 or e.min() != e.max():
             raise ValueError("1-bit DoReFa weights do not all have the same magnitude E")
-        return _binary(float(e.reshape(-1)[0]))
+    scale = _f32(weight_scale(lp, params, w_hat))
+    if m in ("interval", "pact", "dorefa"):
+        return _symmetric_odd(b, scale) if b > 1 or m == "interval" else _binary(scale)
     if m == "lsq":
-        step = _scalar(q, "w_step")
-        if b == 1:
-            return _binary(step)
-        q_n, _ = lsq_bounds(b, True)
-        return Grid(2**b, 1, q_n, step)
-    if m == "qkd":
-        interval = _scalar(q, "w_interval")
-        if b == 1:
-            return _binary(interval)
-        half = 2 ** (b - 1) - 1
-        return Grid(2**b - 1, 1, half, interval / half)
-    raise ValueError(f"unknown method {m!r}")
+        return _binary(scale) if b == 1 else Grid(2**b, 1, lsq_bounds(b, True)[0], scale)
+    # qkd
+    return _binary(scale) if b == 1 else Grid(2**b - 1, 1, 2 ** (b - 1) - 1, scale)
 
 
 def activation_grid(lp: LayerPrecision, q: Mapping[str, object]) -> Grid:
-    """Grid of the layer's input (activation) quantizer."""
+    """Grid of the layer's input (activation) quantizer; its scale is the layer's own float32
+    `input_scale`."""
     b, m = lp.a_bits, lp.method
     if b is None:
         raise ValueError("activations are full precision: no activation grid")
+    if m not in METHODS:
+        raise ValueError(f"unknown method {m!r}")
+    scale = _f32(input_scale(lp, _params32({k: v for k, v in q.items() if k in ACTIVATION_PARAMS[m]})))
     levels = 2**b
-    if m in ("interval", "dorefa"):
-        return Grid(levels, 1, 0, 1.0 / (levels - 1))
-    if m == "pact":
-        return Grid(levels, 1, 0, _scalar(q, "a_alpha") / (levels - 1))
+    if m in ("interval", "dorefa", "pact"):
+        return Grid(levels, 1, 0, scale)
+    if not lp.a_signed:  # lsq, qkd unsigned
+        return Grid(levels, 1, 0, scale)
+    if b == 1:
+        return _binary(scale)
     if m == "lsq":
-        step = _scalar(q, "a_step")
-        if not lp.a_signed:
-            return Grid(levels, 1, 0, step)
-        if b == 1:
-            return _binary(step)
-        return Grid(levels, 1, lsq_bounds(b, True)[0], step)
-    if m == "qkd":
-        interval = _scalar(q, "a_interval")
-        if not lp.a_signed:
-            return Grid(levels, 1, 0, interval / (levels - 1))
-        if b == 1:
-            return _binary(interval)
-        half = 2 ** (b - 1) - 1
-        return Grid(2**b - 1, 1, half, interval / half)
-    raise ValueError(f"unknown method {m!r}")
+        return Grid(levels, 1, lsq_bounds(b, True)[0], scale)
+    return Grid(2**b - 1, 1, 2 ** (b - 1) - 1, scale)  # qkd signed
 
 
 @dataclasses.dataclass(frozen=True)

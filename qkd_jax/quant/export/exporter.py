@@ -8,9 +8,10 @@ What goes in (see fileformat.py for the file and codes.py for the grids):
   * every quantized QConv / QDense: weight codes (bit-packed), the weight grid (scale, integer
     offset) and the float32 codebook, the activation quantizer's parameters and grid, the
     output scale, the bias;
-  * every BatchNorm, folded to a per-channel affine y = x * mul + add, mul = scale /
-    sqrt(var + eps), add = bias - mean * mul. It stays a float op after the layer's dequantized
-    int32 accumulator: folding it into integer weights would change the codes (not exact);
+  * every BatchNorm as a per-channel affine y = (x - mean) * mul + add, mul = scale /
+    sqrt(var + eps), add = bias (flax's inference expression). It stays a float op after the
+    layer's dequantized int32 accumulator: folding it into integer weights would change the
+    codes (not exact);
   * everything else (FP stem / classifier, any other variable) as float arrays.
 No float copy of a quantized kernel is stored.
 
@@ -201,17 +202,18 @@ def _layer_entry(call: LayerCall, node: Mapping[str, Any], w_hat: Optional[np.nd
 
 
 def _fold_batchnorm(norm: NormCall, params: Mapping[str, Any],
-                    stats: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """mul = scale * rsqrt(var + eps), add = bias - mean * mul (float32, flax's own ops)."""
+                    stats: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, mul, add) of y = (x - mean) * mul + add: flax's own inference expression and ops,
+    mul = rsqrt(var + eps) * scale, add = bias (0 without one), all float32. Keeping flax's
+    expression (rather than x * mul + (bias - mean * mul)) makes the integer reference compute
+    exactly what the fake-quant model computes, so activation codes downstream stay identical."""
     mean = jnp.asarray(stats["mean"], jnp.float32)
     var = jnp.asarray(stats["var"], jnp.float32)
     mul = jax.lax.rsqrt(var + norm.epsilon)
     if norm.use_scale:
         mul = mul * jnp.asarray(params["scale"], jnp.float32)
-    add = -mean * mul
-    if norm.use_bias:
-        add = add + jnp.asarray(params["bias"], jnp.float32)
-    return np.asarray(mul, np.float32), np.asarray(add, np.float32)
+    add = jnp.asarray(params["bias"], jnp.float32) if norm.use_bias else jnp.zeros_like(mean)
+    return tuple(np.asarray(a, np.float32) for a in (mean, mul, add))
 
 
 def _count(tree: Any) -> int:
@@ -271,12 +273,13 @@ def export_variables(
             raise ExportError(f"batch_stats hold no running statistics for BatchNorm {norm.path}")
         if set(p) - {"scale", "bias"} or set(s) - {"mean", "var"}:
             raise ExportError(f"BatchNorm {norm.path} holds unexpected variables")
-        mul, add = _fold_batchnorm(norm, p, s)
+        mean, mul, add = _fold_batchnorm(norm, p, s)
         manifest_norms[norm.path] = {
             "axis": list(norm.axis),
             "epsilon": norm.epsilon,
             "use_scale": norm.use_scale,
             "use_bias": norm.use_bias,
+            "mean": _ref(arrays, f"bn/{norm.path}/mean", mean),
             "mul": _ref(arrays, f"bn/{norm.path}/mul", mul),
             "add": _ref(arrays, f"bn/{norm.path}/add", add),
         }

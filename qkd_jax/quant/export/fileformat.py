@@ -8,12 +8,14 @@ File layout (`save` / `load`; numpy's .npz, uncompressed, no pickles):
     layers/<path>/levels         float32[L]: codebook, the exact float32 weight of each code
     layers/<path>/kernel         float32: the kernel, only when the layer's weights are FP
     layers/<path>/bias           float32[features]: the layer's bias, when it has one
-    bn/<path>/mul, bn/<path>/add float32: BatchNorm folded to y = x * mul + add (per channel)
+    bn/<path>/mean, mul, add     float32: BatchNorm as y = (x - mean) * mul + add (per channel;
+                                 flax's inference expression, mul = rsqrt(var + eps) * scale,
+                                 add = bias; fold to x * mul + (add - mean * mul) if you like)
     fp/<collection>/<path>       float32 (any dtype): every other variable (FP stem / classifier
                                  kernels and biases, ...) under its flax path
 
 A copy of the manifest is written next to the archive as <name>.json for reading; `load` uses
-the embedded one. Manifest (format "qkd_jax.integer_export", version 1):
+the embedded one. Manifest (format "qkd_jax.integer_export", version 2):
 
     format, version             identify the file
     model.input_shape           (H, W, C) the export was traced with; model.apply_kwargs
@@ -30,7 +32,7 @@ the embedded one. Manifest (format "qkd_jax.integer_export", version 1):
       output_scale              the learnable output scale (float32 value; |.| is applied) or null
       bias                      {key} or null
       accumulator_bound         max |sum q_a q_w| over the receptive field (< 2^31: int32 is safe)
-    batchnorm[path]             {axis, epsilon, use_scale, use_bias, mul: {key}, add: {key}}
+    batchnorm[path]             {axis, epsilon, use_scale, use_bias, mean: {key}, mul: {key}, add: {key}}
     fp[collection/path]         {key}
     reference                   {params_count, batch_stats_count}: the float checkpoint's sizes
 
@@ -56,7 +58,7 @@ from qkd_jax.quant.export.packing import PACKING, UNPACKED, packed_nbytes, unpac
 from qkd_jax.quant.rules import LayerPrecision
 
 FORMAT = "qkd_jax.integer_export"
-VERSION = 1
+VERSION = 2  # 2: BatchNorm stored as (x - mean) * mul + add (1 had x * mul + add)
 MANIFEST_KEY = "__manifest__"
 INT32_MAX = 2**31 - 1
 
@@ -268,7 +270,8 @@ def validate_manifest(manifest: Any, arrays: Optional[Mapping[str, np.ndarray]] 
             if not isinstance(_get(e, flag, where), bool):
                 _fail(f"{where}.{flag}", "expected true or false")
         mul = _array_ref(_get(e, "mul", where), f"{where}.mul", arrays, used)
-        _array_ref(_get(e, "add", where), f"{where}.add", arrays, used, tuple(mul["shape"]), mul["dtype"])
+        for name in ("mean", "add"):
+            _array_ref(_get(e, name, where), f"{where}.{name}", arrays, used, tuple(mul["shape"]), mul["dtype"])
     fp = _get(manifest, "fp", "<root>")
     if not isinstance(fp, Mapping):
         _fail("fp", "expected an object")

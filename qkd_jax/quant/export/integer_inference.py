@@ -28,17 +28,19 @@ kinds of call, reading only from the export:
     both give the same int32 accumulator (tested). Layers with only one side quantized run in
     float: weights-only layers convolve x with the exact dequantized kernel levels[k_w],
     activations-only layers convolve the quantizer output with the stored FP kernel.
-  * a BatchNorm (manifest.batchnorm): y = x * mul + add (folded running statistics).
+  * a BatchNorm (manifest.batchnorm): y = (x - mean) * mul + add, flax's own inference expression.
   * everything else (ReLU, pooling, residual adds, FP stem / classifier, ...) runs as written in
     the model, with the export's FP arrays as its variables.
 
 Exactness. The int32 accumulator is the exact sum (|acc| <= accumulator_bound < 2^31, checked at
-export). The fake-quant student instead sums float32 products of float32 roundings of s_a q_a and
-s_w q_w, so the two differ by float rounding: a relative ~1e-7 per product, summed over the
-fan-in, plus two roundings in the final scaling here and the BN fold. Downstream, such a
-difference can move a later activation across a rounding boundary of its quantizer (one code
-step) when it lies within ~1e-6 of the boundary; this is rare, and the tests bound logits with a
-tolerance and require identical top-1 predictions.
+export). The fake-quant layer computes the same sum on the same integers held in float32
+(`layer_quant`, "Integer factorisation"), exact while the sum stays below 2^24, and multiplies
+by the same float32 scale s_a * s_w; the BatchNorms here evaluate flax's own expression. So on
+identical inputs both paths give bit-identical layer outputs and activation codes wherever the
+float32 sum is exact. What can still differ is rounding in the float ops that XLA compiles
+separately for each graph (fused multiply-adds in the scaling, bias and BatchNorm, the FP stem):
+an activation within about one float32 ulp of a rounding boundary of its quantizer can get the
+neighbouring code. tests/e2e/test_export_digits.py checks that only such activations differ.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from flax import traverse_util
 from qkd_jax.quant.export import codes as qcodes
 from qkd_jax.quant.export.exporter import ExportError, _bn_running_average
 from qkd_jax.quant.export.fileformat import INT32_MAX, IntegerExport, layer_precision
-from qkd_jax.quant.layer_quant import quantize_input
+from qkd_jax.quant.layer_quant import add_bias, combined_scale, quantize_input
 from qkd_jax.quant.layers import layer_precision as module_precision
 from qkd_jax.quant.rules import LayerPrecision
 
@@ -111,10 +113,6 @@ def _float_op(mod: nn.Module, base: type, use_bias: bool):
     return op
 
 
-def _add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
-    return y + bias.reshape((1,) * (y.ndim - 1) + (-1,))
-
-
 class IntegerModel:
     """Runs an export with integer conv/dense layers inside the student's flax graph.
 
@@ -146,7 +144,7 @@ class IntegerModel:
             if w_grid is not None and a_grid is not None:
                 codes = exported.weight_codes(path)
                 arrs["w"] = jnp.asarray(w_grid.q(codes) if zero_points == "fold" else codes.astype(np.int32))
-                arrs["scale"] = jnp.float32(a_grid.scale * w_grid.scale)
+                arrs["scale"] = combined_scale(jnp.float32(a_grid.scale), jnp.float32(w_grid.scale))
                 if zero_points == "expand":
                     fan_in = int(np.prod(e["kernel_shape"][:-1]))
                     # sum of the four terms' magnitudes (partial sums stay below it)
@@ -167,17 +165,21 @@ class IntegerModel:
             runtime["layers"][path] = arrs
         self.norms = {p: tuple(e["axis"]) for p, e in exported.manifest["batchnorm"].items()}
         for path, e in exported.manifest["batchnorm"].items():
-            runtime["bn"][path] = {"mul": jnp.asarray(exported.arrays[e["mul"]["key"]]),
-                                   "add": jnp.asarray(exported.arrays[e["add"]["key"]])}
+            runtime["bn"][path] = {k: jnp.asarray(exported.arrays[e[k]["key"]]) for k in ("mean", "mul", "add")}
         flat = {tuple(name.split("/")): jnp.asarray(exported.arrays[ref["key"]])
                 for name, ref in exported.manifest["fp"].items()}
         runtime["fp"] = traverse_util.unflatten_dict(flat) if flat else {}
         runtime["fp"].setdefault("params", {})
         self.runtime = runtime
-        self._jitted = jax.jit(self._forward)
+        self._jitted = jax.jit(self._forward, static_argnames="record")
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self._jitted(self.runtime, jnp.asarray(images))
+
+    def with_layer_inputs(self, images: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(logits, {path: the float input each exported quantized layer received}), for checking
+        activation codes layer by layer against the fake-quant model."""
+        return self._jitted(self.runtime, jnp.asarray(images), record=True)
 
     def integer_layer(self, module: nn.Module, x: jax.Array) -> jax.Array:
         """The integer computation of one exported layer on input `x`, for a bound `module` (e.g.
@@ -201,9 +203,7 @@ class IntegerModel:
                 acc = op(info.a_grid.q(k_a), arrs["w"])
             else:
                 acc = self._expanded(op, k_a, arrs["w"], info.a_grid, info.w_grid)
-            y = acc.astype(jnp.float32) * arrs["scale"]
-            if bias is not None:
-                y = _add_bias(y, bias)
+            y = add_bias(acc.astype(jnp.float32) * arrs["scale"], bias)
         elif info.w_grid is not None:  # FP input, quantized weights: float conv on the exact levels
             y = _float_op(mod, base, bias is not None)(x, arrs["w_hat"], bias)
         else:  # quantized input, FP weights
@@ -226,8 +226,9 @@ class IntegerModel:
                 acc = acc + (a.zero_point * w.zero_point) * op(ones_a, jnp.ones_like(k_w))
         return acc
 
-    def _forward(self, runtime: Mapping[str, Any], images: jax.Array) -> jax.Array:
+    def _forward(self, runtime: Mapping[str, Any], images: jax.Array, record: bool = False):
         visited: set[str] = set()
+        inputs: dict[str, jax.Array] = {}
 
         def interceptor(next_fun, args, kwargs, ctx):
             if ctx.method_name != "__call__":
@@ -237,6 +238,8 @@ class IntegerModel:
             if isinstance(mod, (nn.Conv, nn.Dense)):
                 if path in self.layers:
                     visited.add(path)
+                    if record:
+                        inputs[path] = args[0]
                     return self._quantized_layer(mod, self.layers[path], runtime["layers"][path], args[0])
                 rules = getattr(mod, "rules", None)
                 if rules is not None and module_precision(mod, rules).quantized:
@@ -250,7 +253,7 @@ class IntegerModel:
                     shape[ax] = x.shape[ax]
                 visited.add(path)
                 bn = runtime["bn"][path]
-                return x * bn["mul"].reshape(shape) + bn["add"].reshape(shape)
+                return (x - bn["mean"].reshape(shape)) * bn["mul"].reshape(shape) + bn["add"].reshape(shape)
             return next_fun(*args, **kwargs)
 
         with nn.intercept_methods(interceptor):
@@ -258,7 +261,7 @@ class IntegerModel:
         missing = sorted((set(self.layers) | set(self.norms)) - visited)
         if missing:
             raise ExportError(f"the model never called these exported layers: {missing[:8]} (wrong model?)")
-        return out
+        return (out, inputs) if record else out
 
 
 def integer_apply(model: nn.Module, exported: IntegerExport, images: jax.Array, **kwargs: Any) -> jax.Array:

@@ -112,8 +112,8 @@ def size_report(exported: IntegerExport, file_path: Optional[str] = None) -> Siz
     for path, e in bn.items():
         n = int(np.prod(e["mul"]["shape"]))
         vectors = 2 + bool(e.get("use_scale", True)) + bool(e.get("use_bias", True))  # mean, var, scale, bias
-        rows.append(Row(path, "batchnorm", "folded fp32", F32 * vectors * n,
-                        _nbytes(exported, e["mul"]) + _nbytes(exported, e["add"])))
+        rows.append(Row(path, "batchnorm", "affine fp32", F32 * vectors * n,
+                        sum(_nbytes(exported, e[k]) for k in ("mean", "mul", "add"))))
     for module, (fp32, nb) in fp_groups.items():
         rows.append(Row(module, "fp", "float32", fp32, nb))
     ref = exported.manifest["reference"]

@@ -70,7 +70,7 @@ def max_pool(x: Array, window: int, stride: int, padding: int = 0, ceil_mode: bo
 
 def _adaptive_matrix(size: int, out: int) -> np.ndarray:
     """(out, size) averaging matrix of torch's adaptive average pooling along one axis."""
-    mat = np.zeros((out, size), np.float32)
+    mat = np.zeros((out, size), np.float64)
     for i in range(out):
         start, end = (i * size) // out, -(-((i + 1) * size) // out)
         mat[i, start:end] = 1.0 / (end - start)

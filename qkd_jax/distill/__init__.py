@@ -3,8 +3,12 @@
     from qkd_jax import distill
     per_example = distill.kl_divergence(student_logits, teacher_logits, temperature=4.0)  # (batch,)
     loss, aux = distill.get_objective("sqakd", alpha=1.0)(student_logits, teacher_logits)
+
+Feature-distillation losses of the paper's comparison (AT, NST, SP, RKD, CC, FitNet, FT,
+FSP, VID, PKT, CRD) are scalar-valued functions in :mod:`qkd_jax.distill.feature_losses`.
 """
 
+from qkd_jax.distill import feature_losses
 from qkd_jax.distill.losses import cross_entropy, kl_divergence
 from qkd_jax.distill.objectives import (
     OBJECTIVES,
@@ -33,6 +37,7 @@ __all__ = [
     "ce_term",
     "co_study",
     "cross_entropy",
+    "feature_losses",
     "get_objective",
     "kd",
     "kl_divergence",

@@ -1,13 +1,15 @@
 """Model zoo written once with conv / dense injection (FP teacher and quantized student share paths).
 
 CIFAR: resnet20/32/56, vgg8/11/13. ImageNet-style: resnet18/34/50, vgg11_bn, mobilenet_v2,
-shufflenet_v2_x0_5/x1_0, squeezenet1_0, efficientnet_b0. See :func:`get_model`.
+shufflenet_v2_x0_5/x1_0, squeezenet1_0, efficientnet_b0. See :func:`get_model`; the
+distillation features of any of them: :func:`apply_with_features`.
 """
 
 from qkd_jax.models.cifar_resnet import CifarResNet, option_a_shortcut
 from qkd_jax.models.cifar_vgg import CifarVGG
 from qkd_jax.models.efficientnet import EfficientNet
-from qkd_jax.models.layers import BatchNorm, ModuleDef
+from qkd_jax.models.features import apply_with_features, read_features
+from qkd_jax.models.layers import FEATURES, BatchNorm, ModuleDef
 from qkd_jax.models.mobilenet_v2 import MobileNetV2
 from qkd_jax.models.registry import get_model, image_size, list_models
 from qkd_jax.models.resnet import ResNet
@@ -17,6 +19,7 @@ from qkd_jax.models.transfer import copy_teacher_to_student
 from qkd_jax.models.vgg import VGG
 
 __all__ = [
+    "FEATURES",
     "BatchNorm",
     "CifarResNet",
     "CifarVGG",
@@ -27,9 +30,11 @@ __all__ = [
     "ShuffleNetV2",
     "SqueezeNet",
     "VGG",
+    "apply_with_features",
     "copy_teacher_to_student",
     "get_model",
     "image_size",
     "list_models",
     "option_a_shortcut",
+    "read_features",
 ]

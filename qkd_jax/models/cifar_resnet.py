@@ -8,6 +8,10 @@ features; a Linear classifier. ResNet-20 on 10 classes has 269,850 parameters.
 Layer names: ``stem``, ``stem_bn``, ``layer{i}_{j}`` (stage i = 1..3, block j from 0) with
 ``conv1``, ``bn1``, ``conv2``, ``bn2`` inside, ``head_bn`` (the BatchNorm1d), ``classifier``.
 The SQAKD recipe quantizes every conv under ``layer*``; stem, BNs and classifier stay FP.
+
+Distillation features (``is_feat=True`` of the released ``CIFAR/models/custom_models_resnet.py``):
+stem output, the three stage outputs, the pooled 64-vector before ``head_bn``; pre-activation:
+the stages' last-block sums before their ReLU.
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool
+from qkd_jax.models.layers import (
+    Array,
+    BatchNorm,
+    ModuleDef,
+    bind_norm,
+    conv_layer,
+    global_avg_pool,
+    record_feature,
+)
 
 
 def option_a_shortcut(x: Array, planes: int, stride: int = 2) -> Array:
@@ -37,15 +49,19 @@ class CifarBasicBlock(nn.Module):
     norm: ModuleDef
     act: Callable[[Array], Array] = nn.relu
 
-    @nn.compact
     def __call__(self, x: Array) -> Array:
+        return self.act(self.preactivation(x))
+
+    @nn.compact
+    def preactivation(self, x: Array) -> Array:
+        """The block's output before its final activation (residual sum)."""
         y = conv_layer(self.conv, self.planes, 3, strides=self.strides, name="conv1")(x)
         y = self.act(self.norm(name="bn1")(y))
         y = conv_layer(self.conv, self.planes, 3, name="conv2")(y)
         y = self.norm(name="bn2")(y)
         if self.strides != 1 or x.shape[-1] != self.planes:
             x = option_a_shortcut(x, self.planes, self.strides)
-        return self.act(y + x)
+        return y + x
 
 
 class CifarResNet(nn.Module):
@@ -69,11 +85,15 @@ class CifarResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = conv_layer(self.conv, 16, 3, name="stem")(x)
         x = self.act(norm(name="stem_bn")(x))
+        record_feature(self, x)
         for i, (planes, stride) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
             for j in range(blocks):
-                x = CifarBasicBlock(
+                pre = CifarBasicBlock(
                     planes, stride if j == 0 else 1, self.conv, norm, self.act, name=f"layer{i}_{j}"
-                )(x)
+                ).preactivation(x)
+                x = self.act(pre)
+            record_feature(self, x, pre)
         x = global_avg_pool(x)
+        record_feature(self, x)
         x = norm(name="head_bn")(x)
         return self.dense(self.num_classes, use_bias=True, name="classifier")(x)

@@ -13,6 +13,11 @@ Layer names: the first conv is ``stem`` (BN ``stem_bn``); every other conv is
 ``stage{i}_conv{j}`` with BN ``stage{i}_bn{j}`` (stage i = 1..5, conv j from 1), so stage 1
 of vgg13 is ``stem``, ``stage1_conv2``. The official first stage (``stem`` and
 ``stage1_*``) stays FP; stages 2-5 are quantized; ``classifier`` stays FP.
+
+Distillation features (``is_feat=True`` of the released ``CIFAR/models/custom_models_vgg.py``):
+the five stage outputs before their max pool, then the pooled 512-vector (the classifier
+input); pre-activation: stages 2-5 before their last ReLU (the released VGG blocks apply the
+ReLU inside, so its ``preact`` list repeats the post-ReLU maps; stage 1 stays post-ReLU as there).
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool, max_pool
+from qkd_jax.models.layers import (
+    Array,
+    BatchNorm,
+    ModuleDef,
+    bind_norm,
+    conv_layer,
+    global_avg_pool,
+    max_pool,
+    record_feature,
+)
 
 CIFAR_VGG_STAGES: dict[int, tuple[tuple[int, ...], ...]] = {
     8: ((64,), (128,), (256,), (512,), (512,)),
@@ -60,8 +74,11 @@ class CifarVGG(nn.Module):
             for j, features in enumerate(stage, start=1):
                 conv_name, bn_name = cifar_vgg_names(i, j)
                 x = conv_layer(self.conv, features, 3, use_bias=True, name=conv_name)(x)
-                x = nn.relu(norm(name=bn_name)(x))
+                pre = norm(name=bn_name)(x)
+                x = nn.relu(pre)
+            record_feature(self, x, pre if i > 1 else None)
             if i <= 3 or (i == 4 and height == 64):
                 x = max_pool(x, 2, 2)
         x = global_avg_pool(x)
+        record_feature(self, x)
         return self.dense(self.num_classes, use_bias=True, name="classifier")(x)

@@ -13,6 +13,10 @@ Layer names: ``stem``/``stem_bn``; ``stage{s}_{j}`` (s = 1..7, j from 0) with
 ``project``/``project_bn``; ``head_conv``/``head_bn``; ``classifier``.
 Dropout and stochastic depth default to 0 (torchvision: 0.2 and 0.2); with either > 0,
 training needs ``rngs={'dropout': key}``.
+
+Distillation features: the stem output, the seven stage outputs, the classifier input
+(pooled head, after dropout). The stages end in a linear projection, so the
+pre-activation features are the same arrays.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool
+from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool, record_feature
 
 #: (expand ratio, kernel, stride, output channels, repeats) of the B0 stages.
 EFFICIENTNET_B0_SETTING: tuple[tuple[int, int, int, int, int], ...] = (
@@ -89,6 +93,7 @@ class EfficientNet(nn.Module):
         norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
         x = jnp.asarray(x, self.dtype)
         x = nn.silu(norm(name="stem_bn")(conv_layer(self.conv, 32, 3, strides=2, name="stem")(x)))
+        record_feature(self, x)
         total = sum(setting[-1] for setting in EFFICIENTNET_B0_SETTING)
         index = 0
         for s, (t, k, stride, features, repeats) in enumerate(EFFICIENTNET_B0_SETTING, start=1):
@@ -105,8 +110,10 @@ class EfficientNet(nn.Module):
                 )
                 x = block(x, train)
                 index += 1
+            record_feature(self, x)
         x = conv_layer(self.conv, self.last_channel, 1, name="head_conv")(x)
         x = nn.silu(norm(name="head_bn")(x))
         x = global_avg_pool(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        record_feature(self, x)
         return self.dense(self.num_classes, use_bias=True, name="classifier")(x)

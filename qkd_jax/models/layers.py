@@ -18,6 +18,9 @@ import numpy as np
 ModuleDef = Any
 Array = jnp.ndarray
 
+#: Collection of the distillation features (see :mod:`qkd_jax.models.features`).
+FEATURES = "features"
+
 #: BatchNorm factory with the torch defaults (torch momentum 0.1 == flax momentum 0.9, eps 1e-5).
 BatchNorm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -70,7 +73,7 @@ def max_pool(x: Array, window: int, stride: int, padding: int = 0, ceil_mode: bo
 
 def _adaptive_matrix(size: int, out: int) -> np.ndarray:
     """(out, size) averaging matrix of torch's adaptive average pooling along one axis."""
-    mat = np.zeros((out, size), np.float32)
+    mat = np.zeros((out, size), np.float64)
     for i in range(out):
         start, end = (i * size) // out, -(-((i + 1) * size) // out)
         mat[i, start:end] = 1.0 / (end - start)
@@ -89,3 +92,18 @@ def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
 def global_avg_pool(x: Array) -> Array:
     """Mean over the spatial axes: (N, H, W, C) -> (N, C)."""
     return jnp.mean(x, axis=(1, 2))
+
+
+def recording_features(module: nn.Module) -> bool:
+    """True when apply named FEATURES as mutable (not at init, not with mutable=True), so that
+    parameters and the compiled forward are unchanged unless features are requested."""
+    if module.is_initializing() or not module.is_mutable_collection(FEATURES):
+        return False
+    return module.scope is not None and module.scope.mutable is not True
+
+
+def record_feature(module: nn.Module, value: Array, preact: Array | None = None) -> None:
+    """Append ``value`` and its pre-activation (``value`` itself by default) to FEATURES, in call order."""
+    if recording_features(module):
+        module.sow(FEATURES, "post", value)
+        module.sow(FEATURES, "preact", value if preact is None else preact)

@@ -7,6 +7,10 @@
 Layer names: ``stem``/``stem_bn``; ``block{k}`` (k = 1..17) with ``expand``/``expand_bn``
 (absent when t = 1), ``dw``/``dw_bn``, ``project``/``project_bn``; ``head_conv``/``head_bn``;
 ``classifier``. Dropout defaults to 0 (torchvision: 0.2); see :mod:`qkd_jax.models.vgg`.
+
+Distillation features: the stem output, the output of each of the seven (t, c, n, s)
+groups, the classifier input (pooled head, after dropout). The groups end in a linear
+projection, so the pre-activation features are the same arrays.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool
+from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool, record_feature
 
 MOBILENET_V2_SETTING: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
@@ -72,13 +76,16 @@ class MobileNetV2(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = conv_layer(self.conv, 32, 3, strides=2, name="stem")(x)
         x = nn.relu6(norm(name="stem_bn")(x))
+        record_feature(self, x)
         k = 0
         for t, c, n, s in MOBILENET_V2_SETTING:
             for i in range(n):
                 k += 1
                 x = InvertedResidual(c, s if i == 0 else 1, t, self.conv, norm, name=f"block{k}")(x)
+            record_feature(self, x)
         x = conv_layer(self.conv, self.last_channel, 1, name="head_conv")(x)
         x = nn.relu6(norm(name="head_bn")(x))
         x = global_avg_pool(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        record_feature(self, x)
         return self.dense(self.num_classes, use_bias=True, name="classifier")(x)

@@ -7,6 +7,10 @@ downsample where the shape changes; global average pooling; Linear classifier.
 Layer names: ``stem``, ``stem_bn``, ``layer{i}_{j}`` (stage i = 1..4, block j from 0) with
 ``conv1``/``bn1``, ``conv2``/``bn2`` (``conv3``/``bn3``), ``downsample_conv``/``downsample_bn``
 inside, ``classifier``.
+
+Distillation features: the stem output (after its ReLU, before the max pool), the four
+stage outputs, the pooled embedding (the classifier input); pre-activation: the stages'
+last-block sums before their ReLU.
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool, max_pool
+from qkd_jax.models.layers import (
+    Array,
+    BatchNorm,
+    ModuleDef,
+    bind_norm,
+    conv_layer,
+    global_avg_pool,
+    max_pool,
+    record_feature,
+)
 
 
 class BasicBlock(nn.Module):
@@ -28,13 +41,17 @@ class BasicBlock(nn.Module):
     norm: ModuleDef
     expansion: int = 1
 
-    @nn.compact
     def __call__(self, x: Array) -> Array:
+        return nn.relu(self.preactivation(x))
+
+    @nn.compact
+    def preactivation(self, x: Array) -> Array:
+        """The residual sum before the final ReLU."""
         y = conv_layer(self.conv, self.planes, 3, strides=self.strides, name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = conv_layer(self.conv, self.planes, 3, name="conv2")(y)
         y = self.norm(name="bn2")(y)
-        return nn.relu(y + _downsample(self, x))
+        return y + _downsample(self, x)
 
 
 class Bottleneck(nn.Module):
@@ -46,15 +63,19 @@ class Bottleneck(nn.Module):
     norm: ModuleDef
     expansion: int = 4
 
-    @nn.compact
     def __call__(self, x: Array) -> Array:
+        return nn.relu(self.preactivation(x))
+
+    @nn.compact
+    def preactivation(self, x: Array) -> Array:
+        """The residual sum before the final ReLU."""
         y = conv_layer(self.conv, self.planes, 1, name="conv1")(x)
         y = nn.relu(self.norm(name="bn1")(y))
         y = conv_layer(self.conv, self.planes, 3, strides=self.strides, name="conv2")(y)
         y = nn.relu(self.norm(name="bn2")(y))
         y = conv_layer(self.conv, self.planes * self.expansion, 1, name="conv3")(y)
         y = self.norm(name="bn3")(y)
-        return nn.relu(y + _downsample(self, x))
+        return y + _downsample(self, x)
 
 
 def _downsample(block: BasicBlock | Bottleneck, x: Array) -> Array:
@@ -84,11 +105,15 @@ class ResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = conv_layer(self.conv, 64, 7, strides=2, name="stem")(x)
         x = nn.relu(norm(name="stem_bn")(x))
+        record_feature(self, x)
         x = max_pool(x, 3, 2, padding=1)
         for i, blocks in enumerate(self.stage_sizes, start=1):
             planes = 64 * 2 ** (i - 1)
             for j in range(blocks):
                 strides = 2 if (i > 1 and j == 0) else 1
-                x = self.block_cls(planes, strides, self.conv, norm, name=f"layer{i}_{j}")(x)
+                pre = self.block_cls(planes, strides, self.conv, norm, name=f"layer{i}_{j}").preactivation(x)
+                x = nn.relu(pre)
+            record_feature(self, x, pre)
         x = global_avg_pool(x)
+        record_feature(self, x)
         return self.dense(self.num_classes, use_bias=True, name="classifier")(x)

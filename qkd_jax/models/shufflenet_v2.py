@@ -8,6 +8,11 @@ pooling; Linear classifier.
 Layer names: ``stem``/``stem_bn``; ``stage{s}_{j}`` (s = 2..4, j from 0) with
 ``branch1_dw``, ``branch1_pw`` (strided units only), ``branch2_pw1``, ``branch2_dw``,
 ``branch2_pw2`` and a ``_bn`` after each; ``conv5``/``conv5_bn``; ``classifier``.
+
+Distillation features: the stem output (after its ReLU, before the max pool), the outputs
+of stages 2-4, the classifier input (pooled ``conv5``). A unit ends in a channel shuffle
+of a pass-through half and a ReLU branch, not in one ReLU, so the pre-activation features
+are the same arrays.
 """
 
 from __future__ import annotations
@@ -17,7 +22,16 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool, max_pool
+from qkd_jax.models.layers import (
+    Array,
+    BatchNorm,
+    ModuleDef,
+    bind_norm,
+    conv_layer,
+    global_avg_pool,
+    max_pool,
+    record_feature,
+)
 
 SHUFFLENET_V2_WIDTHS: dict[str, tuple[int, ...]] = {
     "x0_5": (24, 48, 96, 192, 1024),
@@ -82,11 +96,14 @@ class ShuffleNetV2(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = conv_layer(self.conv, self.widths[0], 3, strides=2, name="stem")(x)
         x = nn.relu(norm(name="stem_bn")(x))
+        record_feature(self, x)
         x = max_pool(x, 3, 2, padding=1)
         for s, (features, repeats) in enumerate(zip(self.widths[1:4], self.repeats), start=2):
             for j in range(repeats):
                 x = ShuffleUnit(features, 2 if j == 0 else 1, self.conv, norm, name=f"stage{s}_{j}")(x)
+            record_feature(self, x)
         x = conv_layer(self.conv, self.widths[4], 1, name="conv5")(x)
         x = nn.relu(norm(name="conv5_bn")(x))
         x = global_avg_pool(x)
+        record_feature(self, x)
         return self.dense(self.num_classes, use_bias=True, name="classifier")(x)

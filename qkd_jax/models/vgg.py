@@ -8,6 +8,10 @@ Layer names: ``stem`` / ``stem_bn`` for the first conv, ``stage{i}_conv{j}`` / `
 for the others (as in :mod:`qkd_jax.models.cifar_vgg`), ``fc1``, ``fc2``, ``classifier``.
 Dropout defaults to 0 (torchvision: 0.5) so that training needs no ``dropout`` rng;
 set ``dropout_rate`` and pass ``rngs={'dropout': key}`` to train with it.
+
+Distillation features (as the CIFAR VGG): the five stage outputs before their max pool,
+then the classifier input (the ``fc2`` output after ReLU and dropout) as the embedding;
+pre-activation: stages 2-5 before their last ReLU.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from qkd_jax.models.cifar_vgg import cifar_vgg_names
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, adaptive_avg_pool, bind_norm, conv_layer, max_pool
+from qkd_jax.models.layers import (
+    Array,
+    BatchNorm,
+    ModuleDef,
+    adaptive_avg_pool,
+    bind_norm,
+    conv_layer,
+    max_pool,
+    record_feature,
+)
 
 VGG_STAGES: dict[str, tuple[tuple[int, ...], ...]] = {
     "A": ((64,), (128,), (256, 256), (512, 512), (512, 512)),
@@ -45,11 +58,14 @@ class VGG(nn.Module):
             for j, features in enumerate(stage, start=1):
                 conv_name, bn_name = cifar_vgg_names(i, j)
                 x = conv_layer(self.conv, features, 3, use_bias=True, name=conv_name)(x)
-                x = nn.relu(norm(name=bn_name)(x))
+                pre = norm(name=bn_name)(x)
+                x = nn.relu(pre)
+            record_feature(self, x, pre if i > 1 else None)
             x = max_pool(x, 2, 2)
         x = adaptive_avg_pool(x, (7, 7))
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # torch flatten order
         for name in ("fc1", "fc2"):
             x = nn.relu(self.dense(4096, use_bias=True, name=name)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        record_feature(self, x)
         return self.dense(self.num_classes, use_bias=True, name="classifier")(x)

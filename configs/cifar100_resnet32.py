@@ -25,7 +25,7 @@ or in one run (trains its own teacher first):
   python -m qkd_jax.main --config=configs/cifar100_resnet32.py:sqakd,w2a2 --workdir=/tmp/c100_r32_sqakd_w2a2
 """
 
-from qkd_jax import recipes as common
+from qkd_jax.run import recipes as common
 
 # The paper's settings (each is a valid ARG; other bit widths are accepted too).
 VARIANTS = common.CIFAR_VARIANTS

@@ -11,7 +11,7 @@ qat (the same student from the same calibration, cross-entropy with labels).
 
 from __future__ import annotations
 
-from qkd_jax.train.config_schema import base_config, optimizer_config, phase
+from qkd_jax.run.config_schema import base_config, optimizer_config, phase
 
 
 def get_config():

@@ -30,7 +30,7 @@ Run:
   done; done
 """
 
-from qkd_jax import recipes as common
+from qkd_jax.run import recipes as common
 
 # The paper's settings (each is a valid ARG; other bit widths are accepted too).
 VARIANTS = common.IMAGENET_VARIANTS

@@ -25,7 +25,7 @@ Run (train the teacher once, then every student from it):
   done; done; done
 """
 
-from qkd_jax import recipes as common
+from qkd_jax.run import recipes as common
 
 # The paper's settings (each is a valid ARG; other bit widths are accepted too).
 VARIANTS = common.TINY_IMAGENET_VARIANTS

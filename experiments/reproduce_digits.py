@@ -8,7 +8,7 @@ bit widths, EWGS Hessian delta vs STE, and the QKD phases, over several seeds.
 Writes OUT.md (tables, the command, wall time, a reading of the results), OUT.csv (one row per
 setting: mean/std over seeds), OUT_runs.csv (one row per run and seed) and OUT.png (the plot).
 
-What runs (every run is `qkd_jax.train.loop.run(config, workdir)` on a config built from
+What runs (every run is `qkd_jax.run.loop.run(config, workdir)` on a config built from
 configs/digits_demo.py: ResNet-20, 16x16 digits, preset 'sqakd_cifar' = stem, BatchNorms and
 classifier full precision, every residual-block conv quantized):
 
@@ -251,7 +251,7 @@ def build_config(spec: RunSpec, opts: Options):
     """The run's ml_collections config (configs/digits_demo.py with the spec's changes)."""
     import ml_collections
 
-    from qkd_jax.train.config_schema import phase
+    from qkd_jax.run.config_schema import phase
 
     c = _demo_config()
     c.seed = spec.seed
@@ -360,7 +360,7 @@ def execute(spec: RunSpec, opts: Options) -> dict:
             raise ConfigMismatchError(
                 f"{workdir} holds a run of a different config (differs at {', '.join(differ[:5])}"
                 f"{', ...' if len(differ) > 5 else ''}); delete that folder or choose another --workdirs")
-    from qkd_jax.train.loop import run
+    from qkd_jax.run.loop import run
 
     t0 = time.perf_counter()
     with _quiet(workdir / "run.log"):

@@ -1,75 +1,10 @@
-"""Command line: integer export of a trained student phase, with its size report.
+"""`python -m qkd_jax.export`: integer export of a run's phase (qkd_jax/run/export_cli.py)."""
 
-    python -m qkd_jax.export --workdir=/tmp/qkd_digits --phase=sqakd --out=/tmp/sqakd_w2a2.npz
-
-Reads the newest completed checkpoint of WORKDIR/PHASE (or --step), rebuilds the student from
-the config stored with it (or --config, a config file as for qkd_jax.main, or a config.json of a
-run), writes OUT (.npz arrays + embedded JSON manifest) and OUT with suffix .json (the manifest,
-for reading), and prints the per-layer size report. Errors (missing phase, an FP checkpoint such
-as the teacher, a config that does not describe the checkpoint) print one message and exit 2.
-Format and exactness: qkd_jax/quant/export/ (fileformat.py, codes.py, integer_inference.py).
-"""
-
-from __future__ import annotations
-
-import argparse
-import importlib.util
-import json
-import pathlib
 import sys
-from typing import Optional, Sequence
 
+from qkd_jax.run.export_cli import main, parse_args
 
-def _load_config(spec: str):
-    """A ConfigDict from a config .py file (get_config(), optional ':arg') or a run's config.json."""
-    import ml_collections
-
-    path, _, arg = spec.partition(":")
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config: no file {file}")
-    if file.suffix == ".json":
-        return ml_collections.ConfigDict(json.loads(file.read_text()))
-    module_spec = importlib.util.spec_from_file_location(f"_export_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m qkd_jax.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="the run's working directory")
-    parser.add_argument("--phase", required=True, help="the student phase to export (e.g. sqakd, qat, calibrate)")
-    parser.add_argument("--out", required=True, help="output .npz file (the manifest also goes to OUT.json)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest completed)")
-    parser.add_argument("--config", default=None, help="config file overriding the checkpoint's stored config")
-    return parser.parse_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes on checkpoint metadata
-    from qkd_jax.quant.export import ExportError, ManifestError, export_checkpoint, size_report
-
-    out = pathlib.Path(args.out)
-    if out.suffix != ".npz":
-        print(f"error: --out must name a .npz file, got {out}", file=sys.stderr)
-        return 2
-    try:
-        config = _load_config(args.config) if args.config else None
-        exported = export_checkpoint(args.workdir, args.phase, step=args.step, config=config)
-        path = exported.save(out)
-    except (ExportError, ManifestError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    src = exported.manifest["source"]
-    print(f"exported {src['phase']} step {src['step']} of {src['workdir']} -> {path} "
-          f"(manifest: {path.with_suffix('.json')})")
-    print(size_report(exported, str(path)).format())
-    return 0
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,68 +1,8 @@
-"""Command line: python -m qkd_jax.main --config=configs/X.py[:ARG] --workdir=DIR [--config.key=value ...]
+"""`python -m qkd_jax.main`: the run command line (qkd_jax/run/cli.py)."""
 
-Multi-host (TPU pods, SLURM, several processes): set QKD_DISTRIBUTED=1 (or run where
-`jax.distributed` detects the cluster) and start the same command on every host.
-"""
+from qkd_jax.run.cli import main, run_cli
 
-from __future__ import annotations
-
-import os
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    if os.environ.get("QKD_DISTRIBUTED") == "1":
-        from qkd_jax.train.distributed import initialize_distributed
-
-        initialize_distributed()
-    from qkd_jax.data import DatasetNotPreparedError
-    from qkd_jax.quant.calibration import DeadLayerError
-    from qkd_jax.train.checkpoint import CorruptCheckpointError
-    from qkd_jax.train.config_schema import ConfigError
-    from qkd_jax.train.loop import run
-    from qkd_jax.train.phases import NonFiniteLossError
-
-    try:
-        run(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, DatasetNotPreparedError, CorruptCheckpointError, NonFiniteLossError,
-            DeadLayerError) as err:
-        # Problems the user fixes (config, data, checkpoints, divergence, calibration): the message,
-        # no traceback.
-        sys.stderr.write(f"qkd_jax: {type(err).__name__}: {err}\n")
-        sys.exit(1)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing; an override of a config key that does not exist (which config_flags
-    reports as a bare KeyError/AttributeError traceback) becomes one line naming the flag."""
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (KeyError, AttributeError) as err:
-        missing = str(err.args[0] if err.args else err).split("\n")[0].strip("\"'")
-        overrides = [a[2:].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-        named = [o for o in overrides if missing in o.split(".")[1:]]
-        if not named:
-            raise
-        sys.stderr.write(f"FATAL Flags parsing error: --{named[0]}: unknown config key "
-                         f"'{named[0].split('.', 1)[1]}' (no field {missing!r}); check the spelling "
-                         f"against the config file and qkd_jax/train/config_schema.py.\n")
-        sys.exit(1)
-
-
-def run_cli() -> None:
-    """Console-script entry point (`qkd-jax`)."""
-    app.run(main, flags_parser=_parse_flags)
-
+__all__ = ["main", "run_cli"]
 
 if __name__ == "__main__":
     run_cli()

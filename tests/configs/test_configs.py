@@ -18,8 +18,14 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from qkd_jax.train import config_schema
-from qkd_jax.train.config_schema import ConfigError, build_objective, group_spec, phase_names, validate
+from qkd_jax.run import config_schema
+from qkd_jax.run.config_schema import (
+    ConfigError,
+    build_objective,
+    group_spec,
+    phase_names,
+    validate,
+)
 
 # ml_collections loads config files with SourceFileLoader.load_module (deprecated in Python 3.11).
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
@@ -67,7 +73,7 @@ def _known() -> dict:
     except ImportError:
         pass
     try:
-        from qkd_jax.train import build
+        from qkd_jax.run import build
         known["known_methods"] = build.METHODS
         known["known_presets"] = list(build.PRESETS)
     except ImportError:
@@ -434,7 +440,7 @@ def _rule_cases():
 @pytest.mark.parametrize("name,method", _rule_cases())
 def test_precision_rules_match_the_model(name, method):
     """Every rule of the config's preset matches a layer of its model (resolve raises otherwise)."""
-    build = pytest.importorskip("qkd_jax.train.build")
+    build = pytest.importorskip("qkd_jax.run.build")
     from qkd_jax.models import get_model
     from qkd_jax.quant import rules as qrules
 
@@ -452,7 +458,7 @@ def test_precision_rules_match_the_model(name, method):
 
 
 def test_schema_module_is_the_one_configs_use():
-    """qkd_jax/recipes.py, which every config file uses, builds on qkd_jax.train.config_schema."""
+    """qkd_jax/run/recipes.py, which every config file uses, builds on qkd_jax.run.config_schema."""
     common = module("cifar10_resnet20.py").common
     assert common.base_config is config_schema.base_config
     assert common.phase is config_schema.phase

@@ -5,7 +5,7 @@ runs exactly the config a test builds in-process:
 
     python -m qkd_jax.main --config=tests/e2e/helpers.py:resume --workdir=DIR
 
-Only `qkd_jax.train.config_schema` is imported at module level (the CLI loads this file before
+Only `qkd_jax.run.config_schema` is imported at module level (the CLI loads this file before
 the runner); JAX, numpy and orbax are imported inside the functions that need them.
 """
 
@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import Any, Optional
 
-from qkd_jax.train.config_schema import base_config, optimizer_config, phase
+from qkd_jax.run.config_schema import base_config, optimizer_config, phase
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 HELPERS = "tests/e2e/helpers.py"  # relative to REPO (the subprocesses' working directory)

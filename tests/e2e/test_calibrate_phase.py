@@ -7,14 +7,13 @@ running statistics lag, which makes its accuracy sensitive to small perturbation
 loose bound); at W2A2 it loses accuracy (the quantizers are really on).
 """
 
-import pytest
-
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
-from qkd_jax.train.config_schema import phase
-from qkd_jax.train.loop import run
+from qkd_jax.run.config_schema import phase
+from qkd_jax.run.loop import run
 from tests.e2e.helpers import teacher_only
 
 

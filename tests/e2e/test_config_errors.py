@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from qkd_jax.data import DatasetNotPreparedError
-from qkd_jax.train import loop
-from qkd_jax.train.config_schema import ConfigError
-from qkd_jax.train.phases import NonFiniteLossError
+from qkd_jax.run import loop
+from qkd_jax.run.config_schema import ConfigError
+from qkd_jax.run.finite import NonFiniteLossError
 from tests.e2e.helpers import (
     finalized_steps,
     qkd_chain,

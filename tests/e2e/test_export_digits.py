@@ -24,7 +24,8 @@ import pytest
 
 from qkd_jax import data as qdata
 from qkd_jax.quant import export as qexport
-from qkd_jax.train.loop import run
+from qkd_jax.run.export_checkpoint import load_model
+from qkd_jax.run.loop import run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -79,7 +80,7 @@ def test_integer_inference_predicts_like_the_fake_quant_student(tmp_path, capsys
 
     images, labels = _test_split(config)
     assert images.shape == (360, 16, 16, 1)
-    model = qexport.load_model(exported)
+    model = load_model(exported)
     student = results["sqakd"].student  # the runner's own variables, not read through the export
     fake, fake_inputs = jax.jit(lambda v, x: _apply_with_layer_inputs(model, v, x, exported.layers))(student, images)
     got, int_inputs = qexport.IntegerModel(model, exported).with_layer_inputs(images)

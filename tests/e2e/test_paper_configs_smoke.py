@@ -19,7 +19,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from qkd_jax.train import loop, parallel
+from qkd_jax.run import loop
+from qkd_jax.train import parallel
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MOCK_EXAMPLES = 32

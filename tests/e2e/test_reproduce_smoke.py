@@ -40,7 +40,7 @@ def test_qkd_split_keeps_the_budget(rd):
 
 
 def test_full_plan_and_every_config_validates(rd, tmp_path):
-    from qkd_jax.train.loop import validate_config
+    from qkd_jax.run.loop import validate_config
 
     opts = rd.parse_args([f"--workdirs={tmp_path}", f"--out={tmp_path / 'r'}"])
     assert (opts.seeds, opts.epochs, opts.teacher_epochs) == (3, 12, 12)

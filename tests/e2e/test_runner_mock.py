@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from qkd_jax.train import loop, parallel
+from qkd_jax.run import loop
+from qkd_jax.train import parallel
 from tests.e2e.helpers import (
     assert_trees_identical,
     finalized_steps,

@@ -24,6 +24,7 @@ from qkd_jax.quant import export as qexport
 from qkd_jax.quant.calibration import calibrate
 from qkd_jax.quant.layers import quantized_layers
 from qkd_jax.quant.rules import Rule, first_last_8bit, rule_set
+from qkd_jax.run.export_checkpoint import export_checkpoint, load_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -422,7 +423,7 @@ def test_corrupted_file_fails_clearly(small, tmp_path):
 def workdir(tmp_path_factory):
     """A run directory with a 'teacher' (FP) and a 'student' phase checkpoint of the digits demo
     (ResNet-20, interval W2A2; 8x8 inputs to keep it small), saved with the run's checkpointer."""
-    from qkd_jax.train import build
+    from qkd_jax.run import build
     from qkd_jax.train.checkpoint import PhaseCheckpointer
     from qkd_jax.train.state import create_train_state
 
@@ -457,7 +458,7 @@ def test_export_checkpoint_and_cli(workdir, tmp_path, capsys):
     loaded = qexport.IntegerExport.load(out)
     assert loaded.manifest["source"]["phase"] == "student" and len(loaded.layers) == 18
     assert out.with_suffix(".json").is_file()
-    model = qexport.load_model(loaded)  # rebuilt from the stored config
+    model = load_model(loaded)  # rebuilt from the stored config
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 8, 8, 1)), jnp.float32)
     assert qexport.IntegerModel(model, loaded)(x).shape == (2, 10)
 
@@ -467,7 +468,7 @@ def test_teacher_phase_is_rejected(workdir, tmp_path, capsys):
 
     root, _ = workdir
     with pytest.raises(qexport.FullPrecisionModelError, match="full-precision model"):
-        qexport.export_checkpoint(root, "teacher")
+        export_checkpoint(root, "teacher")
     assert main([f"--workdir={root}", "--phase=teacher", f"--out={tmp_path / 't.npz'}"]) == 2
     assert "teacher" in capsys.readouterr().err
     assert not (tmp_path / "t.npz").exists()
@@ -485,7 +486,7 @@ def test_fp_params_under_a_student_phase_are_rejected(workdir, tmp_path):
     meta["kind"] = "student"
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(qexport.FullPrecisionModelError, match="no quantizer parameters"):
-        qexport.export_checkpoint(other, "fp_student")
+        export_checkpoint(other, "fp_student")
 
 
 def test_missing_phase_is_rejected(workdir, tmp_path, capsys):
@@ -493,7 +494,7 @@ def test_missing_phase_is_rejected(workdir, tmp_path, capsys):
 
     root, _ = workdir
     with pytest.raises(qexport.ExportError, match=r"no phase directory .*sqakd.*\['student', 'teacher'\]"):
-        qexport.export_checkpoint(root, "sqakd")
+        export_checkpoint(root, "sqakd")
     assert main([f"--workdir={root}", "--phase=sqakd", f"--out={tmp_path / 'x.npz'}"]) == 2
     assert "no phase directory" in capsys.readouterr().err
 
@@ -506,7 +507,7 @@ def test_mismatched_config_is_rejected(workdir, tmp_path, capsys):
     other.model.num_classes = 7
     expected = r"classifier/kernel: config \(64, 7\), checkpoint \(64, 10\)"
     with pytest.raises(qexport.ConfigMismatchError, match=expected):
-        qexport.export_checkpoint(root, "student", config=other)
+        export_checkpoint(root, "student", config=other)
     other = copy.deepcopy(config)
     other.quant.method = "lsq"
     path = tmp_path / "lsq.json"

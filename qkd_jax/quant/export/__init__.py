@@ -1,14 +1,17 @@
 """Integer export of a trained student and a reference integer inference that checks it.
 
     from qkd_jax.quant import export as qexport
-    exported = qexport.export_checkpoint(workdir, 'sqakd')       # or export_variables(model, vars, shape)
+    exported = qexport.export_variables(model, variables, input_shape)
     exported.save('student.npz')                                 # .npz arrays + JSON manifest
     exported = qexport.IntegerExport.load('student.npz')         # validated on load
-    logits = qexport.IntegerModel(qexport.load_model(exported), exported)(images)
+    logits = qexport.IntegerModel(model, exported)(images)
+
+From a run directory (the application layer): `qkd_jax.run.export_checkpoint.export_checkpoint(
+workdir, 'sqakd')` and `load_model(exported)` rebuild the student from the stored config.
     print(qexport.size_report(exported).format())
 
 Modules: codes (per-method grids, weight/activation codes), packing (bit packing),
-fileformat (file, manifest, validator), exporter (variables / checkpoint -> export),
+fileformat (file, manifest, validator), exporter (model + variables -> export),
 integer_inference (the student's flax graph with integer conv/dense), report (sizes).
 Command line: python -m qkd_jax.export --workdir=DIR --phase=NAME --out=FILE.npz
 """
@@ -18,9 +21,7 @@ from qkd_jax.quant.export.exporter import (
     ConfigMismatchError,
     ExportError,
     FullPrecisionModelError,
-    export_checkpoint,
     export_variables,
-    load_model,
 )
 from qkd_jax.quant.export.fileformat import FORMAT, VERSION, IntegerExport, ManifestError, validate_manifest
 from qkd_jax.quant.export.integer_inference import IntegerModel, integer_apply
@@ -40,10 +41,8 @@ __all__ = [
     "SizeReport",
     "activation_grid",
     "encode_weight",
-    "export_checkpoint",
     "export_variables",
     "integer_apply",
-    "load_model",
     "pack_codes",
     "packed_nbytes",
     "size_report",

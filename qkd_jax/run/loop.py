@@ -1,4 +1,4 @@
-"""The run: validate the config, then run its phases in order and print a summary."""
+"""The run: validate the config, resolve its phases, then run them in order and print a summary."""
 
 from __future__ import annotations
 
@@ -12,10 +12,16 @@ import ml_collections
 
 from qkd_jax import data as qdata
 from qkd_jax.models import list_models
-from qkd_jax.train import build, parallel
-from qkd_jax.train.config_schema import build_objective, phase_names, validate
+from qkd_jax.run import build
+from qkd_jax.run.calibrate_phase import run_calibrate
+from qkd_jax.run.config_schema import phase_names, validate
+from qkd_jax.run.context import PhaseResult, RunContext
+from qkd_jax.run.loaders import steps_per_epoch
+from qkd_jax.run.plan import PhasePlan, make_plan
+from qkd_jax.run.train_phase import run_training
+from qkd_jax.train import parallel
+from qkd_jax.train.checkpoint import PhaseCheckpointer
 from qkd_jax.train.metrics import MetricsWriter, format_duration
-from qkd_jax.train.phases import PhaseResult, RunContext, run_phase
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -37,17 +43,16 @@ def open_datasets(config: ml_collections.ConfigDict) -> dict:
             for split in (info.train_split, info.eval_split)}
 
 
-def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseResult]) -> str:
+def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseResult],
+                  plans: dict[str, PhasePlan]) -> str:
     """One row per phase: kind, objective, precision, top-1/top-5."""
     q = config.quant
     rows = [("phase", "kind", "objective", "precision", "labels", "top1 %", "top5 %")]
     for name, res in results.items():
-        ph = config.phases[name]
+        plan = plans[name]
         precision = "FP32" if res.kind == "teacher" else f"{q.method} W{q.w_bits}A{q.a_bits}"
-        objective = "-" if res.kind == "calibrate" else ph.objective
-        uses_labels = "-"
-        if res.kind != "calibrate":
-            uses_labels = "yes" if build_objective(ph).needs_labels else "no"
+        objective = "-" if res.kind == "calibrate" else plan.objective_name
+        uses_labels = "-" if res.kind == "calibrate" else ("yes" if plan.needs_labels else "no")
         top1 = res.eval.get("top1")
         top5 = res.eval.get("top5")
         rows.append((name, res.kind, objective, precision, uses_labels,
@@ -56,6 +61,23 @@ def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseRes
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def run_phase(ctx: RunContext, plan: PhasePlan) -> PhaseResult:
+    """Runs (or resumes, or reads back) one phase and records its result in `ctx.results`."""
+    if plan.from_teacher_checkpoint and not plan.directory.exists():
+        raise FileNotFoundError(
+            f"config.teacher_checkpoint={str(plan.directory)!r} does not exist; point it at the "
+            f"'teacher' phase directory of an earlier run (WORKDIR/teacher) or leave it empty "
+            f"to train the teacher."
+        )
+    ckpt = PhaseCheckpointer(plan.directory, max_to_keep=plan.keep_checkpoints)
+    try:
+        result = run_calibrate(ctx, plan, ckpt) if plan.kind == "calibrate" else run_training(ctx, plan, ckpt)
+    finally:
+        ckpt.close()
+    ctx.results[plan.name] = result
+    return result
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -70,14 +92,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
     ctx = RunContext(config=config, workdir=workdir, mesh=mesh, writer=writer, sources=sources)
+    plans = {name: make_plan(config, workdir, name, steps_per_epoch(ctx, config.phases[name].batch_size))
+             for name in phase_names(config)}
     t0 = time.perf_counter()
     try:
-        for name in phase_names(config):
-            run_phase(ctx, name)
+        for plan in plans.values():
+            run_phase(ctx, plan)
     finally:
         writer.close()
     if jax.process_index() == 0:
-        table = summary_table(config, ctx.results)
+        table = summary_table(config, ctx.results, plans)
         print(f"\nSummary ({config.dataset.name}, {config.model.name}; wall time "
               f"{format_duration(time.perf_counter() - t0)}):\n{table}", flush=True)
         (workdir / "summary.json").write_text(json.dumps(

@@ -32,7 +32,7 @@ from typing import Mapping, Optional, Sequence
 
 import ml_collections
 
-from qkd_jax.train.config_schema import base_config, optimizer_config, phase
+from qkd_jax.run.config_schema import base_config, optimizer_config, phase
 
 BITS_RE = re.compile(r"w(\d+)a(\d+)")
 

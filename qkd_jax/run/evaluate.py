@@ -1,0 +1,35 @@
+"""Evaluation of a network's variables over the whole eval split (top-1, top-5, mean CE)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from qkd_jax.run.context import RunContext
+from qkd_jax.run.loaders import check_batch, eval_batches
+from qkd_jax.train import parallel
+from qkd_jax.train.step import eval_step
+
+
+def evaluate(ctx: RunContext, model, variables: dict) -> dict:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole eval split."""
+    check_batch(ctx, ctx.config.dataset.eval_batch_size, "dataset.eval_batch_size")
+    if id(model) not in ctx.eval_steps:  # the model is kept in the value, so its id stays unique
+        fn = parallel.compile_eval_step(functools.partial(eval_step, apply_fn=model.apply), ctx.mesh)
+        ctx.eval_steps[id(model)] = (model, fn)
+    p_eval = ctx.eval_steps[id(model)][1]
+    variables = parallel.replicate(variables, ctx.mesh)
+    totals: dict[str, float] = {}
+    for batch in eval_batches(ctx):
+        batch = {k: v for k, v in batch.items() if k in ("image", "label", "mask")}
+        sums = jax.device_get(p_eval(variables, parallel.shard_batch(batch, ctx.mesh)))
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    count = max(totals.get("count", 0.0), 1.0)
+    return {
+        "top1": 100.0 * totals["top1"] / count,
+        "top5": 100.0 * totals["top5"] / count,
+        "loss": totals["loss"] / count,
+        "count": int(totals["count"]),
+    }

@@ -1,0 +1,100 @@
+"""Each phase of a config resolved once into a plain plan: everything the loop needs, read from
+the ConfigDict in one place (objective, optimizer groups, steps, seed, estimator policy)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Optional
+
+import ml_collections
+
+from qkd_jax.run.config_schema import build_objective, group_spec, phase_names
+from qkd_jax.train.optim import GroupSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianPolicy:
+    """Refresh every layer's EWGS delta from Hessian traces (quant.estimator='hessian')."""
+
+    every_epochs: int
+    batches: int
+    batch_size: int
+    max_probes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PhasePlan:
+    """One phase, resolved. `total_steps = steps_per_epoch * epochs` (0 for calibrate phases)."""
+
+    name: str
+    kind: str  # 'teacher' | 'calibrate' | 'student'
+    seed: int
+    directory: pathlib.Path
+    from_teacher_checkpoint: bool  # a 'teacher' phase read from config.teacher_checkpoint
+    init_from: str
+    teacher_from: str
+    train_teacher: bool
+    objective_name: str
+    objective: Any  # a distill objective; None for calibrate phases
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int
+    eval_every_epochs: int
+    weights: GroupSpec
+    quant_params: GroupSpec
+    teacher_opt: Optional[GroupSpec]  # train_teacher phases only
+    delta: float  # the fixed EWGS delta a calibrate phase writes (0 = STE)
+    hessian: Optional[HessianPolicy]  # student phases with the Hessian-updated delta
+    log_every_steps: int
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs if self.kind != "calibrate" else 0
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.objective is not None and self.objective.needs_labels
+
+
+def phase_seed(config: ml_collections.ConfigDict, name: str) -> int:
+    """The phase's seed: the run seed and the phase's position in phase_order."""
+    index = phase_names(config).index(name)
+    return (int(config.seed) * 1009 + index) % (2**31)
+
+
+def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path, name: str,
+              steps_per_epoch: int) -> PhasePlan:
+    """Resolves phase `name` (`steps_per_epoch` from the opened training split)."""
+    ph, q = config.phases[name], config.quant
+    from_checkpoint = ph.kind == "teacher" and bool(config.teacher_checkpoint)
+    hessian = None
+    if ph.kind == "student" and q.estimator == "hessian":
+        hessian = HessianPolicy(q.hessian_every_epochs, q.hessian_batches, q.hessian_batch_size,
+                                q.hessian_max_probes)
+    return PhasePlan(
+        name=name,
+        kind=ph.kind,
+        seed=phase_seed(config, name),
+        directory=pathlib.Path(config.teacher_checkpoint) if from_checkpoint else workdir / name,
+        from_teacher_checkpoint=from_checkpoint,
+        init_from=ph.init_from,
+        teacher_from=ph.teacher_from,
+        train_teacher=bool(ph.train_teacher),
+        objective_name=ph.objective,
+        objective=None if ph.kind == "calibrate" else build_objective(ph),
+        batch_size=ph.batch_size,
+        epochs=ph.epochs,
+        steps_per_epoch=steps_per_epoch,
+        eval_every_epochs=ph.eval_every_epochs,
+        weights=group_spec(ph.weights),
+        quant_params=group_spec(ph.quant_params),
+        teacher_opt=group_spec(ph.teacher_opt) if ph.train_teacher else None,
+        delta=float(q.delta) if q.estimator == "ewgs" else 0.0,
+        hessian=hessian,
+        log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.checkpoint_every_steps,
+        keep_checkpoints=config.keep_checkpoints,
+    )

@@ -1,0 +1,79 @@
+"""A phase's TrainState built from its plan, the checkpoint metadata and the result it leaves."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+
+from qkd_jax.run import build
+from qkd_jax.run.context import PhaseResult, RunContext
+from qkd_jax.run.plan import PhasePlan
+from qkd_jax.train.optim import build_optimizer
+from qkd_jax.train.state import TrainState, create_train_state
+
+
+def teacher_variables(ctx: RunContext, source: str) -> dict:
+    """The teacher's variables: a teacher phase's network or a co-study phase's trained teacher."""
+    result = ctx.results[source]
+    return result.student if result.kind == "teacher" else result.teacher
+
+
+def build_state(ctx: RunContext, plan: PhasePlan, init_vars: dict, net: build.Network) -> TrainState:
+    """The phase's TrainState (`net` as the student, plus its teacher).
+
+    A teacher is always the full-precision architecture: the FP teacher phase's network or the
+    co-studied (quantization-friendly) teacher of a train_teacher phase."""
+    total = max(1, plan.steps_per_epoch * plan.epochs)
+    tx = build_optimizer(plan.weights, plan.quant_params, steps_per_epoch=plan.steps_per_epoch, total_steps=total)
+    t_net = t_vars = t_tx = None
+    if plan.teacher_from:
+        t_net = ctx.network("teacher")
+        t_vars = teacher_variables(ctx, plan.teacher_from)
+        if plan.train_teacher:
+            t_spec = plan.teacher_opt
+            # An FP teacher has no quantizer parameters: its 'quant' group is empty.
+            t_tx = build_optimizer(t_spec, dataclasses.replace(t_spec, weight_decay=0.0),
+                                   steps_per_epoch=plan.steps_per_epoch, total_steps=total)
+    return create_train_state(
+        apply_fn=net.train_model.apply,
+        variables=init_vars,
+        tx=tx,
+        rng=jax.random.key(plan.seed),
+        teacher_apply_fn=t_net.train_model.apply if t_net else None,
+        teacher_variables=t_vars,
+        teacher_tx=t_tx,
+    )
+
+
+def local_state(ctx: RunContext, state: TrainState, net: build.Network) -> TrainState:
+    """The same state with apply functions that need no device axis (for work outside the step)."""
+    teacher = state.teacher
+    if teacher is not None:
+        teacher = teacher.replace(apply_fn=ctx.network("teacher").local_model.apply)
+    return state.replace(apply_fn=net.local_model.apply, teacher=teacher)
+
+
+def phase_result(plan: PhasePlan, state: TrainState, eval_metrics: dict) -> PhaseResult:
+    teacher = None
+    if state.teacher is not None and state.teacher.trainable:
+        teacher = jax.device_get(state.teacher.variables())
+    return PhaseResult(
+        name=plan.name,
+        kind=plan.kind,
+        student=jax.device_get(state.variables()),
+        teacher=teacher,
+        eval=eval_metrics,
+    )
+
+
+def checkpoint_meta(ctx: RunContext, plan: PhasePlan, *, completed: bool,
+                    eval_metrics: Optional[dict] = None) -> dict:
+    return {
+        "phase": plan.name,
+        "kind": plan.kind,
+        "completed": completed,
+        "config": ctx.config.to_json(),
+        "eval": eval_metrics or {},
+    }

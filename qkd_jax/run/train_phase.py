@@ -1,0 +1,124 @@
+"""A 'teacher' or 'student' phase: build its state, resume or start, train, evaluate, checkpoint.
+
+A phase whose newest checkpoint says `completed` is not rerun: its result is read back. An
+interrupted phase resumes from its newest readable checkpoint, with the data iterator restored
+so it sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import numpy as np
+
+from qkd_jax.run import build
+from qkd_jax.run.context import PhaseResult, RunContext, console
+from qkd_jax.run.evaluate import evaluate
+from qkd_jax.run.finite import all_finite, check_finite
+from qkd_jax.run.loaders import check_batch, train_loader
+from qkd_jax.run.plan import PhasePlan
+from qkd_jax.run.states import build_state, checkpoint_meta, local_state, phase_result
+from qkd_jax.train import parallel
+from qkd_jax.train.checkpoint import PhaseCheckpointer
+from qkd_jax.train.ewgs_update import compute_ewgs_deltas
+from qkd_jax.train.metrics import ProgressLine
+from qkd_jax.train.optim import current_learning_rates
+from qkd_jax.train.state import TrainState
+from qkd_jax.train.step import train_step
+
+
+def _initial_variables(ctx: RunContext, plan: PhasePlan, net: build.Network) -> dict:
+    if plan.kind == "teacher":
+        return build.init_variables(net.local_model, ctx.config, jax.random.key(plan.seed))
+    return ctx.results[plan.init_from].student
+
+
+def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> PhaseResult:
+    name = plan.name
+    net = ctx.network(plan.kind)
+    state = build_state(ctx, plan, _initial_variables(ctx, plan, net), net)
+    restored = ckpt.restore(state, mesh=ctx.mesh)
+    data_state = None
+    if restored is not None:
+        state, data_state, meta = restored
+        if meta.get("completed"):
+            console(f"[{name}] already completed at step {meta['step']}: read from {ckpt.directory}")
+            return phase_result(plan, state, meta.get("eval", {}))
+        if plan.from_teacher_checkpoint:
+            # Never train on in another run's directory.
+            raise ValueError(
+                f"config.teacher_checkpoint={str(plan.directory)!r} holds an unfinished "
+                f"teacher phase (step {meta['step']}); finish that run first (rerun its command)."
+            )
+        console(f"[{name}] resuming from step {meta['step']} ({ckpt.directory})")
+    elif plan.from_teacher_checkpoint:
+        raise FileNotFoundError(f"config.teacher_checkpoint={str(plan.directory)!r} holds no checkpoint")
+    state = parallel.replicate(state, ctx.mesh)
+    check_batch(ctx, plan.batch_size, f"phases.{name}.batch_size")
+    spe, total = plan.steps_per_epoch, plan.total_steps
+    start = int(jax.device_get(state.step))
+    loader = train_loader(ctx, plan.batch_size, plan.epochs, plan.seed, labels=plan.needs_labels)
+    iterator = iter(loader)
+    if data_state is not None:
+        iterator.set_state(data_state)
+    p_step = parallel.compile_train_step(functools.partial(train_step, objective=plan.objective), ctx.mesh)
+    progress = ProgressLine(name, total, plan.batch_size, start_step=start)
+    lr_args = dict(steps_per_epoch=spe, total_steps=max(total, 1))
+    console(f"[{name}] {plan.kind}: objective {plan.objective_name}, {plan.epochs} epochs x {spe} steps, "
+            f"global batch {plan.batch_size}, {ctx.mesh.devices.size} device(s)")
+    metrics = None
+    last_saved = start
+    for step in range(start, total):
+        epoch = step // spe
+        if plan.hessian and step % spe == 0 and epoch > 0 and epoch % plan.hessian.every_epochs == 0:
+            state = _refresh_deltas(ctx, plan, state, net, epoch)
+        batch = next(iterator)
+        state, metrics = p_step(state, parallel.shard_batch(batch, ctx.mesh))
+        done = step + 1
+        if done % plan.log_every_steps == 0 or done == total:
+            values = check_finite(jax.device_get(metrics), name, done, last_saved)
+            lrs = {k: float(v) for k, v in current_learning_rates(plan.weights, plan.quant_params, step,
+                                                                  **lr_args).items()}
+            ctx.writer.write(name, done, "train", {**values, **lrs})
+            console(progress.line(done, values, lr=lrs["lr/weights"]))
+        epoch_end = done % spe == 0
+        if epoch_end and done != total and (done // spe) % plan.eval_every_epochs == 0:
+            ev = evaluate(ctx, net.train_model, state.variables())
+            ctx.writer.write(name, done, "eval", ev)
+            console(f"[{name}] epoch {done // spe}: eval top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}%")
+        if done != total and (done % plan.checkpoint_every_steps == 0 or epoch_end):
+            check_finite(jax.device_get(metrics), name, done, last_saved)
+            check_finite({"params": all_finite(state.params)}, name, done, last_saved)
+            ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False), data_state=iterator.get_state())
+            last_saved = done
+    if metrics is not None:
+        check_finite(jax.device_get(metrics), name, total, last_saved)
+        check_finite({"params": all_finite(state.params)}, name, total, last_saved)
+    eval_metrics = evaluate(ctx, net.train_model, state.variables())
+    ctx.writer.write(name, total, "eval", eval_metrics)
+    console(f"[{name}] done: eval top1 {eval_metrics['top1']:.2f}% top5 {eval_metrics['top5']:.2f}% "
+            f"loss {eval_metrics['loss']:.4f}")
+    ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=True, eval_metrics=eval_metrics),
+              data_state=iterator.get_state())
+    return phase_result(plan, state, eval_metrics)
+
+
+def _refresh_deltas(ctx: RunContext, plan: PhasePlan, state: TrainState, net: build.Network, epoch: int):
+    """Recomputes every layer's EWGS delta from Hessian traces on a few training batches."""
+    name, h = plan.name, plan.hessian
+    loader = train_loader(ctx, h.batch_size, None, plan.seed + 7919 * epoch, labels=plan.needs_labels,
+                          sharded=False)
+    it = iter(loader)
+    batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(h.batches)]
+    t0 = time.perf_counter()
+    local = local_state(ctx, jax.device_get(state), net)
+    deltas = compute_ewgs_deltas(local, batches, plan.objective, jax.random.key(epoch), max_probes=h.max_probes)
+    deltas = jax.device_get(deltas)
+    flat = [float(v) for v in jax.tree.leaves(deltas)]
+    ctx.writer.write(name, int(jax.device_get(state.step)), "ewgs_delta",
+                     {"mean": float(np.mean(flat)) if flat else 0.0, "max": max(flat, default=0.0)})
+    console(f"[{name}] epoch {epoch}: EWGS deltas from Hessian traces on {h.batches} batches "
+            f"({time.perf_counter() - t0:.1f} s): mean {np.mean(flat):.3g}, max {max(flat, default=0):.3g}")
+    return state.replace(quant_delta=parallel.replicate(deltas, ctx.mesh))

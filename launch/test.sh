@@ -11,7 +11,7 @@ if [ "${1:-}" != "${1#--isa=}" ]; then
   echo "[qkd_jax] XLA_FLAGS=$XLA_FLAGS" >&2
   shift
 fi
-source launch/ensure_venv.sh test
+source launch/ensure_venv.sh test,torch
 # Two pytest workers match the 2-core CI machine; set QKD_TEST_WORKERS=0 to run serially.
 WORKERS="${QKD_TEST_WORKERS:-2}"
 if [ "$WORKERS" != "0" ]; then set -- -n "$WORKERS" "$@"; fi

@@ -3,6 +3,7 @@
 CIFAR: resnet20/32/56, vgg8/11/13. ImageNet-style: resnet18/34/50, vgg11_bn, mobilenet_v2,
 shufflenet_v2_x0_5/x1_0, squeezenet1_0, efficientnet_b0. See :func:`get_model`; the
 distillation features of any of them: :func:`apply_with_features`.
+Pretrained ImageNet-style teachers: :func:`import_torchvision` (weights read by :func:`load_weights`).
 """
 
 from qkd_jax.models.cifar_resnet import CifarResNet, option_a_shortcut
@@ -15,8 +16,10 @@ from qkd_jax.models.registry import get_model, image_size, list_models
 from qkd_jax.models.resnet import ResNet
 from qkd_jax.models.shufflenet_v2 import ShuffleNetV2
 from qkd_jax.models.squeezenet import SqueezeNet
+from qkd_jax.models.torchvision_import import export_torchvision, import_torchvision
 from qkd_jax.models.transfer import copy_teacher_to_student
 from qkd_jax.models.vgg import VGG
+from qkd_jax.models.weight_files import load_weights
 
 __all__ = [
     "FEATURES",
@@ -32,9 +35,12 @@ __all__ = [
     "VGG",
     "apply_with_features",
     "copy_teacher_to_student",
+    "export_torchvision",
     "get_model",
     "image_size",
+    "import_torchvision",
     "list_models",
+    "load_weights",
     "option_a_shortcut",
     "read_features",
 ]

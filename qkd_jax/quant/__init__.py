@@ -54,6 +54,7 @@ from qkd_jax.quant.layer_quant import (  # noqa: E402
     QUANT,
 )
 from qkd_jax.quant.layers import QConv, QDense, quantized_layers  # noqa: E402
+from qkd_jax.quant.methods import QUANT_METHODS, QuantMethod, get_method, register  # noqa: E402
 from qkd_jax.quant.rules import (  # noqa: E402
     LayerPrecision,
     Rule,
@@ -77,6 +78,8 @@ __all__ += [
     "PERTURBATIONS",
     "QConv",
     "QDense",
+    "QUANT_METHODS",
+    "QuantMethod",
     "QUANT",
     "Rule",
     "RuleSet",
@@ -85,8 +88,10 @@ __all__ += [
     "describe",
     "first_last_8bit",
     "full_precision",
+    "get_method",
     "quantizable_paths",
     "quantized_layers",
+    "register",
     "resolve",
     "rule_set",
     "sqakd_cifar",

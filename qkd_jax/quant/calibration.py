@@ -1,4 +1,4 @@
-"""Data-dependent initialisation of quantizer parameters on one batch (REFERENCE.md section 2).
+"""Data-dependent initialisation of quantizer parameters on one batch.
 
     new_variables = calibrate(student, variables, images, train=True)
 
@@ -16,8 +16,9 @@ EWGS code whose init runs in the first training step) normalises with the calibr
 statistics; the running statistics that pass updates are thrown away (the teacher's are kept).
 `train=False` uses the teacher's running statistics.
 
-Closed forms (std is the unbiased sample std, ddof=1, as torch.Tensor.std in the official code;
-x = the layer's input, W = its kernel, Q_P from `lsq_bounds`):
+Closed forms, one per method record (`qkd_jax.quant.methods`; std is the unbiased sample std,
+ddof=1, as torch.Tensor.std in the official code; x = the layer's input, W = its kernel, Q_P
+from `lsq_bounds`):
     interval: w_upper = 3 std(W), w_lower = -3 std(W);
               a_upper = 3 std(x) / sqrt(1 - 2/pi), a_lower = min(x)
               output_scale = mean|layer(x, W)| / mean|layer(a_hat, w_hat)|, the bias included in
@@ -41,7 +42,6 @@ that flag during calibration; `calibrate` raises `DeadLayerError` naming every s
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import flax.linen as nn
@@ -52,67 +52,29 @@ from flax import traverse_util
 from flax.core import unfreeze
 
 from qkd_jax.quant.layer_quant import CALIBRATION_COLLECTION, QUANT
-from qkd_jax.quant.quantizers import lsq_bounds
-from qkd_jax.quant.rules import LayerPrecision
+from qkd_jax.quant.methods import get_method
+from qkd_jax.quant.precision import LayerPrecision
+from qkd_jax.quant.statistics import EPS  # noqa: F401  (re-exported: calibration.EPS)
 
-EPS = 1e-8
 DEAD = "dead_output"  # the per-layer flag written next to the parameters while calibrating
 
 
 class DeadLayerError(ValueError):
     """Calibration left a quantized layer whose quantized output is identically zero."""
-_HALF_NORMAL = math.sqrt(1.0 - 2.0 / math.pi)
-
-
-def _std(x: jax.Array) -> jax.Array:
-    return jnp.std(x, ddof=1) if x.size > 1 else jnp.zeros((), x.dtype)
-
-
-def _positive(v: jax.Array) -> jax.Array:
-    """`v`, or 1 when the statistic is degenerate (<= EPS, e.g. an all-zero input).
-
-    Any width quantizes an all-zero tensor exactly, but a tiny one (EPS) makes the gradients
-    w.r.t. the step or interval (~ x / s^2) overflow as soon as the input moves."""
-    return jnp.where(v > EPS, v, 1.0)
 
 
 def weight_params(lp: LayerPrecision, w: jax.Array) -> dict[str, jax.Array]:
-    """Weight-side quantizer parameters from the kernel W (see module docstring)."""
+    """Weight-side quantizer parameters from the kernel W (the method record's closed form)."""
     if not lp.quantized or lp.w_bits is None:
         return {}
-    w = jax.lax.stop_gradient(jnp.asarray(w, jnp.float32))
-    if lp.method == "interval":
-        s = _positive(3.0 * _std(w))
-        return {"w_lower": -s, "w_upper": s}
-    if lp.method == "lsq":
-        q_p = lsq_bounds(lp.w_bits, True)[1]
-        return {"w_step": _positive(2.0 * jnp.mean(jnp.abs(w)) / math.sqrt(q_p))}
-    if lp.method == "qkd":
-        return {"w_interval": _positive(jnp.max(jnp.abs(w)))}
-    return {}
+    return get_method(lp.method).calibrate_weight(lp, jax.lax.stop_gradient(jnp.asarray(w, jnp.float32)))
 
 
 def input_params(lp: LayerPrecision, x: jax.Array) -> dict[str, jax.Array]:
-    """Activation-side quantizer parameters from the layer input x (see module docstring)."""
+    """Activation-side quantizer parameters from the layer input x (the method record's closed form)."""
     if not lp.quantized or lp.a_bits is None:
         return {}
-    x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
-    if lp.method == "interval":
-        lower = jnp.min(x)
-        upper = 3.0 * _std(x) / _HALF_NORMAL
-        upper = jnp.where(upper > lower, upper, jnp.max(x))
-        return {"a_lower": lower, "a_upper": jnp.where(upper > lower + EPS, upper, lower + 1.0)}
-    if lp.method == "pact":
-        if lp.pact_alpha is not None:
-            return {"a_alpha": jnp.asarray(lp.pact_alpha, jnp.float32)}
-        return {"a_alpha": _positive(3.0 * _std(x) / _HALF_NORMAL)}
-    if lp.method == "lsq":
-        q_p = lsq_bounds(lp.a_bits, lp.a_signed)[1]
-        return {"a_step": _positive(2.0 * jnp.mean(jnp.abs(x)) / math.sqrt(q_p))}
-    if lp.method == "qkd":
-        stat = jnp.max(jnp.abs(x)) if lp.a_signed else jnp.max(x)
-        return {"a_interval": _positive(stat)}
-    return {}
+    return get_method(lp.method).calibrate_input(lp, jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)))
 
 
 def output_scale(y_fp: jax.Array, y_q: jax.Array) -> jax.Array:

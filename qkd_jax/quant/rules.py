@@ -21,39 +21,17 @@ import dataclasses
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from qkd_jax.quant.methods import QUANT_METHODS
+from qkd_jax.quant.precision import FULL_PRECISION, LayerPrecision
 from qkd_jax.quant.validation import check_bits
 
-METHODS = ("interval", "pact", "lsq", "dorefa", "qkd", "none")
-#: Methods whose activation quantizer has a signed variant (`a_signed=True`).
-SIGNED_ACTIVATION_METHODS = ("interval", "lsq", "qkd")
+#: The registered quantizer methods (`qkd_jax.quant.methods`) and 'none' (full precision).
+METHODS = (*QUANT_METHODS, "none")
+#: Methods whose activation quantizer accepts `a_signed=True`.
+SIGNED_ACTIVATION_METHODS = tuple(name for name, m in QUANT_METHODS.items() if m.signed_inputs)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LayerPrecision:
-    """The resolved precision of one layer (what a quantized layer needs to run).
 
-    `w_bits` / `a_bits` None means that side is full precision; `method == 'none'` means both.
-    `a_signed`: the activation grid is signed (LSQ / QKD; the interval method handles signed
-    inputs through its learnable lower bound). `output_scale`: multiply the output by a learnable
-    |output_scale| (EWGS). `pact_alpha`: a constant PACT alpha for calibration (None: from data).
-    """
-
-    method: str = "none"
-    w_bits: Optional[int] = None
-    a_bits: Optional[int] = None
-    a_signed: bool = False
-    output_scale: bool = False
-    pact_alpha: Optional[float] = None
-    rule: Optional[int] = None  # index of the rule that matched, None when no rule did
-    pattern: Optional[str] = None
-
-    @property
-    def quantized(self) -> bool:
-        """True when weights or activations are quantized."""
-        return self.method != "none" and (self.w_bits is not None or self.a_bits is not None)
-
-
-FULL_PRECISION = LayerPrecision()
 
 
 def _check_optional_bits(bits: Any, name: str) -> Optional[int]:
@@ -130,7 +108,8 @@ class Rule:
         """The LayerPrecision this rule gives a layer it matches."""
         if self.full_precision:
             return LayerPrecision(rule=index, pattern=self.pattern)
-        scale = self.method == "interval" if self.output_scale is None else bool(self.output_scale)
+        default = self.method in QUANT_METHODS and QUANT_METHODS[self.method].output_scale
+        scale = default if self.output_scale is None else bool(self.output_scale)
         return LayerPrecision(
             method=self.method,
             w_bits=self.w_bits,
@@ -207,10 +186,9 @@ def first_last_8bit(method: str, w_bits: int, a_bits: int, **kw: Any) -> RuleSet
     """
     if method == "none":
         return full_precision()
-    stem_a_bits: Optional[int] = 8
-    stem_signed = method in ("lsq", "qkd")
-    if method in ("pact", "dorefa"):
-        stem_a_bits = None
+    sign = QUANT_METHODS[method].input_sign if method in QUANT_METHODS else "none"
+    stem_a_bits: Optional[int] = None if sign == "none" else 8
+    stem_signed = sign == "grid"
     return rule_set(
         Rule(pattern="stem", method=method, w_bits=8, a_bits=stem_a_bits, a_signed=stem_signed, **kw),
         Rule(pattern="classifier", method=method, w_bits=8, a_bits=8, **kw),

@@ -57,15 +57,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from qkd_jax.quant.layer_quant import input_scale, quantize_input, weight_scale
-from qkd_jax.quant.quantizers import lsq_bounds
-from qkd_jax.quant.rules import LayerPrecision
+from qkd_jax.quant.methods import QUANT_METHODS, get_method
+from qkd_jax.quant.precision import LayerPrecision
 
-# Quantizer parameter names of the activation side, per method (see layer_quant).
-ACTIVATION_PARAMS = {"interval": ("a_lower", "a_upper"), "pact": ("a_alpha",), "dorefa": (), "lsq": ("a_step",),
-                     "qkd": ("a_interval",)}
-WEIGHT_PARAMS = {"interval": ("w_lower", "w_upper"), "pact": (), "dorefa": (), "lsq": ("w_step",),
-                 "qkd": ("w_interval",)}
-METHODS = tuple(ACTIVATION_PARAMS)
+# Quantizer parameter names per method and side, from the method records.
+ACTIVATION_PARAMS = {name: tuple(m.input_params) for name, m in QUANT_METHODS.items()}
+WEIGHT_PARAMS = {name: tuple(m.weight_params) for name, m in QUANT_METHODS.items()}
+METHODS = tuple(QUANT_METHODS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,15 +99,6 @@ class Grid:
                 "scale": float(self.scale)}
 
 
-def _symmetric_odd(bits: int, scale: float) -> Grid:
-    levels = 2**bits
-    return Grid(levels, 2, levels - 1, scale)
-
-
-def _binary(scale: float) -> Grid:
-    return Grid(2, 2, 1, scale)
-
-
 def _params32(q: Mapping[str, object]) -> dict[str, np.ndarray]:
     """Per-tensor (scalar) quantizer parameters as float32 NumPy scalars."""
     out = {}
@@ -128,49 +117,31 @@ def _f32(value) -> float:
 
 
 def weight_grid(lp: LayerPrecision, q: Mapping[str, object], w_hat: np.ndarray | None = None) -> Grid:
-    """Grid of the layer's weight quantizer; its scale is the layer's own float32 `weight_scale`.
-    1-bit DoReFa/PACT needs `w_hat` (its scale E = mean|W| is computed inside the forward pass;
+    """Grid of the layer's weight quantizer (the method record's grid and float32 scale). 1-bit
+    DoReFa/PACT needs `w_hat` (its scale E = mean|W| is computed inside the forward pass;
     |w_hat| = E for every element)."""
-    b, m = lp.w_bits, lp.method
-    if b is None:
+    if lp.w_bits is None:
         raise ValueError("weights are full precision: no weight grid")
-    if m not in METHODS:
-        raise ValueError(f"unknown method {m!r}")
-    params = _params32({k: v for k, v in q.items() if k in WEIGHT_PARAMS[m]})
-    if m in ("pact", "dorefa") and b == 1:
+    method = get_method(lp.method)
+    params = _params32({k: v for k, v in q.items() if k in method.weight_params})
+    if method.weight_grid(lp.w_bits)[0] == 2 and not method.weight_params:  # 1-bit DoReFa: E from w_hat
         if w_hat is None:
             raise ValueError("1-bit DoReFa weights: the scale E is read from the fake-quantized weights")
         e = np.abs(np.asarray(w_hat, np.float32))
         if e.size == 0 or e.min() != e.max():
             raise ValueError("1-bit DoReFa weights do not all have the same magnitude E")
-    scale = _f32(weight_scale(lp, params, w_hat))
-    if m in ("interval", "pact", "dorefa"):
-        return _symmetric_odd(b, scale) if b > 1 or m == "interval" else _binary(scale)
-    if m == "lsq":
-        return _binary(scale) if b == 1 else Grid(2**b, 1, lsq_bounds(b, True)[0], scale)
-    # qkd
-    return _binary(scale) if b == 1 else Grid(2**b - 1, 1, 2 ** (b - 1) - 1, scale)
+    levels, multiplier, zero_point = method.weight_grid(lp.w_bits)
+    return Grid(levels, multiplier, zero_point, _f32(weight_scale(lp, params, w_hat)))
 
 
 def activation_grid(lp: LayerPrecision, q: Mapping[str, object]) -> Grid:
-    """Grid of the layer's input (activation) quantizer; its scale is the layer's own float32
-    `input_scale`."""
-    b, m = lp.a_bits, lp.method
-    if b is None:
+    """Grid of the layer's input (activation) quantizer (the method record's grid and float32 scale)."""
+    if lp.a_bits is None:
         raise ValueError("activations are full precision: no activation grid")
-    if m not in METHODS:
-        raise ValueError(f"unknown method {m!r}")
-    scale = _f32(input_scale(lp, _params32({k: v for k, v in q.items() if k in ACTIVATION_PARAMS[m]})))
-    levels = 2**b
-    if m in ("interval", "dorefa", "pact"):
-        return Grid(levels, 1, 0, scale)
-    if not lp.a_signed:  # lsq, qkd unsigned
-        return Grid(levels, 1, 0, scale)
-    if b == 1:
-        return _binary(scale)
-    if m == "lsq":
-        return Grid(levels, 1, lsq_bounds(b, True)[0], scale)
-    return Grid(2**b - 1, 1, 2 ** (b - 1) - 1, scale)  # qkd signed
+    method = get_method(lp.method)
+    params = _params32({k: v for k, v in q.items() if k in method.input_params})
+    levels, multiplier, zero_point = method.input_grid(lp.a_bits, lp.a_signed)
+    return Grid(levels, multiplier, zero_point, _f32(input_scale(lp, params)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -216,7 +216,7 @@ def _check_layer(path: str, e: Any, arrays, used: set) -> None:
             _fail(f"{aw}.params", f"method {method!r} needs exactly {list(names)}, got {params!r}")
         for k in names:
             _float(params[k], f"{aw}.params.{k}", positive=k != "a_lower" and k != "a_upper")
-        if method == "interval" and not params["a_upper"] > params["a_lower"]:
+        if {"a_lower", "a_upper"} <= set(names) and not params["a_upper"] > params["a_lower"]:
             _fail(f"{aw}.params", "a_upper must exceed a_lower")
         expected = qcodes.activation_grid(lp, {k: 1.0 for k in names})
         _check_grid(_get(a, "grid", aw), expected, f"{aw}.grid")

@@ -1,0 +1,34 @@
+"""The resolved precision of one layer: what a quantized layer needs to run (rules produce it)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerPrecision:
+    """The resolved precision of one layer (what a quantized layer needs to run).
+
+    `w_bits` / `a_bits` None means that side is full precision; `method == 'none'` means both.
+    `a_signed`: the activation grid is signed (LSQ / QKD; the interval method handles signed
+    inputs through its learnable lower bound). `output_scale`: multiply the output by a learnable
+    |output_scale| (EWGS). `pact_alpha`: a constant PACT alpha for calibration (None: from data).
+    """
+
+    method: str = "none"
+    w_bits: Optional[int] = None
+    a_bits: Optional[int] = None
+    a_signed: bool = False
+    output_scale: bool = False
+    pact_alpha: Optional[float] = None
+    rule: Optional[int] = None  # index of the rule that matched, None when no rule did
+    pattern: Optional[str] = None
+
+    @property
+    def quantized(self) -> bool:
+        """True when weights or activations are quantized."""
+        return self.method != "none" and (self.w_bits is not None or self.a_bits is not None)
+
+
+FULL_PRECISION = LayerPrecision()

@@ -1,6 +1,6 @@
 r"""CIFAR-100 VGG-13: FP teacher, EWGS QAT and EWGS + SQAKD.
 
-Recipes: REFERENCE.md section 6 and the released SQAKD CIFAR scripts.
+Recipes: docs/method.md section 8 and the released SQAKD CIFAR scripts.
 
 ARG (after the colon; default 'sqakd,w2a2'):
   fp            FP teacher only: SGD 0.05, momentum 0.9, wd 5e-4, batch 64,

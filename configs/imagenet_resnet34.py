@@ -1,4 +1,4 @@
-r"""ImageNet ResNet-34: EWGS QAT, SQAKD and QKD at W2A2 / W3A3 / W4A4 (REFERENCE.md sections 4 and 6).
+r"""ImageNet ResNet-34: EWGS QAT, SQAKD and QKD at W2A2 / W3A3 / W4A4 (docs/method.md sections 7 and 8).
 
 Every conv and linear layer is quantized, the first and the last at 8 bits (preset 'first_last_8bit').
 

@@ -1,6 +1,6 @@
 r"""Tiny-ImageNet ResNet-18: PACT / LSQ / DoReFa, each with and without SQAKD.
 
-Recipes: REFERENCE.md section 6 and the released SQAKD Tiny-ImageNet scripts.
+Recipes: docs/method.md section 8 and the released SQAKD Tiny-ImageNet scripts.
 
 64 px images upsampled to 224 (ImageNet-style augmentation), 200 classes, 100 epochs per phase.
 Every conv and linear layer is quantized, the first and the last at 8 bits (preset 'first_last_8bit').

@@ -572,16 +572,19 @@ def _diff(a: Row, b: Row) -> tuple[float, float]:
 
 
 TABLE_VERDICT = {"better": "SQAKD better", "worse": "QAT better"}
+NOT_SIGNIFICANT = "not significant"
 
 
-def _verdict(d: float, se: float) -> str:
+def _verdict(d: float, se: float, n: int) -> str:
+    """Two-sided paired t-test over the n seeds at p < 0.05 (see experiments/paired_tests.py)."""
+    from experiments.paired_tests import ALPHA, t_two_sided_p
+
     if math.isnan(se):
         return "n/a (1 seed)"
-    if d > 2 * se and d > 0:
-        return "better"
-    if d < -2 * se and d < 0:
-        return "worse"
-    return "within noise"
+    t = (0.0 if d == 0 else math.copysign(math.inf, d)) if se == 0 else d / se
+    if t_two_sided_p(t, n - 1) >= ALPHA:
+        return NOT_SIGNIFICANT
+    return "better" if d > 0 else "worse"
 
 
 def _delta_summary(records: dict[RunSpec, dict]) -> str:
@@ -639,13 +642,14 @@ def markdown(opts: Options, rows: Sequence[Row], wall_s: float, compute_s: float
                     continue
                 d, se = _diff(sq, qat)
                 wins = sum(s > q for s, q in zip(sq.values, qat.values))
-                verdict = _verdict(d, se)
+                verdict = _verdict(d, se, sq.n)
                 comparisons.append((method, bits, d, se, verdict, qat, sq))
                 se_txt = "" if math.isnan(se) else f" ± {se:.2f}"
                 out.append(f"| {METHOD_LABEL[method]} | W{bits}A{bits} | {_pm(qat)} | {_pm(sq)} | {d:+.2f}{se_txt} | "
                            f"{wins}/{sq.n} | {TABLE_VERDICT.get(verdict, verdict)} |")
-        out += ["", "Δ is the mean of the per-seed differences ± its standard error; the verdict calls a "
-                "difference real when it exceeds 2 standard errors (a rough bar with few seeds).", ""]
+        out += ["", "Δ is the mean of the per-seed differences ± its standard error; the verdict is a "
+                "two-sided paired t-test over seeds at p < 0.05 (with 3 seeds: |Δ| above about 4.3 "
+                "standard errors); `python experiments/paired_tests.py` prints the p-values.", ""]
     ewgs = (_find(rows, "ewgs", "interval", ABLATION_BITS, "ste"), _find(rows, "ewgs", "interval", ABLATION_BITS, "hessian"))
     if all(ewgs):
         d, se = _diff(ewgs[1], ewgs[0])
@@ -655,7 +659,7 @@ def markdown(opts: Options, rows: Sequence[Row], wall_s: float, compute_s: float
                 f"| STE (delta = 0) | {_pm(ewgs[0])} |",
                 f"| EWGS, delta from the Hessian trace (refreshed every {max(1, opts.epochs // 3)} epochs on 2 x "
                 f"{opts.hessian_batch_size} images, <= {opts.hessian_probes} probes each; 0 before) | {_pm(ewgs[1])} |",
-                "", f"Δ Hessian − STE: {d:+.2f}{se_txt} points ({_verdict(d, se)}).", ""]
+                "", f"Δ Hessian − STE: {d:+.2f}{se_txt} points ({_verdict(d, se, ewgs[0].n)}).", ""]
         out += [f"EWGS delta over the layers at each refresh (averaged over seeds): {deltas}." if deltas else
                 "The Hessian run never refreshed its delta (too few epochs): it equals the STE run.", ""]
     qkd_rows = [_find(rows, "qkd", "qkd", ABLATION_BITS, v) for v in ("qkd", "tutoring_only", "self_study_only")]
@@ -681,30 +685,40 @@ def reading(opts, rows, comparisons, ewgs, qkd_rows, deltas: str = "") -> list[s
     if opts.quick:
         lines.append(f"- This is the --quick smoke setting ({opts.epochs} student epoch(s) per phase, {opts.seeds} "
                      f"seed(s)): the numbers only show that the pipeline runs; they say nothing about the methods.")
+
+    def names(cs):
+        return ", ".join(f"{METHOD_LABEL[m]} W{b}A{b} ({d:+.2f})" for m, b, d, *_ in cs)
+
     if comparisons:
-        higher = [c for c in comparisons if c[2] > 0]
+        # Equal correct-image sums: one image in the sum over n seeds moves the mean Δ by 100 / (360 n)
+        # points (>= 0.09 for n <= 3), far above this bound and above the CSV's 4-decimal rounding.
+        tie = 0.01
+        higher = [c for c in comparisons if c[2] > tie]
+        ties = [c for c in comparisons if abs(c[2]) <= tie]
         better = [c for c in comparisons if c[4] == "better"]
         worse = [c for c in comparisons if c[4] == "worse"]
-        noise = [c for c in comparisons if c[4] == "within noise"]
+        noise = [c for c in comparisons if c[4] == NOT_SIGNIFICANT]
         text = (f"- SQAKD, which never reads a label, has the higher mean in {len(higher)} of "
                 f"{len(comparisons)} settings")
+        if ties:
+            tied = ", ".join(f"{METHOD_LABEL[m]} W{b}A{b}" for m, b, *_ in ties)
+            text += f", and the same number of correct test images over the seeds in {len(ties)} ({tied})"
         if opts.seeds > 1:
-            text += (f"; it is better beyond 2 standard errors in {len(better)}, worse beyond 2 standard "
-                     f"errors in {len(worse)}, and within noise in {len(noise)}")
+            text += (f"; by a two-sided paired t-test over seeds (p < 0.05) it is better in {len(better)}, "
+                     f"worse in {len(worse)}, and not significantly different in {len(noise)}")
         else:
             text += " (one seed: no noise estimate, so no verdicts)"
         lines.append(text + ".")
 
-        def names(cs):
-            return ", ".join(f"{METHOD_LABEL[m]} W{b}A{b} ({d:+.2f})" for m, b, d, *_ in cs)
-
-        lower = [c for c in comparisons if c[2] <= 0]
+        lower = [c for c in comparisons if c[2] < -tie]
+        if better:
+            lines.append(f"- SQAKD better than plain QAT (paired t-test, p < 0.05): {names(better)}.")
         if worse:
-            lines.append(f"- SQAKD loses to plain QAT (beyond 2 standard errors) at: {names(worse)}.")
+            lines.append(f"- SQAKD worse than plain QAT (paired t-test, p < 0.05): {names(worse)}.")
         if lower:
-            lines.append(f"- SQAKD's mean is not higher than plain QAT's at: {names(lower)}.")
+            lines.append(f"- SQAKD's mean is lower than plain QAT's at: {names(lower)}.")
         if noise:
-            lines.append(f"- Within noise (no clear winner): {names(noise)}.")
+            lines.append(f"- Not significant (no winner shown): {names(noise)}.")
         for bits in opts.bits:
             ds = [c[2] for c in comparisons if c[1] == bits]
             if ds:
@@ -722,7 +736,7 @@ def reading(opts, rows, comparisons, ewgs, qkd_rows, deltas: str = "") -> list[s
     if all(ewgs):
         d, se = _diff(ewgs[1], ewgs[0])
         lines.append(f"- EWGS Hessian delta vs STE (interval W{ABLATION_BITS}A{ABLATION_BITS} QAT): {d:+.2f} points "
-                     f"({_verdict(d, se)})"
+                     f"({_verdict(d, se, ewgs[0].n)})"
                      + (f"; the deltas it chose ({deltas}) scale the gradient by at most 1 ± max delta / "
                         f"{2 * (2 ** ABLATION_BITS - 1)}, so a small effect is expected." if deltas else "."))
     if all(qkd_rows):

@@ -201,7 +201,7 @@ AnyObjective = Union[Objective, CoStudy]
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets (the methods of REFERENCE.md section 4).
+# Presets (the methods of docs/method.md section 7).
 
 
 def sqakd(alpha: float = 1.0, temperature: float = 4.0) -> Objective:

@@ -1,7 +1,8 @@
 """Model zoo written once with conv / dense injection (FP teacher and quantized student share paths).
 
 CIFAR: resnet20/32/56, vgg8/11/13. ImageNet-style: resnet18/34/50, vgg11_bn, mobilenet_v2,
-shufflenet_v2_x0_5/x1_0, squeezenet1_0, efficientnet_b0. See :func:`get_model`; the
+shufflenet_v2_x0_5/x1_0, squeezenet1_0, efficientnet_b0. Released SQAKD Tiny-ImageNet VGG-11-BN
+(CIFAR-style, no FC layers): vgg11_bn_tiny. See :func:`get_model`; the
 distillation features of any of them: :func:`apply_with_features`.
 Pretrained ImageNet-style teachers: :func:`import_torchvision` (weights read by :func:`load_weights`).
 """

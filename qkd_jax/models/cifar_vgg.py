@@ -5,8 +5,9 @@ Five stages of 3x3 convs (with bias) + BN + ReLU; the stage configurations are
     vgg11 ('A'): [64], [128], [256, 256], [512, 512], [512, 512]
     vgg13 ('B'): [64, 64], [128, 128], [256, 256], [512, 512], [512, 512]
 A 2x2 max pool follows stages 1-3; stage 4 is pooled only for 64-pixel inputs (the
-official code's ``if h == 64``); then global average pooling and one Linear(512,
-classes). There are no hidden FC layers: "VGG-8" is the CRD/SQAKD name of 5 convs + 1 FC,
+official CIFAR code's ``if h == 64``; ``pool_stage4_at_64=False`` never pools it, as the released
+Tiny-ImageNet ``TinyImageNet/models/vgg.py``, where that line is commented out); then global
+average pooling and one Linear(512, classes). There are no hidden FC layers: "VGG-8" is the CRD/SQAKD name of 5 convs + 1 FC,
 and vgg11/vgg13 take their conv configurations from VGG-A/B (8 and 10 convs + 1 FC).
 
 Layer names: the first conv is ``stem`` (BN ``stem_bn``); every other conv is
@@ -62,6 +63,7 @@ class CifarVGG(nn.Module):
     norm: ModuleDef = BatchNorm
     dtype: Any = jnp.float32
     axis_name: str | None = None
+    pool_stage4_at_64: bool = True
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -77,7 +79,7 @@ class CifarVGG(nn.Module):
                 pre = norm(name=bn_name)(x)
                 x = nn.relu(pre)
             record_feature(self, x, pre if i > 1 else None)
-            if i <= 3 or (i == 4 and height == 64):
+            if i <= 3 or (i == 4 and height == 64 and self.pool_stage4_at_64):
                 x = max_pool(x, 2, 2)
         x = global_avg_pool(x)
         record_feature(self, x)

@@ -42,6 +42,9 @@ _MODELS: dict[str, ModelSpec] = {
     "resnet34": ModelSpec(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock), _IMAGENET),
     "resnet50": ModelSpec(functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck), _IMAGENET),
     "vgg11_bn": ModelSpec(VGG, _IMAGENET),
+    # The released SQAKD Tiny-ImageNet VGG-11-BN (TinyImageNet/models/vgg.py: VGG-A convs, no
+    # pool after stage 4, global average pool, Linear(512, C)), fed 224 px there.
+    "vgg11_bn_tiny": ModelSpec(functools.partial(CifarVGG, depth=11, pool_stage4_at_64=False), _IMAGENET),
     "mobilenet_v2": ModelSpec(MobileNetV2, _IMAGENET),
     "shufflenet_v2_x0_5": ModelSpec(
         functools.partial(ShuffleNetV2, widths=SHUFFLENET_V2_WIDTHS["x0_5"]), _IMAGENET

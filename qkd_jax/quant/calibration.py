@@ -1,4 +1,4 @@
-"""Data-dependent initialisation of quantizer parameters on one batch.
+"""Data-dependent initialisation of quantizer parameters on one batch (docs/method.md section 4).
 
     new_variables = calibrate(student, variables, images, train=True)
 

@@ -1,4 +1,4 @@
-"""Hessian-trace estimation and the EWGS delta it gives (REFERENCE section 5).
+"""Hessian-trace estimation and the EWGS delta it gives (docs/method.md section 5).
 
 Hessian-vector products use reverse-over-reverse differentiation, which `jax.custom_vjp`
 functions (the discretizer) support; forward-over-reverse would not.

@@ -6,7 +6,7 @@ A `RuleSet` is an ordered tuple of `Rule`s; a layer takes the first rule whose r
 report; a rule that matches no layer of a model is an error (`resolve` raises), so a typo never
 silently leaves a model unquantized.
 
-Methods (weight quantizer / activation quantizer, REFERENCE.md section 2):
+Methods (weight quantizer / activation quantizer, docs/method.md section 2):
     'interval'  learnable interval (EWGS / SQAKD-CIFAR) / learnable interval, with |output_scale|
     'pact'      DoReFa weights / PACT activations (learnable alpha)
     'lsq'       LSQ (learnable step) / LSQ

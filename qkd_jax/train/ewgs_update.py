@@ -1,6 +1,6 @@
 """EWGS delta from the Hessian of the training loss w.r.t. each layer's discretizer output.
 
-    delta_l = max(0, mean_k[(Tr(H_k,l) / N_l) / (3 std(g_k,l) + eps)])     (REFERENCE section 5)
+    delta_l = max(0, mean_k[(Tr(H_k,l) / N_l) / (3 std(g_k,l) + eps)])     (docs/method.md section 5)
 
 Quantized layers expose their discretizer outputs x_q as flax perturbations ('perturbations'
 collection, entries 'w_q' and 'a_q'); the gradient w.r.t. a zero perturbation is dL/dx_q and a

@@ -16,7 +16,7 @@ the torch one:
 - sgd:  `buf = mu * buf + g`; `p -= lr_s * buf` (nesterov: `p -= lr_s * (g + mu * buf)`), dampening 0;
 - adam: `p -= lr_s * m_hat / (sqrt(v_hat) + eps)`;
 - decoupled decay (adamw, or `decay='decoupled'`): `p -= lr_s * wd * p` after the direction.
-Quantizer params never get weight decay, whatever their spec says (REFERENCE.md section 6).
+Quantizer params never get weight decay, whatever their spec says (docs/method.md section 10).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 No training: every config file and every ARG variant it documents (its VARIANTS tuple) is loaded
 the way `--config=configs/X.py:ARG` loads it and checked with `config_schema.validate` against the
 known models, datasets, quantizer methods and precision presets. Recipe values are asserted
-against REFERENCE.md section 6 (and the released SQAKD scripts where the table is silent).
+against docs/method.md section 8 (and the released SQAKD scripts where the table is silent).
 """
 
 from __future__ import annotations
@@ -239,7 +239,7 @@ def test_phase_overrides_are_independent():
     assert config.phases.co_study.teacher_opt.learning_rate == 1e-2
 
 
-# ----------------------------------------------------------------------------- recipe values (REFERENCE.md section 6)
+# ----------------------------------------------------------------------------- recipe values (docs/method.md section 8)
 
 
 def _opt(cfg, **expected):
@@ -320,7 +320,7 @@ def test_cifar100_resnet32_w4a4_alpha_100():
 
 TINY = {
     "tiny_imagenet_resnet18.py": "resnet18",
-    "tiny_imagenet_vgg11.py": "vgg11_bn",
+    "tiny_imagenet_vgg11.py": "vgg11_bn_tiny",
     "tiny_imagenet_mobilenet_v2.py": "mobilenet_v2",
     "tiny_imagenet_shufflenet_v2.py": "shufflenet_v2_x0_5",
     "tiny_imagenet_squeezenet.py": "squeezenet1_0",
@@ -333,7 +333,9 @@ def test_tiny_imagenet_recipe(name, method):
     qat = get(name, f"qat,{method},w4a4")
     assert (qat.dataset.name, qat.model.name, qat.model.num_classes) == ("tiny_imagenet", TINY[name], 200)
     assert (qat.dataset.image_size, qat.dataset.augment) == (224, "imagenet")
-    assert (qat.quant.method, qat.quant.preset) == (method, "first_last_8bit")
+    # VGG-11: stem and classifier FP as the released MQBench Academic runs (test below).
+    preset = "sqakd_cifar" if name == "tiny_imagenet_vgg11.py" else "first_last_8bit"
+    assert (qat.quant.method, qat.quant.preset) == (method, preset)
     t, s = qat.phases.teacher, qat.phases.student
     assert t.epochs == s.epochs == 100
     # Label smoothing 0.1 for the FP teacher and for plain QAT.
@@ -369,7 +371,26 @@ def test_tiny_imagenet_recipe(name, method):
 def test_tiny_imagenet_sqakd_alpha(name, bits, method, alpha):
     s = get(name, f"sqakd,{method},{bits}").phases.student
     assert s.alpha == alpha
-    assert 1.0 <= s.alpha <= 800.0  # REFERENCE.md: alpha 1 (ResNet-18), 10-800 others
+    assert 1.0 <= s.alpha <= 800.0  # docs/method.md section 8: alpha 1 (ResNet-18), 10-800 others
+
+
+@pytest.mark.parametrize("method", ["pact", "lsq", "dorefa"])
+def test_tiny_imagenet_vgg11_is_the_released_network_and_precision(method):
+    """The released TinyImageNet/models/vgg.py vgg11_bn: 8 convs + Linear(512, 200); MQBench's
+    Academic backend keeps the first conv and the last linear at 32 bits, quantizes the rest."""
+    build = pytest.importorskip("qkd_jax.train.build")
+    from qkd_jax.models import get_model
+    from qkd_jax.quant import rules as qrules
+
+    config = get("tiny_imagenet_vgg11.py", f"sqakd,{method},w4a4")
+    model = get_model(config.model.name, config.model.num_classes)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((1, 64, 64, 3)), train=False))
+    assert shapes["params"]["classifier"]["kernel"].shape == (512, 200)
+    resolved = qrules.resolve(build.student_rules(config), shapes["params"])
+    assert len(resolved) == 9
+    assert {p for p, lp in resolved.items() if not lp.quantized} == {"stem", "classifier"}
+    assert all((lp.method, lp.w_bits, lp.a_bits) == (method, 4, 4) for p, lp in resolved.items()
+               if p not in ("stem", "classifier"))
 
 
 def test_tiny_imagenet_batch_sizes():

@@ -54,7 +54,8 @@ def random_variables(model: nn.Module, x: jax.Array, seed: int = 0) -> dict[str,
 def test_registry_names() -> None:
     assert list_models() == sorted(
         ["resnet20", "resnet32", "resnet56", "vgg8", "vgg11", "vgg13", "resnet18", "resnet34", "resnet50",
-         "vgg11_bn", "mobilenet_v2", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "squeezenet1_0", "efficientnet_b0"]
+         "vgg11_bn", "vgg11_bn_tiny", "mobilenet_v2", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
+         "squeezenet1_0", "efficientnet_b0"]
     )
     with pytest.raises(ValueError, match="unknown model 'resnet19'.*resnet20.*vgg8"):
         get_model("resnet19", 10)

@@ -71,8 +71,35 @@ CIFAR = [
 ]
 
 
+# The released SQAKD Tiny-ImageNet VGG-11-BN (TinyImageNet/models/vgg.py, cfg 'A', vgg11_bn):
+# VGGBlock = Conv2d(in, out, 3, padding=1) (bias=True) + BatchNorm2d(out) + ReLU, then
+# Linear(512, num_classes). Its layer list, stage by stage, as written there:
+RELEASED_TINY_VGG11_CFG = [[64], [128], [256, 256], [512, 512], [512, 512]]
+
+
+def released_tiny_vgg11_count(c: int) -> int:
+    """Closed form from the released layer list: per conv 3*3*in*out weights + out bias, per BN
+    out weights + out biases; then the Linear's 512*c weights + c biases."""
+    total, cin = 0, 3
+    for stage in RELEASED_TINY_VGG11_CFG:
+        for cout in stage:
+            total += 3 * 3 * cin * cout + cout  # Conv2d with bias
+            total += cout + cout  # BatchNorm2d weight and bias (running stats are buffers)
+            cin = cout
+    return total + 512 * c + c
+
+
 def test_every_registry_model_has_a_reference_count() -> None:
-    assert set(list_models()) == set(TORCHVISION) | {name for name, *_ in CIFAR}
+    assert set(list_models()) == set(TORCHVISION) | {name for name, *_ in CIFAR} | {"vgg11_bn_tiny"}
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_tiny_imagenet_vgg11_matches_the_released_network(size: int) -> None:
+    # 200 classes: 9,225,984 in convs + BN (as CIFAR VGG-11) + 102,600 in the Linear.
+    assert released_tiny_vgg11_count(200) == 9_328_584
+    assert count_params("vgg11_bn_tiny", 200, size) == released_tiny_vgg11_count(200)
+    # torchvision's VGG-11-BN with its 25088-4096-4096 head is a different network, about 14x larger (129,591,240).
+    assert count_params("vgg11_bn", 200, 224) == 129_591_240 > 13 * released_tiny_vgg11_count(200)
 
 
 @pytest.mark.parametrize("name", sorted(TORCHVISION))

@@ -1,4 +1,4 @@
-"""Calibration sets the closed forms of REFERENCE.md section 2, recomputed here in NumPy.
+"""Calibration sets the closed forms of docs/method.md section 4, recomputed here in NumPy.
 
 The NumPy forward pass calibrates layer by layer: each quantized layer's statistics are taken on
 its input as produced by the already-calibrated quantized layers before it.
@@ -50,7 +50,7 @@ def _rules(method, **kw):
 
 
 def closed_form(method, w, x, pact_alpha=None):
-    """REFERENCE.md section 2 (std with ddof=1, as torch.std)."""
+    """docs/method.md section 4 (std with ddof=1, as torch.std)."""
     w, x = np.asarray(w, np.float64), np.asarray(x, np.float64)
     if method == "interval":
         s = 3 * w.std(ddof=1)

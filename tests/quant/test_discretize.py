@@ -1,4 +1,4 @@
-"""Tests of the unified discretizer (REFERENCE section 1) and round_ste.
+"""Tests of the unified discretizer (docs/method.md section 1) and round_ste.
 
 Every expected value is written here with NumPy from the formulas:
 

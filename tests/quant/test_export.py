@@ -1,7 +1,7 @@
 """Integer export: exact dequantization, integer inference against the fake-quant student,
 the file format and its validator, the size report, and checkpoint / CLI errors.
 
-Reference values are written here from REFERENCE.md section 2 (grid scales), independently of
+Reference values are written here from docs/method.md section 3 (grid scales), independently of
 qkd_jax.quant.export.
 """
 
@@ -163,7 +163,7 @@ def small(tmp_path_factory):
 
 
 def _expected_weight_scale(spec, kernel, q):
-    """s of w_hat = s * q (REFERENCE.md section 2), q the signed integer of the code."""
+    """s of w_hat = s * q (docs/method.md section 3), q the signed integer of the code."""
     m, b = spec[0], spec[1]
     if m == "interval" or (m in ("pact", "dorefa") and b > 1):
         return 1.0 / (2**b - 1)  # 2 x_q - 1 = (2k - (L-1)) / (L-1)
@@ -228,7 +228,7 @@ def _check_spec(toy, spec) -> None:
 def test_every_method_and_bit_width(toy):
     """For interval, pact, lsq, dorefa, qkd at 1..8 bits (and signed activations, one-sided
     layers): dequantized weights equal the student's fake-quantized weights exactly; grids follow
-    REFERENCE.md; integer logits match the fake-quant eval logits within RTOL; same top-1."""
+    docs/method.md section 2; integer logits match the fake-quant eval logits within RTOL; same top-1."""
     failures = []
     for spec in SPECS:
         try:

@@ -1,4 +1,4 @@
-"""Hessian-vector products, Hutchinson traces and the EWGS delta (REFERENCE section 5)."""
+"""Hessian-vector products, Hutchinson traces and the EWGS delta (docs/method.md section 5)."""
 
 import jax
 import jax.numpy as jnp

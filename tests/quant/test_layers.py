@@ -18,7 +18,7 @@ from qkd_jax.quant.rules import LayerPrecision, Rule, full_precision, rule_set, 
 KEY = functools.partial(jax.random.key, impl="unsafe_rbg")
 
 # ----------------------------------------------------------------- NumPy reference quantizers
-# Written from REFERENCE.md section 2, independently of qkd_jax (np.round rounds half to even).
+# Written from docs/method.md section 2, independently of qkd_jax (np.round rounds half to even).
 
 
 def np_disc(xn, levels):

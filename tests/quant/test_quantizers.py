@@ -1,6 +1,6 @@
 """Forward values and every gradient of each quantizer against NumPy closed forms.
 
-The closed forms are REFERENCE.md section 2 written out with NumPy; the gradients are the
+The closed forms are docs/method.md section 2 written out with NumPy; the gradients are the
 chain rule through the normalised grid x_n with the EWGS-scaled
 
     dL/dx_n = g * (1 + delta * sign(g) * (x_n - x_q)),   g = dL/dx_q
@@ -41,7 +41,7 @@ def np_round_grid(x_n, steps):
 
 
 def ewgs(g, x_n, x_q, delta):
-    """EWGS-scaled dL/dx_n from g = dL/dx_q (REFERENCE section 1)."""
+    """EWGS-scaled dL/dx_n from g = dL/dx_q (docs/method.md section 1)."""
     return g * (1.0 + delta * np.sign(g) * (x_n - x_q))
 
 
@@ -414,7 +414,7 @@ def test_forward_and_gradients_per_channel(case, bits, delta):
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_lsq_step_gradient_reference_form(bits, signed):
-    """REFERENCE: with delta = 0, d v_hat / d s = round(v/s) - v/s inside, -Q_N below, Q_P above,
+    """docs/method.md section 2: with delta = 0, d v_hat / d s = round(v/s) - v/s inside, -Q_N below, Q_P above,
     times 1/sqrt(N Q_P). The binary 1-bit grid {-s, +s} has sign-like levels 2 round((v+1)/2) - 1."""
     case = Lsq(signed)
     p = case.params(per_channel=False)

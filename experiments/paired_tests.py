@@ -1,0 +1,107 @@
+"""Paired tests of SQAKD vs plain QAT on the digits grid, recomputed from the stored per-seed data.
+
+    python experiments/paired_tests.py [docs/reproduction_runs.csv]
+
+Prints one row per (method, bits): correct test images per seed in each arm (out of 360), their
+sums over seeds, the mean difference in points, and a two-sided paired t-test over seeds.
+
+Why this test. The unit that varies between repetitions is the training run (seed: teacher,
+calibration batch, data order); QAT and SQAKD of one seed share all of that, so the per-seed
+differences are the paired observations. Per-image predictions are not stored, so an exact
+McNemar / sign test over the 360 images cannot be computed (it needs the discordant pairs), and
+it would only measure test-set sampling, not the seed-to-seed spread that dominates here. With
+3 seeds the t-test has 2 degrees of freedom: a difference must exceed about 4.3 standard errors
+for p < 0.05 (the earlier "2 standard errors" bar corresponds to p of about 0.18). A sign test
+over 3 seeds can never reach p < 0.05 (3 of 3 gives p = 0.25), so it is not used.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import pathlib
+import statistics
+import sys
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from jax.scipy.special import betainc
+
+TEST_IMAGES = 360
+ALPHA = 0.05
+METHODS = ("interval", "pact", "lsq", "dorefa")
+LABEL = {"interval": "EWGS interval", "pact": "PACT", "lsq": "LSQ", "dorefa": "DoReFa"}
+
+
+class PairedT(NamedTuple):
+    mean: float  # mean of the differences
+    se: float  # its standard error
+    t: float
+    p: float  # two-sided; NaN with fewer than 2 pairs
+
+
+def t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| >= |t|) for Student's t with `df` degrees of freedom: I_{df/(df+t^2)}(df/2, 1/2)."""
+    if math.isinf(t):
+        return 0.0
+    x = df / (df + t * t)
+    return float(betainc(np.float64(df / 2.0), np.float64(0.5), np.float64(x)))
+
+
+def paired_t(diffs: Sequence[float]) -> PairedT:
+    """Two-sided paired t-test of mean(diffs) = 0 (the t-test on the differences)."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return PairedT(mean, math.nan, math.nan, math.nan)
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    if se == 0.0:
+        t = 0.0 if mean == 0.0 else math.copysign(math.inf, mean)
+    else:
+        t = mean / se
+    return PairedT(mean, se, t, t_two_sided_p(t, n - 1))
+
+
+def verdict(test: PairedT, alpha: float = ALPHA) -> str:
+    """'SQAKD better' / 'QAT better' when p < alpha, else 'not significant'."""
+    if math.isnan(test.p):
+        return "n/a (1 seed)"
+    if test.p < alpha:
+        return "SQAKD better" if test.mean > 0 else "QAT better"
+    return "not significant"
+
+
+def correct_counts(path: pathlib.Path) -> dict[tuple[str, int, str], list[int]]:
+    """{(method, bits, 'qat'|'sqakd'): correct images per seed, in seed order} of the grid rows."""
+    rows: dict[tuple[str, int, str], dict[int, int]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["section"] != "grid":
+                continue
+            key = (r["method"], int(r["bits"]), r["variant"])
+            rows.setdefault(key, {})[int(r["seed"])] = round(float(r["top1"]) * TEST_IMAGES / 100.0)
+    return {k: [v[s] for s in sorted(v)] for k, v in rows.items()}
+
+
+def table(counts: dict[tuple[str, int, str], list[int]]) -> list[str]:
+    lines = ["| method | bits | QAT correct / seed | SQAKD correct / seed | sums | Δ points | t | p | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method in METHODS:
+        for bits in sorted({b for m, b, _ in counts if m == method}):
+            qat, sq = counts[(method, bits, "qat")], counts[(method, bits, "sqakd")]
+            test = paired_t([100.0 * (s - q) / TEST_IMAGES for s, q in zip(sq, qat)])
+            lines.append(
+                f"| {LABEL[method]} | W{bits}A{bits} | {', '.join(map(str, qat))} | {', '.join(map(str, sq))} | "
+                f"{sum(qat)} vs {sum(sq)} | {test.mean:+.2f} | {test.t:+.2f} | {test.p:.3f} | {verdict(test)} |")
+    return lines
+
+
+def main(argv: Sequence[str]) -> None:
+    path = pathlib.Path(argv[1] if len(argv) > 1 else pathlib.Path(__file__).parents[1] / "docs/reproduction_runs.csv")
+    print("\n".join(table(correct_counts(path))))
+    print(f"\nTwo-sided paired t-test over seeds (df = seeds - 1), significant when p < {ALPHA}; "
+          f"correct counts = top-1 x {TEST_IMAGES} / 100.")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -113,6 +113,12 @@ def lsq(x: jax.Array, step, bits: int, *, signed: bool, delta=0.0, grid_hook: Gr
     round(x/step) - x/step inside, -Q_N below, Q_P above; the step's gradient is multiplied by
     1 / sqrt(n * Q_P), n = number of elements sharing one step (x.size / step.size).
     The 1-bit signed grid is {-step, +step} (see `lsq_bounds`).
+
+    n counts the array this call sees. In the data-parallel train step (shard_map over 'data',
+    gradients pmean'd) that is the per-replica batch, so on R devices an activation step's
+    gradient is sqrt(R) times the one-device gradient for the same global batch; weight steps
+    are unchanged (weights are not split). This is the per-replica count of the released
+    PyTorch DDP code (MQBench LSQ); docs/method.md sections 2 and 10.
     """
     bits = check_bits(bits)
     check_positive(step, "step")

@@ -24,6 +24,7 @@ class PhaseResult:
     student: dict  # params / batch_stats / quant_delta of the phase's network
     teacher: Optional[dict]  # the co-trained teacher (train_teacher phases only)
     eval: dict
+    eval_history: list = dataclasses.field(default_factory=list)  # run/report.py eval records
 
 
 @dataclasses.dataclass

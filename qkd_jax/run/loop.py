@@ -18,6 +18,7 @@ from qkd_jax.run.config_schema import phase_names, validate
 from qkd_jax.run.context import PhaseResult, RunContext
 from qkd_jax.run.loaders import steps_per_epoch
 from qkd_jax.run.plan import PhasePlan, make_plan
+from qkd_jax.run.report import SUMMARY_HEADERS, summary_cells, summary_record
 from qkd_jax.run.train_phase import run_training
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
@@ -45,9 +46,9 @@ def open_datasets(config: ml_collections.ConfigDict) -> dict:
 
 def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseResult],
                   plans: dict[str, PhasePlan]) -> str:
-    """One row per phase: kind, objective, precision, top-1/top-5."""
+    """One row per phase: kind, objective, precision, final top-1/top-5, best and last-5 top-1."""
     q = config.quant
-    rows = [("phase", "kind", "objective", "precision", "labels", "top1 %", "top5 %")]
+    rows = [("phase", "kind", "objective", "precision", "labels", "top1 %", "top5 %", *SUMMARY_HEADERS)]
     for name, res in results.items():
         plan = plans[name]
         precision = "FP32" if res.kind == "teacher" else f"{q.method} W{q.w_bits}A{q.a_bits}"
@@ -56,7 +57,8 @@ def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseRes
         top1 = res.eval.get("top1")
         top5 = res.eval.get("top5")
         rows.append((name, res.kind, objective, precision, uses_labels,
-                     f"{top1:.2f}" if top1 is not None else "-", f"{top5:.2f}" if top5 is not None else "-"))
+                     f"{top1:.2f}" if top1 is not None else "-", f"{top5:.2f}" if top5 is not None else "-",
+                     *summary_cells(res.eval_history)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -105,5 +107,5 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         print(f"\nSummary ({config.dataset.name}, {config.model.name}; wall time "
               f"{format_duration(time.perf_counter() - t0)}):\n{table}", flush=True)
         (workdir / "summary.json").write_text(json.dumps(
-            {name: {"kind": r.kind, "eval": r.eval} for name, r in ctx.results.items()}, indent=2))
+            {name: summary_record(r.kind, r.eval, r.eval_history) for name, r in ctx.results.items()}, indent=2))
     return ctx.results

@@ -55,7 +55,8 @@ def local_state(ctx: RunContext, state: TrainState, net: build.Network) -> Train
     return state.replace(apply_fn=net.local_model.apply, teacher=teacher)
 
 
-def phase_result(plan: PhasePlan, state: TrainState, eval_metrics: dict) -> PhaseResult:
+def phase_result(plan: PhasePlan, state: TrainState, eval_metrics: dict,
+                 eval_history: Optional[list] = None) -> PhaseResult:
     teacher = None
     if state.teacher is not None and state.teacher.trainable:
         teacher = jax.device_get(state.teacher.variables())
@@ -65,15 +66,17 @@ def phase_result(plan: PhasePlan, state: TrainState, eval_metrics: dict) -> Phas
         student=jax.device_get(state.variables()),
         teacher=teacher,
         eval=eval_metrics,
+        eval_history=list(eval_history or []),
     )
 
 
 def checkpoint_meta(ctx: RunContext, plan: PhasePlan, *, completed: bool,
-                    eval_metrics: Optional[dict] = None) -> dict:
+                    eval_metrics: Optional[dict] = None, eval_history: Optional[list] = None) -> dict:
     return {
         "phase": plan.name,
         "kind": plan.kind,
         "completed": completed,
         "config": ctx.config.to_json(),
         "eval": eval_metrics or {},
+        "eval_history": list(eval_history or []),  # run/report.py: one record per evaluated epoch
     }

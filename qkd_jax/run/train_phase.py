@@ -19,6 +19,7 @@ from qkd_jax.run.evaluate import evaluate
 from qkd_jax.run.finite import all_finite, check_finite
 from qkd_jax.run.loaders import check_batch, train_loader
 from qkd_jax.run.plan import PhasePlan
+from qkd_jax.run.report import eval_record
 from qkd_jax.run.states import build_state, checkpoint_meta, local_state, phase_result
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
@@ -41,11 +42,13 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     state = build_state(ctx, plan, _initial_variables(ctx, plan, net), net)
     restored = ckpt.restore(state, mesh=ctx.mesh)
     data_state = None
+    history: list = []  # run/report.py eval records, continued from the checkpoint on resume
     if restored is not None:
         state, data_state, meta = restored
+        history = list(meta.get("eval_history", []))
         if meta.get("completed"):
             console(f"[{name}] already completed at step {meta['step']}: read from {ckpt.directory}")
-            return phase_result(plan, state, meta.get("eval", {}))
+            return phase_result(plan, state, meta.get("eval", {}), history)
         if plan.from_teacher_checkpoint:
             # Never train on in another run's directory.
             raise ValueError(
@@ -87,22 +90,25 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
         if epoch_end and done != total and (done // spe) % plan.eval_every_epochs == 0:
             ev = evaluate(ctx, net.train_model, state.variables())
             ctx.writer.write(name, done, "eval", ev)
+            history.append(eval_record(done // spe, ev))
             console(f"[{name}] epoch {done // spe}: eval top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}%")
         if done != total and (done % plan.checkpoint_every_steps == 0 or epoch_end):
             check_finite(jax.device_get(metrics), name, done, last_saved)
             check_finite({"params": all_finite(state.params)}, name, done, last_saved)
-            ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False), data_state=iterator.get_state())
+            ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history),
+                      data_state=iterator.get_state())
             last_saved = done
     if metrics is not None:
         check_finite(jax.device_get(metrics), name, total, last_saved)
         check_finite({"params": all_finite(state.params)}, name, total, last_saved)
     eval_metrics = evaluate(ctx, net.train_model, state.variables())
     ctx.writer.write(name, total, "eval", eval_metrics)
+    history.append(eval_record(plan.epochs, eval_metrics))
     console(f"[{name}] done: eval top1 {eval_metrics['top1']:.2f}% top5 {eval_metrics['top5']:.2f}% "
             f"loss {eval_metrics['loss']:.4f}")
-    ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=True, eval_metrics=eval_metrics),
-              data_state=iterator.get_state())
-    return phase_result(plan, state, eval_metrics)
+    ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=True, eval_metrics=eval_metrics,
+                                          eval_history=history), data_state=iterator.get_state())
+    return phase_result(plan, state, eval_metrics, history)
 
 
 def _refresh_deltas(ctx: RunContext, plan: PhasePlan, state: TrainState, net: build.Network, epoch: int):

@@ -123,7 +123,13 @@ def _check_first_run(config, workdir, results, out: str) -> None:
     summary = json.loads((workdir / "summary.json").read_text())
     assert list(summary) == phases
     for name in phases:
-        assert summary[name] == {"kind": config.phases[name].kind, "eval": results[name].eval}
+        kind = config.phases[name].kind
+        history = [] if kind == "calibrate" else [
+            {"epoch": 1, **{k: r[k] for k in ("top1", "top5", "loss")}}
+            for r in records if r["phase"] == name and r["kind"] == "eval"]
+        top1 = None if not history else {"final": history[0]["top1"], "best": history[0]["top1"], "best_epoch": 1,
+                                         "last5": history[0]["top1"], "last5_n": 1}
+        assert summary[name] == {"kind": kind, "eval": results[name].eval, "top1": top1, "eval_history": history}
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert (workdir / "config.json").exists()
 

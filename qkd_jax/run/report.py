@@ -1,0 +1,49 @@
+"""A phase's evaluation history and what the run summary reports from it.
+
+The released SQAKD code reports the best epoch's top-1 and the mean top-1 of the last 5 epochs;
+the summary reports both next to the final value. The history lives in the phase's checkpoint
+metadata (`eval_history`), so a resumed phase continues the history of the checkpoint it
+resumes from: epochs evaluated after that checkpoint and lost with the run are evaluated again,
+and appear once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+LAST_N = 5
+EvalRecord = dict[str, float]
+
+
+def eval_record(epoch: int, metrics: Mapping[str, Any]) -> EvalRecord:
+    """One history entry: the epoch after which the phase was evaluated, top-1/top-5 %, loss."""
+    return {"epoch": int(epoch), **{k: float(metrics[k]) for k in ("top1", "top5", "loss")}}
+
+
+def top1_summary(history: Sequence[Mapping[str, Any]]) -> Optional[dict[str, Any]]:
+    """final, best (earliest epoch on ties), best_epoch, last5 (mean of the last <= 5) and
+    last5_n (how many that mean covers) of top-1; None for an empty history."""
+    if not history:
+        return None
+    top1 = [float(h["top1"]) for h in history]
+    best = max(range(len(top1)), key=lambda i: (top1[i], -i))
+    last = top1[-LAST_N:]
+    return {"final": top1[-1], "best": top1[best], "best_epoch": int(history[best]["epoch"]),
+            "last5": sum(last) / len(last), "last5_n": len(last)}
+
+
+SUMMARY_HEADERS = ("best top1 % (epoch)", f"last{LAST_N} top1 % (n)")
+
+
+def summary_cells(history: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """The summary table's best and last-5 cells, '-' without a history (calibrate phases)."""
+    s = top1_summary(history)
+    if s is None:
+        return "-", "-"
+    return f"{s['best']:.2f} ({s['best_epoch']})", f"{s['last5']:.2f} ({s['last5_n']})"
+
+
+def summary_record(kind: str, eval_metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> dict:
+    """A phase's entry of WORKDIR/summary.json."""
+    return {"kind": kind, "eval": dict(eval_metrics), "top1": top1_summary(history),
+            "eval_history": [dict(h) for h in history]}

@@ -17,11 +17,11 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(_ROOT / "configs" / "digits_demo.py"), "Demo config file.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", str(_ROOT / "workdirs" / "digits_demo"), "Output directory.")
+ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository: qkd_jax/run/demo.py
+DEFAULT_CONFIG = ROOT / "configs" / "digits_demo.py"
+DEFAULT_WORKDIR = ROOT / "workdirs" / "digits_demo"
+_CONFIG = config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Demo config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", str(DEFAULT_WORKDIR), "Output directory.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Delete the workdir first and train everything again.")
 
 

@@ -30,14 +30,15 @@ def main(argv: list[str]) -> None:
     from qkd_jax.run.config_schema import ConfigError
     from qkd_jax.run.finite import NonFiniteLossError
     from qkd_jax.run.loop import run
+    from qkd_jax.run.rerun import ConfigChangedError
     from qkd_jax.train.checkpoint import CorruptCheckpointError
 
     try:
         run(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, DatasetNotPreparedError, CorruptCheckpointError, NonFiniteLossError,
-            DeadLayerError) as err:
-        # Problems the user fixes (config, data, checkpoints, divergence, calibration): the message,
-        # no traceback.
+    except (ConfigError, ConfigChangedError, DatasetNotPreparedError, CorruptCheckpointError,
+            NonFiniteLossError, DeadLayerError) as err:
+        # Problems the user fixes (config, settings changed in a used workdir, data, checkpoints,
+        # divergence, calibration): the message, no traceback.
         sys.stderr.write(f"qkd_jax: {type(err).__name__}: {err}\n")
         sys.exit(1)
 

@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.teacher_checkpoint = ""
+    # Rerun in a workdir with changed settings: delete this phase's checkpoints and every later
+    # phase's, and train them again ("" = refuse changed settings; see run/rerun.py).
+    c.retrain_from = ""
     c.phase_order = "teacher"
     c.phases = ml_collections.ConfigDict({"teacher": phase("teacher", weights=optimizer_config())})
     c.log_every_steps = 50
@@ -209,6 +212,8 @@ def _validate_phases(config: ml_collections.ConfigDict) -> None:
         _fail("phase_order", config.phase_order, "names no phase")
     if len(set(order)) != len(order):
         _fail("phase_order", config.phase_order, "names a phase twice")
+    if config.retrain_from and config.retrain_from not in order:
+        _fail("retrain_from", config.retrain_from, f"must name a phase of phase_order ({order}) or be ''")
     defined = set(config.phases.keys())
     for name in order:
         if name not in defined:

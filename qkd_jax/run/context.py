@@ -32,7 +32,7 @@ class RunContext:
     config: ml_collections.ConfigDict
     workdir: pathlib.Path
     mesh: Any
-    writer: MetricsWriter
+    writer: Optional[MetricsWriter]  # set once the workdir's checkpoints passed the rerun checks
     results: dict[str, PhaseResult] = dataclasses.field(default_factory=dict)
     # Compiled eval steps by model, so evaluating every few epochs compiles once per network.
     eval_steps: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)

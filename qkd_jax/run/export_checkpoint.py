@@ -28,6 +28,7 @@ from qkd_jax.quant.export.exporter import (
 from qkd_jax.quant.export.fileformat import IntegerExport
 from qkd_jax.quant.layer_quant import QUANT
 from qkd_jax.run import build
+from qkd_jax.run.record import SHAPE_KEYS, diff_records, format_change, shape_record
 from qkd_jax.train.checkpoint import PhaseCheckpointer, read_arrays
 
 
@@ -58,17 +59,37 @@ def _shape_diff(expected: Mapping[str, Any], found: Mapping[str, Any], limit: in
     return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
+def _check_against_record(config: Any, record: Optional[dict], where: str) -> None:
+    """Refuses a given config whose model-shaping settings (SHAPE_KEYS) differ from those the
+    checkpoint recorded: equal shapes do not make W2A2 weights W4A4 ones. A checkpoint written
+    before records were kept has none to compare (the shape check below still runs)."""
+    if not record:
+        return
+    try:
+        now = shape_record(config)
+    except Exception as err:  # a config that cannot even be resolved
+        raise ConfigMismatchError(f"the config cannot be resolved: {type(err).__name__}: {err}") from None
+    changes = diff_records(record, now, tuple(k for k in SHAPE_KEYS if k in record))
+    if changes:
+        raise ConfigMismatchError(
+            f"the config does not describe the checkpoint {where}, which recorded other settings:\n  "
+            + "\n  ".join(format_change(*c) for c in changes)
+            + "\nLeave out --config to export with the checkpoint's own config.")
+
+
 def export_checkpoint(workdir: str | pathlib.Path, phase: str, *, step: Optional[int] = None,
                       config: Any = None) -> IntegerExport:
     """Exports the student of `workdir/<phase>/` (default: its newest completed checkpoint).
 
     The model is rebuilt from the config stored in the checkpoint's metadata (or `config`, a
-    ConfigDict, when given) with `qkd_jax.run.build.student_network`.
+    ConfigDict, when given: it must agree with the checkpoint's record on the model, classes,
+    image size, method, bits, preset and pact_alpha) with `qkd_jax.run.build.student_network`.
 
     Raises:
       ExportError (FileNotFoundError-like message) when the phase directory or a completed
         checkpoint is missing; FullPrecisionModelError for an FP checkpoint (the teacher);
-      ConfigMismatchError when the config's model has other variables than the checkpoint.
+      ConfigMismatchError when `config` differs from the checkpoint's record in a setting that
+        shapes the model, or its model has other variables than the checkpoint.
     """
     workdir = pathlib.Path(workdir).absolute()
     directory = workdir / phase
@@ -97,7 +118,9 @@ def export_checkpoint(workdir: str | pathlib.Path, phase: str, *, step: Optional
         raise FullPrecisionModelError(
             f"phase {phase!r} is a 'teacher' phase: its checkpoint is the full-precision model, with no "
             f"quantized layer to export. Export a student phase (calibrate / sqakd / qat ...).")
-    if config is None:
+    if config is not None:
+        _check_against_record(config, meta.get("record"), f"{directory}/{step}")
+    else:
         text = meta.get("config")
         if not text and (workdir / "config.json").is_file():
             text = (workdir / "config.json").read_text()

@@ -6,7 +6,8 @@ Reads the newest completed checkpoint of WORKDIR/PHASE (or --step), rebuilds the
 the config stored with it (or --config, a config file as for qkd_jax.main, or a config.json of a
 run), writes OUT (.npz arrays + embedded JSON manifest) and OUT with suffix .json (the manifest,
 for reading), and prints the per-layer size report. Errors (missing phase, an FP checkpoint such
-as the teacher, a config that does not describe the checkpoint) print one message and exit 2.
+as the teacher, a config that does not describe the checkpoint or differs from the settings it
+recorded: model, classes, image size, method, bits, preset, pact_alpha) print one message and exit 2.
 Format and exactness: qkd_jax/quant/export/ (fileformat.py, codes.py, integer_inference.py).
 """
 

@@ -19,6 +19,7 @@ from qkd_jax.run.context import PhaseResult, RunContext
 from qkd_jax.run.loaders import steps_per_epoch
 from qkd_jax.run.plan import PhasePlan, make_plan
 from qkd_jax.run.report import SUMMARY_HEADERS, summary_cells, summary_record
+from qkd_jax.run.rerun import check_rerun, delete_phases
 from qkd_jax.run.train_phase import run_training
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
@@ -82,20 +83,32 @@ def run_phase(ctx: RunContext, plan: PhasePlan) -> PhaseResult:
     return result
 
 
+def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """WORKDIR/config.json: the config the phases run with. retrain_from is a one-off action on
+    the workdir, not a setting: it is stored empty, so rerunning this file retrains nothing."""
+    if jax.process_index() == 0:
+        values = json.loads(config.to_json_best_effort())
+        values["retrain_from"] = ""
+        (workdir / "config.json").write_text(json.dumps(values, indent=2))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, PhaseResult]:
-    """Runs every phase of `config` in `workdir`; finished phases are read back, not rerun."""
+    """Runs every phase of `config` in `workdir`; finished phases are read back, not rerun.
+
+    Before anything is written, every phase checkpointed in `workdir` is compared with the
+    settings it recorded (ConfigChangedError on a change; config.retrain_from deletes phases)."""
     validate_config(config)
     sources = open_datasets(config)
     workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or parallel.make_mesh()
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
-    ctx = RunContext(config=config, workdir=workdir, mesh=mesh, writer=writer, sources=sources)
+    ctx = RunContext(config=config, workdir=workdir, mesh=mesh, writer=None, sources=sources)
     plans = {name: make_plan(config, workdir, name, steps_per_epoch(ctx, config.phases[name].batch_size))
              for name in phase_names(config)}
+    delete_phases(plans, check_rerun(config, plans, workdir), workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_config(config, workdir)
+    writer = ctx.writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
     t0 = time.perf_counter()
     try:
         for plan in plans.values():

@@ -10,6 +10,7 @@ import jax
 from qkd_jax.run import build
 from qkd_jax.run.context import PhaseResult, RunContext
 from qkd_jax.run.plan import PhasePlan
+from qkd_jax.run.record import phase_record
 from qkd_jax.train.optim import build_optimizer
 from qkd_jax.train.state import TrainState, create_train_state
 
@@ -72,11 +73,14 @@ def phase_result(plan: PhasePlan, state: TrainState, eval_metrics: dict,
 
 def checkpoint_meta(ctx: RunContext, plan: PhasePlan, *, completed: bool,
                     eval_metrics: Optional[dict] = None, eval_history: Optional[list] = None) -> dict:
+    """The JSON stored with each checkpoint; `record` holds the settings the phase trains with
+    (compared with the config on a rerun, `run/rerun.py`)."""
     return {
         "phase": plan.name,
         "kind": plan.kind,
         "completed": completed,
         "config": ctx.config.to_json(),
+        "record": phase_record(ctx.config, plan),
         "eval": eval_metrics or {},
         "eval_history": list(eval_history or []),  # run/report.py: one record per evaluated epoch
     }

@@ -86,13 +86,21 @@ def resume_config():
     return c
 
 
+def record_config():
+    """Digits teacher (0 epochs) -> calibrate -> sqakd (1 epoch of 11 steps, batch 128), a
+    checkpoint every 5 steps (steps 10 and 11 kept): a finished run that takes seconds, for
+    the tests of reruns with changed settings."""
+    c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=5, log_every_steps=11)
+    sqakd_chain(c, epochs=1, batch_size=128)
+    return c
+
+
 def get_config(arg: str = "teacher"):
-    """CLI entry: 'teacher' (teacher_only) or 'resume' (resume_config)."""
-    if arg == "teacher":
-        return teacher_only()
-    if arg == "resume":
-        return resume_config()
-    raise ValueError(f"unknown helpers config {arg!r}; use 'teacher' or 'resume'")
+    """CLI entry: 'teacher' (teacher_only), 'resume' (resume_config) or 'record' (record_config)."""
+    configs = {"teacher": teacher_only, "resume": resume_config, "record": record_config}
+    if arg not in configs:
+        raise ValueError(f"unknown helpers config {arg!r}; use one of {sorted(configs)}")
+    return configs[arg]()
 
 
 # ----------------------------------------------------------------------------- checkpoints on disk

@@ -1,0 +1,93 @@
+"""A phase's record: the resolved settings that determine what the phase trains, as a flat
+{config key: value} dict stored in its checkpoint metadata, and the differences between two.
+
+What only changes how a run is watched or stored (log and checkpoint cadence, eval batch size,
+TensorBoard, keep_checkpoints, data_dir) is left out, so changing it never blocks a rerun.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Optional
+
+import ml_collections
+
+from qkd_jax.run import build
+from qkd_jax.run.config_schema import objective_kwargs, phase_names
+from qkd_jax.run.plan import PhasePlan
+
+# The settings that shape the student's variables: an export refuses a config that differs here.
+SHAPE_KEYS = ("model.name", "model.num_classes", "dataset.image_size", "quant.method", "quant.w_bits",
+              "quant.a_bits", "quant.preset", "quant.pact_alpha")
+# What a teacher read from another run's directory (config.teacher_checkpoint) must agree on.
+TEACHER_SHAPE_KEYS = ("dataset.name", "model.name", "model.num_classes", "dataset.image_size")
+_QUANT_KEYS = ("method", "w_bits", "a_bits", "preset", "estimator", "delta", "pact_alpha",
+               "hessian_every_epochs", "hessian_batches", "hessian_batch_size", "hessian_max_probes")
+MISSING = "<not recorded>"
+
+
+def _json_values(record: dict) -> dict:
+    """The record as it reads back from JSON metadata (tuples become lists), so an unchanged
+    setting compares equal to its recorded value."""
+    return json.loads(json.dumps(record))
+
+
+def model_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Model and data settings, resolved (num_classes and image size 0 mean the dataset's own)."""
+    return {
+        "dataset.name": config.dataset.name,
+        "dataset.image_size": build.input_shape(config)[0],
+        "dataset.augment": config.dataset.augment,
+        "model.name": config.model.name,
+        "model.num_classes": build.num_classes(config),
+    }
+
+
+def quant_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {f"quant.{key}": config.quant[key] for key in _QUANT_KEYS}
+
+
+def shape_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The settings in SHAPE_KEYS (what a student's exported variables depend on)."""
+    full = _json_values({**model_record(config), **quant_record(config)})
+    return {key: full[key] for key in SHAPE_KEYS}
+
+
+def _group(prefix: str, group: ml_collections.ConfigDict) -> dict[str, Any]:
+    return {f"{prefix}.{key}": value for key, value in group.items()}
+
+
+def phase_record(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str, Any]:
+    """Everything that determines phase `plan.name`'s result, keyed by config key."""
+    ph, key = config.phases[plan.name], f"phases.{plan.name}"
+    # The phase's seed comes from the run seed and the phase's position in phase_order.
+    position = phase_names(config).index(plan.name)
+    record: dict[str, Any] = {"seed": config.seed, f"{key}.position_in_phase_order": position,
+                              **model_record(config)}
+    record.update({f"{key}.kind": plan.kind, f"{key}.batch_size": plan.batch_size})
+    record.update(_group(f"{key}.weights", ph.weights))
+    record.update(_group(f"{key}.quant_params", ph.quant_params))
+    if plan.kind != "teacher":
+        record.update(quant_record(config))
+        record.update({"teacher_checkpoint": config.teacher_checkpoint, f"{key}.init_from": plan.init_from})
+    if plan.kind != "calibrate":
+        record.update({f"{key}.objective": plan.objective_name, f"{key}.epochs": plan.epochs})
+        record.update({f"{key}.{k}": v for k, v in objective_kwargs(ph.objective, ph).items()})
+    if plan.kind == "student":
+        record.update({f"{key}.teacher_from": plan.teacher_from, f"{key}.train_teacher": plan.train_teacher})
+        if plan.train_teacher:
+            record.update(_group(f"{key}.teacher_opt", ph.teacher_opt))
+    return _json_values(record)
+
+
+def diff_records(recorded: Mapping[str, Any], now: Mapping[str, Any],
+                 keys: Optional[tuple[str, ...]] = None) -> list[tuple[str, Any, Any]]:
+    """(key, recorded value, current value) for every key whose values differ (MISSING on the
+    side that lacks it); only `keys` when given."""
+    names = keys if keys is not None else sorted(set(recorded) | set(now))
+    return [(k, recorded.get(k, MISSING), now.get(k, MISSING)) for k in names
+            if recorded.get(k, MISSING) != now.get(k, MISSING)]
+
+
+def format_change(key: str, recorded: Any, now: Any) -> str:
+    return f"{key}: recorded {recorded!r}, now {now!r}"

@@ -18,15 +18,23 @@ Student phases (EWGS ImageNet recipe): SGD 1e-2, momentum 0.9, coupled wd 1e-4 (
 weights' SGD recipe. --config.quant.estimator=hessian gives the EWGS Hessian delta (every epoch on
 10 batches of 16).
 
-Teacher: the papers start from a pretrained FP model. Train it once with ':fp' (or convert a
-pretrained model into that phase's checkpoint format) and point the student runs at it with
---config.teacher_checkpoint=WORKDIR/teacher; without it every run trains its own teacher first.
+Teacher: the papers start from a pretrained FP model. The 'teacher' phase of every ARG (90 epochs with
+the torchvision recipe above) is replaced by torchvision's pretrained weights in two commands: import
+the weights file (.pth needs torch; .safetensors and .npz do not) into a completed teacher phase, then
+point the runs at it with --config.teacher_checkpoint (read back, never trained; the import records
+the model, class count and image size of --config, which the runs must share):
+  python -m qkd_jax.import_teacher --weights=resnet18-f37072fd.pth --model=resnet18 \
+    --out=/tmp/in_r18_teacher --config=configs/imagenet_resnet18.py:sqakd,w4a4
+  python -m qkd_jax.main --config=configs/imagenet_resnet18.py:sqakd,w4a4 --workdir=/tmp/in_r18_sqakd_w4a4 \
+    --config.teacher_checkpoint=/tmp/in_r18_teacher
+Or train the teacher once with ':fp' and point the student runs at WORKDIR/teacher; without
+teacher_checkpoint every run trains its own teacher first.
 
-Run:
-  python -m qkd_jax.main --config=configs/imagenet_resnet18.py:fp --workdir=/tmp/in_r18_fp
+Run (with the imported teacher; or train it: python -m qkd_jax.main --config=configs/imagenet_resnet18.py:fp
+--workdir=/tmp/in_r18_fp, then --config.teacher_checkpoint=/tmp/in_r18_fp/teacher):
   for o in qat sqakd qkd; do for b in w2a2 w3a3 w4a4; do
     python -m qkd_jax.main --config=configs/imagenet_resnet18.py:$o,$b --workdir=/tmp/in_r18_${o}_$b \
-      --config.teacher_checkpoint=/tmp/in_r18_fp/teacher
+      --config.teacher_checkpoint=/tmp/in_r18_teacher
   done; done
 """
 

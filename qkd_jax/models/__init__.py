@@ -17,7 +17,7 @@ from qkd_jax.models.registry import get_model, image_size, list_models
 from qkd_jax.models.resnet import ResNet
 from qkd_jax.models.shufflenet_v2 import ShuffleNetV2
 from qkd_jax.models.squeezenet import SqueezeNet
-from qkd_jax.models.torchvision_import import export_torchvision, import_torchvision
+from qkd_jax.models.torchvision_import import export_torchvision, import_torchvision, torchvision_num_classes
 from qkd_jax.models.transfer import copy_teacher_to_student
 from qkd_jax.models.vgg import VGG
 from qkd_jax.models.weight_files import load_weights
@@ -44,4 +44,5 @@ __all__ = [
     "load_weights",
     "option_a_shortcut",
     "read_features",
+    "torchvision_num_classes",
 ]

@@ -103,7 +103,9 @@ def _abstract_variables(name: str, num_classes: int) -> Mapping[str, Any]:
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32))
 
 
-def _num_classes(name: str, state_dict: Mapping[str, Any]) -> int:
+def torchvision_num_classes(name: str, state_dict: Mapping[str, Any]) -> int:
+    """The class count of a torchvision ``state_dict`` of model ``name`` (rows of its classifier weight)."""
+    _check_name(name)
     key = RENAMES[name](("classifier",), {}) + ".weight"
     if key not in state_dict:
         raise ValueError(f"missing torchvision key {key!r} (the classifier weight, which gives num_classes)")
@@ -126,7 +128,7 @@ def import_torchvision(name: str, state_dict: Mapping[str, np.ndarray]) -> dict[
     input: ``images_nchw.transpose(0, 2, 3, 1)``.
     """
     _check_name(name)
-    abstract = _abstract_variables(name, _num_classes(name, state_dict))
+    abstract = _abstract_variables(name, torchvision_num_classes(name, state_dict))
     pairs, norms = _leaf_pairs(name, abstract)
     tracked = {f"{prefix}.{_BN_TRACKED}" for prefix in norms}
     unknown = sorted(set(state_dict) - set(pairs) - tracked)

@@ -14,27 +14,9 @@ Format and exactness: qkd_jax/quant/export/ (fileformat.py, codes.py, integer_in
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import pathlib
 import sys
 from typing import Optional, Sequence
-
-
-def _load_config(spec: str):
-    """A ConfigDict from a config .py file (get_config(), optional ':arg') or a run's config.json."""
-    import ml_collections
-
-    path, _, arg = spec.partition(":")
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config: no file {file}")
-    if file.suffix == ".json":
-        return ml_collections.ConfigDict(json.loads(file.read_text()))
-    module_spec = importlib.util.spec_from_file_location(f"_export_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -53,6 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes on checkpoint metadata
     from qkd_jax.quant.export import ExportError, ManifestError, size_report
+    from qkd_jax.run.config_files import load_config
     from qkd_jax.run.export_checkpoint import export_checkpoint
 
     out = pathlib.Path(args.out)
@@ -60,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --out must name a .npz file, got {out}", file=sys.stderr)
         return 2
     try:
-        config = _load_config(args.config) if args.config else None
+        config = load_config(args.config) if args.config else None
         exported = export_checkpoint(args.workdir, args.phase, step=args.step, config=config)
         path = exported.save(out)
     except (ExportError, ManifestError, FileNotFoundError) as err:

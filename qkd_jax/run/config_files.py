@@ -1,0 +1,23 @@
+"""A ConfigDict from what a command line names: a config file (`configs/X.py[:ARG]`) or a run's config.json."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import ml_collections
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(ARG)` of a config .py file (`PATH[:ARG]`), or the ConfigDict of a config.json."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config: no file {file}")
+    if file.suffix == ".json":
+        return ml_collections.ConfigDict(json.loads(file.read_text()))
+    module_spec = importlib.util.spec_from_file_location(f"_qkd_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

@@ -6,11 +6,13 @@
 # correct float32 evaluation, so run the suite natively and e.g. with `--isa=AVX2` before a release.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${1:-}" != "${1#--isa=}" ]; then
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_max_isa=${1#--isa=}"
-  echo "[qkd_jax] XLA_FLAGS=$XLA_FLAGS" >&2
-  shift
-fi
+case "${1:-}" in
+  --isa=*)
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_cpu_max_isa=${1#--isa=}"
+    echo "[qkd_jax] XLA_FLAGS=$XLA_FLAGS" >&2
+    shift
+    ;;
+esac
 source launch/ensure_venv.sh test,torch
 # Two pytest workers match the 2-core CI machine; set QKD_TEST_WORKERS=0 to run serially.
 WORKERS="${QKD_TEST_WORKERS:-2}"

@@ -378,9 +378,9 @@ def test_tiny_imagenet_sqakd_alpha(name, bits, method, alpha):
 def test_tiny_imagenet_vgg11_is_the_released_network_and_precision(method):
     """The released TinyImageNet/models/vgg.py vgg11_bn: 8 convs + Linear(512, 200); MQBench's
     Academic backend keeps the first conv and the last linear at 32 bits, quantizes the rest."""
-    build = pytest.importorskip("qkd_jax.train.build")
     from qkd_jax.models import get_model
     from qkd_jax.quant import rules as qrules
+    from qkd_jax.run import build
 
     config = get("tiny_imagenet_vgg11.py", f"sqakd,{method},w4a4")
     model = get_model(config.model.name, config.model.num_classes)
@@ -461,9 +461,9 @@ def _rule_cases():
 @pytest.mark.parametrize("name,method", _rule_cases())
 def test_precision_rules_match_the_model(name, method):
     """Every rule of the config's preset matches a layer of its model (resolve raises otherwise)."""
-    build = pytest.importorskip("qkd_jax.run.build")
     from qkd_jax.models import get_model
     from qkd_jax.quant import rules as qrules
+    from qkd_jax.run import build
 
     variant = next(v for v in module(name).VARIANTS if v != "fp" and get(name, v).quant.method == method)
     config = get(name, variant)

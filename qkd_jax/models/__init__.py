@@ -13,7 +13,7 @@ from qkd_jax.models.efficientnet import EfficientNet
 from qkd_jax.models.features import apply_with_features, read_features
 from qkd_jax.models.layers import FEATURES, BatchNorm, ModuleDef
 from qkd_jax.models.mobilenet_v2 import MobileNetV2
-from qkd_jax.models.registry import get_model, image_size, list_models
+from qkd_jax.models.registry import get_model, image_size, list_models, signed_inputs
 from qkd_jax.models.resnet import ResNet
 from qkd_jax.models.shufflenet_v2 import ShuffleNetV2
 from qkd_jax.models.squeezenet import SqueezeNet
@@ -41,6 +41,7 @@ __all__ = [
     "image_size",
     "import_torchvision",
     "list_models",
+    "signed_inputs",
     "load_weights",
     "option_a_shortcut",
     "read_features",

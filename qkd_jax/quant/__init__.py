@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 # Quantized layers, per-layer precision rules and calibration (issue 3).
-from qkd_jax.quant.calibration import DeadLayerError, calibrate, calibrate_with_report  # noqa: E402
+from qkd_jax.quant.calibration import DeadLayerError, UnsignedInputError, calibrate, calibrate_with_report  # noqa: E402
 from qkd_jax.quant.layer_quant import (  # noqa: E402
     CALIBRATION_COLLECTION,
     DELTA_COLLECTION,
@@ -68,6 +68,7 @@ from qkd_jax.quant.rules import (  # noqa: E402
     sqakd_cifar,
     sqakd_cifar_vgg,
     uniform,
+    with_signed_inputs,
 )
 
 __all__ += [
@@ -97,4 +98,6 @@ __all__ += [
     "sqakd_cifar",
     "sqakd_cifar_vgg",
     "uniform",
+    "UnsignedInputError",
+    "with_signed_inputs",
 ]

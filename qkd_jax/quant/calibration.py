@@ -26,7 +26,8 @@ from `lsq_bounds`):
     lsq:      w_step = 2 mean|W| / sqrt(Q_P(w_bits, signed)), a_step = 2 mean|x| / sqrt(Q_P(a_bits, a_signed))
     qkd:      w_interval = max|W|; a_interval = max(x) (unsigned) or max|x| (signed)
     pact:     a_alpha = the rule's constant `pact_alpha` if set, else 3 std(x) / sqrt(1 - 2/pi)
-              (the interval method's a_upper: a clipping level of the same statistic)
+              (the interval method's a_upper: a clipping level of the same statistic); signed
+              input: |mean(x)| + 3 std(x)
     dorefa:   nothing to calibrate
 Degenerate batches are guarded: a positive quantity whose statistic is <= EPS (all-zero input or
 kernel) becomes 1, an interval whose upper does not exceed its lower bound gets upper = max(x)
@@ -37,12 +38,20 @@ Dead layers. A quantized layer whose quantized output layer(a_hat, w_hat) (witho
 identically zero on the calibration batch while its float output layer(x, W) is not, passes
 no signal and gets no gradient through its kernel or quantizer parameters. Each layer records
 that flag during calibration; `calibrate` raises `DeadLayerError` naming every such layer (under
-`jit` the flags cannot be read: use `calibrate_with_report` and `raise_on_dead_layers`).
+`jit` the flags cannot be read: use `calibrate_with_report` and `raise_on_calibration_problems`).
+
+Signed inputs. Each quantized layer whose input is declared unsigned (a_signed False, see
+`rules.with_signed_inputs`) records the minimum of its input; a negative minimum means its
+unsigned grid would clip every negative value to zero, so `calibrate` raises
+`UnsignedInputError` naming the layer, the minimum and the fix (declare the layer signed).
+Post-ReLU inputs are exactly >= 0, so a correct declaration never trips it. The check applies to
+every method, the interval method included (its lower bound would cover the negatives, but the
+declaration must hold whichever method a config picks).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -57,10 +66,26 @@ from qkd_jax.quant.precision import LayerPrecision
 from qkd_jax.quant.statistics import EPS  # noqa: F401  (re-exported: calibration.EPS)
 
 DEAD = "dead_output"  # the per-layer flag written next to the parameters while calibrating
+INPUT_MIN = "unsigned_input_min"  # min of the input of a layer declared unsigned, written likewise
 
 
 class DeadLayerError(ValueError):
     """Calibration left a quantized layer whose quantized output is identically zero."""
+
+
+class UnsignedInputError(ValueError):
+    """A layer declared unsigned received a negative input at calibration."""
+
+
+class CalibrationChecks(NamedTuple):
+    """Per-layer measurements of one calibration pass (arrays; a pytree, so it leaves `jit`).
+
+    dead: {layer path: True when its quantized output is identically zero}.
+    unsigned_input_min: {layer path: min of its input}, for layers whose input grid is unsigned.
+    """
+
+    dead: dict[str, Any]
+    unsigned_input_min: dict[str, Any]
 
 
 def weight_params(lp: LayerPrecision, w: jax.Array) -> dict[str, jax.Array]:
@@ -98,17 +123,18 @@ def calibrate_with_report(
     *args: Any,
     mutable: Sequence[str] = ("batch_stats",),
     **apply_kwargs: Any,
-) -> tuple[dict[str, Any], dict[str, jax.Array]]:
-    """`calibrate` without the dead-layer check: (new variables, {layer path: dead flag}).
+) -> tuple[dict[str, Any], CalibrationChecks]:
+    """`calibrate` without its checks: (new variables, CalibrationChecks).
 
-    Works under `jit`; pass the flags to `raise_on_dead_layers` outside it.
+    Works under `jit`; pass the checks to `raise_on_calibration_problems` outside it.
     """
     apply_fn = model.apply if isinstance(model, nn.Module) else model
     mutable = [CALIBRATION_COLLECTION, *[m for m in mutable if m != CALIBRATION_COLLECTION]]
     _, written = apply_fn(variables, *args, mutable=mutable, **apply_kwargs)
     calib = traverse_util.flatten_dict(unfreeze(written.get(CALIBRATION_COLLECTION, {})))
     dead = {"/".join(k[:-1]): v for k, v in calib.items() if k[-1] == DEAD}
-    calib = {k: v for k, v in calib.items() if k[-1] != DEAD}
+    input_min = {"/".join(k[:-1]): v for k, v in calib.items() if k[-1] == INPUT_MIN}
+    calib = {k: v for k, v in calib.items() if k[-1] not in (DEAD, INPUT_MIN)}
     params = traverse_util.flatten_dict(unfreeze(variables["params"]))
     expected = {k for k in params if QUANT in k[:-1]}
     missing = sorted("/".join(k) for k in expected - set(calib))
@@ -120,7 +146,26 @@ def calibrate_with_report(
         params[key] = jnp.asarray(value, jnp.asarray(params[key]).dtype).reshape(jnp.shape(params[key]))
     new = {k: v for k, v in unfreeze(variables).items()}
     new["params"] = traverse_util.unflatten_dict(params)
-    return new, dead
+    return new, CalibrationChecks(dead=dead, unsigned_input_min=input_min)
+
+
+def raise_on_signed_inputs(input_min: Mapping[str, Any]) -> None:
+    """Raises UnsignedInputError naming every layer declared unsigned whose input had a negative
+    value (concrete values only)."""
+    bad = {path: float(np.asarray(v)) for path, v in sorted(input_min.items()) if float(np.asarray(v)) < 0}
+    if bad:
+        listed = ", ".join(f"{path} (min {v:.4g})" for path, v in bad.items())
+        raise UnsignedInputError(
+            f"{len(bad)} quantized layer(s) declared unsigned received negative inputs at calibration: "
+            f"{listed}. Their unsigned activation grid would clip every negative value to 0. Declare "
+            f"these layers' inputs signed (the model's signed_inputs in qkd_jax/models/registry.py, or "
+            f"a precision rule with a_signed=True).")
+
+
+def raise_on_calibration_problems(checks: CalibrationChecks) -> None:
+    """`raise_on_signed_inputs`, then `raise_on_dead_layers` (concrete values only)."""
+    raise_on_signed_inputs(checks.unsigned_input_min)
+    raise_on_dead_layers(checks.dead)
 
 
 def raise_on_dead_layers(flags: Mapping[str, Any]) -> None:
@@ -154,10 +199,11 @@ def calibrate(
 
     Raises:
       ValueError: when a layer holding quantizer parameters did not run in the forward pass.
+      UnsignedInputError: when a layer declared unsigned received a negative input.
       DeadLayerError: when a quantized layer's output is identically zero after calibration
-        (checked when the values are concrete, i.e. not under `jit`).
+        (both checked when the values are concrete, i.e. not under `jit`).
     """
-    new, dead = calibrate_with_report(model, variables, *args, mutable=mutable, **apply_kwargs)
-    if not any(isinstance(v, jax.core.Tracer) for v in dead.values()):  # concrete: check now
-        raise_on_dead_layers(dead)
+    new, checks = calibrate_with_report(model, variables, *args, mutable=mutable, **apply_kwargs)
+    if not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(checks)):  # concrete: check now
+        raise_on_calibration_problems(checks)
     return new

@@ -131,6 +131,9 @@ def _forward(
     if calibrating:
         q.update(calib.weight_params(lp, kernel))
         q.update(calib.input_params(lp, x))
+        if lp.a_bits is not None and not lp.a_signed:  # checked against the declaration afterwards
+            module.put_variable(CALIBRATION_COLLECTION, calib.INPUT_MIN,
+                                jnp.min(jax.lax.stop_gradient(x)).astype(jnp.float32))
     w_hat = kernel
     if lp.w_bits is not None:
         w_hat = quantize_weight(lp, kernel, q, _delta(module, "w"), _hook(module, "w_q")).astype(kernel.dtype)

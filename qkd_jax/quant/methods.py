@@ -3,15 +3,16 @@
 A `QuantMethod` holds the method's learnable parameters (names and pre-calibration values), its
 weight and input quantizers (pure functions of `qkd_jax.quant.quantizers`), its calibration
 closed forms, its integer grids (levels, multiplier, zero point: q = multiplier * code -
-zero_point) and float32 scales (real value = scale * q), whether its activation grid has a
-signed variant and whether its layers carry an |output_scale|. Precision rules, the quantized
+zero_point) and float32 scales (real value = scale * q), how it quantizes a signed input
+(`input_sign`) and whether its layers carry an |output_scale|. Precision rules, the quantized
 layers, calibration and the integer export read the record by name from `QUANT_METHODS`;
 adding a method is one `register(QuantMethod(...))` and its tests (docs/architecture.md).
 
 Parameter names are unique across methods: 'w_*' on the weight side, 'a_*' on the input side.
 Calibration closed forms (x = the layer's input, W = its kernel, std with ddof=1):
     interval: w_upper = -w_lower = 3 std(W); a_upper = 3 std(x) / sqrt(1 - 2/pi), a_lower = min(x)
-    pact:     a_alpha = the rule's constant, else 3 std(x) / sqrt(1 - 2/pi)
+    pact:     a_alpha = the rule's constant, else 3 std(x) / sqrt(1 - 2/pi) (unsigned) or
+              |mean(x)| + 3 std(x) (signed)
     lsq:      w_step = 2 mean|W| / sqrt(Q_P), a_step = 2 mean|x| / sqrt(Q_P)
     qkd:      w_interval = max|W|; a_interval = max(x) (unsigned) or max|x| (signed)
     dorefa:   nothing to calibrate
@@ -128,6 +129,22 @@ def _unsigned(bits: int, signed: bool = False) -> GridSpec:
     return 2**bits, 1, 0
 
 
+def _qkd_grid(bits: int, signed: bool = True) -> GridSpec:
+    """Signed: 2^(b-1) - 1 positive levels, zero and their negatives (1 bit: {-1, +1})."""
+    if not signed:
+        return 2**bits, 1, 0
+    if bits == 1:
+        return 2, 2, 1
+    return 2**bits - 1, 1, 2 ** (bits - 1) - 1
+
+
+def _qkd_scale(interval: Any, bits: int, signed: bool) -> jax.Array:
+    """|I| / (number of positive steps): 2^b - 1 unsigned, 2^(b-1) - 1 signed (1 bit: |I|)."""
+    steps = (2**bits - 1) if not signed else (2 ** (bits - 1) - 1 if bits > 1 else 1)
+    s = positive_width(_f32(interval))
+    return s * reciprocal(steps) if steps > 1 else s
+
+
 def _odd_scale(lp: LayerPrecision, q: Params, w_hat: jax.Array) -> jax.Array:
     return reciprocal(2**lp.w_bits - 1)
 
@@ -186,9 +203,19 @@ INTERVAL = register(QuantMethod(
 
 
 def _pact_calibrate_input(lp: LayerPrecision, x: jax.Array) -> dict:
+    """The rule's constant, else 3 std(x) / sqrt(1 - 2/pi) unsigned (3 sigma of a half-normal)
+    or |mean(x)| + 3 std(x) signed (mean +- 3 std inside [-alpha, alpha]; 3 sigma of a
+    zero-mean normal)."""
     if lp.pact_alpha is not None:
         return {"a_alpha": jnp.asarray(lp.pact_alpha, jnp.float32)}
+    if lp.a_signed:
+        return {"a_alpha": positive_or_one(jnp.abs(jnp.mean(x)) + 3.0 * sample_std(x))}
     return {"a_alpha": positive_or_one(3.0 * sample_std(x) / HALF_NORMAL)}
+
+
+def _pact_input_scale(lp: LayerPrecision, q: Params) -> jax.Array:
+    """|alpha| / (2^b - 1) unsigned, |alpha| / (2^(b-1) - 1) signed (1 bit: |alpha|)."""
+    return _qkd_scale(q["a_alpha"], lp.a_bits, lp.a_signed)
 
 
 PACT = register(QuantMethod(
@@ -197,13 +224,14 @@ PACT = register(QuantMethod(
     input_params={"a_alpha": 6.0},
     quantize_weight=_dorefa_w,
     quantize_input=lambda lp, x, q, delta=0.0, hook=None: pact(x, q["a_alpha"], lp.a_bits, delta=delta,
-                                                                grid_hook=hook),
+                                                                grid_hook=hook, signed=lp.a_signed),
     calibrate_weight=_none,
     calibrate_input=_pact_calibrate_input,
     weight_grid=_dorefa_weight_grid,
-    input_grid=_unsigned,
+    input_grid=_qkd_grid,
     weight_scale=_dorefa_weight_scale,
-    input_scale=lambda lp, q: positive_width(_f32(q["a_alpha"])) * reciprocal(2**lp.a_bits - 1),
+    input_scale=_pact_input_scale,
+    input_sign="grid",
 ))
 
 def _lsq_grid(bits: int, signed: bool = True) -> GridSpec:
@@ -243,30 +271,15 @@ DOREFA = register(QuantMethod(
     input_params={},
     quantize_weight=_dorefa_w,
     quantize_input=lambda lp, x, q, delta=0.0, hook=None: dorefa_activation(x, lp.a_bits, delta=delta,
-                                                                             grid_hook=hook),
+                                                                             grid_hook=hook, signed=lp.a_signed),
     calibrate_weight=_none,
     calibrate_input=_none,
     weight_grid=_dorefa_weight_grid,
-    input_grid=_unsigned,
+    input_grid=_qkd_grid,
     weight_scale=_dorefa_weight_scale,
-    input_scale=_unsigned_input_scale,
+    input_scale=lambda lp, q: _qkd_scale(1.0, lp.a_bits, lp.a_signed),
+    input_sign="grid",
 ))
-
-
-def _qkd_grid(bits: int, signed: bool = True) -> GridSpec:
-    """Signed: 2^(b-1) - 1 positive levels, zero and their negatives (1 bit: {-1, +1})."""
-    if not signed:
-        return 2**bits, 1, 0
-    if bits == 1:
-        return 2, 2, 1
-    return 2**bits - 1, 1, 2 ** (bits - 1) - 1
-
-
-def _qkd_scale(interval: Any, bits: int, signed: bool) -> jax.Array:
-    """|I| / (number of positive steps): 2^b - 1 unsigned, 2^(b-1) - 1 signed (1 bit: |I|)."""
-    steps = (2**bits - 1) if not signed else (2 ** (bits - 1) - 1 if bits > 1 else 1)
-    s = positive_width(_f32(interval))
-    return s * reciprocal(steps) if steps > 1 else s
 
 
 QKD = register(QuantMethod(

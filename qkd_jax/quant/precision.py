@@ -11,8 +11,10 @@ class LayerPrecision:
     """The resolved precision of one layer (what a quantized layer needs to run).
 
     `w_bits` / `a_bits` None means that side is full precision; `method == 'none'` means both.
-    `a_signed`: the activation grid is signed (LSQ / QKD; the interval method handles signed
-    inputs through its learnable lower bound). `output_scale`: multiply the output by a learnable
+    `a_signed`: the layer's input is signed (declared by the model, `rules.with_signed_inputs`, or
+    by a rule): a signed activation grid (LSQ, QKD, PACT, DoReFa); the interval method covers
+    negatives with its learnable lower bound either way. Calibration raises when a layer with
+    a_signed False sees a negative input. `output_scale`: multiply the output by a learnable
     |output_scale| (EWGS). `pact_alpha`: a constant PACT alpha for calibration (None: from data).
     """
 

@@ -58,22 +58,32 @@ def interval_quantize(x: jax.Array, lower, upper, bits: int, *, signed: bool, de
     return 2.0 * (x_q - 0.5) if signed else x_q
 
 
-def pact(x: jax.Array, alpha, bits: int, delta=0.0, grid_hook: GridHook = None) -> jax.Array:
-    """PACT activation quantizer (Choi et al. 2018).
+def pact(x: jax.Array, alpha, bits: int, delta=0.0, grid_hook: GridHook = None, *, signed: bool = False) -> jax.Array:
+    """PACT activation quantizer (Choi et al. 2018), and a signed variant (our choice).
 
-        y = clip(x, 0, alpha),  x_q = discretize(y / alpha, 2**bits, delta),  returns alpha * x_q
+        unsigned: y = clip(x, 0, alpha),  x_q = discretize(y / alpha, 2**bits, delta),  returns alpha * x_q
+        signed:   c = clip(x, -alpha, alpha) / alpha,  x_q = discretize((c + 1) / 2, L, delta),
+                  returns alpha * (2 x_q - 1): a symmetric grid with a zero level, L = 2**b - 1
+                  levels, step alpha / (2**(b-1) - 1) (1 bit: L = 2, {-alpha, +alpha})
 
-    Gradients (PACT's straight-through form): d/dx = 1 for 0 <= x <= alpha (times the EWGS
-    factor when delta > 0), 0 outside; d/d alpha = 1 where x >= alpha, 0 elsewhere.
-    `alpha` must be > 0.
+    Gradients (PACT's straight-through form): d/dx = 1 inside the clip range (times the EWGS
+    factor when delta > 0), 0 outside; d/d alpha = 1 where x >= alpha, -1 (signed) where
+    x <= -alpha, 0 elsewhere. `alpha` must be > 0. The paper defines the unsigned form only;
+    the signed one is for layers whose input has negative values (docs/method.md section 2).
     """
     bits = check_bits(bits)
     check_positive(alpha, "alpha")
     x = jnp.asarray(x)
     alpha = positive_width(jnp.asarray(alpha, x.dtype))
     alpha_sg = jax.lax.stop_gradient(alpha)
-    x_q = _on_grid(discretize(clip_inclusive(x, 0.0, alpha_sg) / alpha_sg, 2**bits, delta), grid_hook)
     above = jax.lax.stop_gradient((x >= alpha).astype(x.dtype))
+    if signed:
+        c = clip_inclusive(x, -alpha_sg, alpha_sg) / alpha_sg
+        x_q = _on_grid(discretize((c + 1.0) / 2.0, qkd_levels(bits, True), delta), grid_hook)
+        below = jax.lax.stop_gradient((x <= -alpha).astype(x.dtype))
+        # Forward: alpha (2 x_q - 1). Backward to alpha: +1 at or above alpha, -1 at or below -alpha.
+        return alpha_sg * (2.0 * x_q - 1.0) + (alpha - alpha_sg) * (above - below)
+    x_q = _on_grid(discretize(clip_inclusive(x, 0.0, alpha_sg) / alpha_sg, 2**bits, delta), grid_hook)
     # Forward: alpha * x_q. Backward to alpha: 1 where x >= alpha (the second term), 0 inside.
     return alpha_sg * x_q + (alpha - alpha_sg) * above
 
@@ -160,10 +170,20 @@ def dorefa_weight(w: jax.Array, bits: int, delta=0.0, grid_hook: GridHook = None
     return 2.0 * _on_grid(discretize(x_n, 2**bits, delta), grid_hook) - 1.0
 
 
-def dorefa_activation(x: jax.Array, bits: int, delta=0.0, grid_hook: GridHook = None) -> jax.Array:
-    """DoReFa activation quantizer: discretize(clip(x, 0, 1), 2**bits, delta)."""
+def dorefa_activation(x: jax.Array, bits: int, delta=0.0, grid_hook: GridHook = None, *,
+                      signed: bool = False) -> jax.Array:
+    """DoReFa activation quantizer: discretize(clip(x, 0, 1), 2**bits, delta).
+
+    signed (our choice; the paper defines the unsigned form only): c = clip(x, -1, 1), returns
+    2 discretize((c + 1) / 2, L, delta) - 1 on L = 2**b - 1 levels, a symmetric grid with a zero
+    level and step 1 / (2**(b-1) - 1) (1 bit: L = 2, {-1, +1}); the signed PACT grid with alpha = 1.
+    """
     bits = check_bits(bits)
-    return _on_grid(discretize(clip_inclusive(jnp.asarray(x), 0.0, 1.0), 2**bits, delta), grid_hook)
+    x = jnp.asarray(x)
+    if signed:
+        c = clip_inclusive(x, -1.0, 1.0)
+        return 2.0 * _on_grid(discretize((c + 1.0) / 2.0, qkd_levels(bits, True), delta), grid_hook) - 1.0
+    return _on_grid(discretize(clip_inclusive(x, 0.0, 1.0), 2**bits, delta), grid_hook)
 
 
 def qkd_levels(bits: int, signed: bool) -> int:

@@ -6,6 +6,13 @@ A `RuleSet` is an ordered tuple of `Rule`s; a layer takes the first rule whose r
 report; a rule that matches no layer of a model is an error (`resolve` raises), so a typo never
 silently leaves a model unquantized.
 
+Signed inputs. Which layers receive inputs with negative values is a property of the model (the
+model registry declares it, e.g. MobileNetV2's expand convs, whose input is a linear projection
+plus a residual); `with_signed_inputs(rules, pattern)` attaches that declaration (a regex over
+layer paths) to a RuleSet, and every quantized layer it matches gets `a_signed=True`, whatever its
+rule says. Calibration checks the declaration: a layer left unsigned whose input has a negative
+value raises (`calibration.UnsignedInputError`), so negatives are never clipped silently.
+
 Methods (weight quantizer / activation quantizer, docs/method.md section 2):
     'interval'  learnable interval (EWGS / SQAKD-CIFAR) / learnable interval, with |output_scale|
     'pact'      DoReFa weights / PACT activations (learnable alpha)
@@ -48,7 +55,9 @@ class Rule:
       w_bits, a_bits: 1..8, or None to keep that side full precision (at least one is needed
         for a quantizing method).
       fp: shorthand for method='none'; takes no bits.
-      a_signed: signed activation grid (only 'lsq' and 'qkd'; 'interval' accepts and ignores it).
+      a_signed: signed activation grid (methods with input_sign 'grid'; 'interval' covers negatives
+        with its learnable lower bound and ignores it). Usually set from the model's declaration
+        (`with_signed_inputs`) rather than by a rule.
       output_scale: learnable |output_scale| on the layer output; None = the method's default
         (True for 'interval', False otherwise).
       pact_alpha: constant initial PACT alpha (> 0) used by calibration; None = from data.
@@ -124,9 +133,15 @@ class Rule:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RuleSet:
-    """Ordered rules, first match wins; unmatched layers are full precision."""
+    """Ordered rules, first match wins; unmatched layers are full precision.
+
+    `signed_inputs`: regex (fully matched) of the layers whose input is signed (the model's
+    declaration); a quantized layer it matches gets a_signed=True. None: no layer is signed
+    beyond what the rules say.
+    """
 
     rules: tuple[Rule, ...]
+    signed_inputs: Optional[str] = None
 
     def __post_init__(self) -> None:
         rules = tuple(self.rules)
@@ -134,13 +149,38 @@ class RuleSet:
             if not isinstance(r, Rule):
                 raise ValueError(f"RuleSet takes Rule objects, got {r!r}")
         object.__setattr__(self, "rules", rules)
+        if self.signed_inputs is not None:
+            try:
+                re.compile(self.signed_inputs)
+            except (re.error, TypeError) as err:
+                raise ValueError(f"signed_inputs {self.signed_inputs!r} is not a valid regex: {err}") from None
+
+    def signed_input(self, path: str) -> bool:
+        """True when the model declares the input of the layer at `path` signed."""
+        return self.signed_inputs is not None and re.fullmatch(self.signed_inputs, path) is not None
 
     def match(self, path: str) -> LayerPrecision:
         """Precision of the layer at `path` (first matching rule; FULL_PRECISION when none)."""
         for i, rule in enumerate(self.rules):
             if rule.matches(path):
-                return rule.precision(i)
+                lp = rule.precision(i)
+                if lp.quantized and lp.a_bits is not None and not lp.a_signed and self.signed_input(path):
+                    if not QUANT_METHODS[lp.method].signed_inputs:
+                        raise ValueError(
+                            f"layer {path!r} receives a signed input but method {lp.method!r} has no signed "
+                            f"activation quantizer; keep its input full precision with a rule (a_bits=None).")
+                    lp = dataclasses.replace(lp, a_signed=True)
+                return lp
         return FULL_PRECISION
+
+
+def with_signed_inputs(rules: RuleSet, pattern: Optional[str]) -> RuleSet:
+    """`rules` with the model's signed-input declaration (a regex over layer paths, or None).
+
+    Layers it matches get a_signed=True (every method quantizes a signed input: a signed grid, or
+    the interval method's learnable lower bound). `resolve` raises when it matches no layer.
+    """
+    return dataclasses.replace(rules, signed_inputs=pattern)
 
 
 def rule_set(*rules: Rule) -> RuleSet:
@@ -179,10 +219,9 @@ def sqakd_cifar_vgg(method: str, w_bits: int, a_bits: int, **kw: Any) -> RuleSet
 def first_last_8bit(method: str, w_bits: int, a_bits: int, **kw: Any) -> RuleSet:
     """QKD / ImageNet: every conv and dense quantized, 'stem' and 'classifier' at W8A8.
 
-    The stem's input is a normalised (signed) image: LSQ and QKD use their signed activation
-    grid there, the interval method its learnable lower bound. PACT and DoReFa have no signed
-    activation quantizer, so with them the stem quantizes its weights only (8 bits) and keeps
-    its input full precision (the report shows a_bits '-').
+    The stem's input is a normalised (signed) image: every method with a signed activation grid
+    (LSQ, QKD, PACT, DoReFa) uses it there, the interval method its learnable lower bound. A
+    method with no signed grid keeps the stem's input full precision (weights 8-bit).
     """
     if method == "none":
         return full_precision()
@@ -227,9 +266,12 @@ def resolve(rules: RuleSet, tree: Union[Mapping[str, Any], Iterable[str]]) -> di
 
     Raises:
       ValueError: when a rule matched no layer (it would be a silent no-op), naming the rule
-        and listing the layer paths.
+        and listing the layer paths; when the signed-input declaration matched no layer.
     """
     paths = quantizable_paths(tree)
+    if rules.signed_inputs is not None and not any(rules.signed_input(p) for p in paths):
+        raise ValueError(f"signed_inputs {rules.signed_inputs!r} matched no layer; fix the model's "
+                         f"declaration (models/registry.py). Layer paths: {paths}")
     resolved = {p: rules.match(p) for p in paths}
     used = {lp.rule for lp in resolved.values() if lp.rule is not None}
     unused = [(i, r) for i, r in enumerate(rules.rules) if i not in used]
@@ -246,16 +288,24 @@ def _bits(b: Optional[int]) -> str:
     return "-" if b is None else str(b)
 
 
+def input_grid(lp: LayerPrecision) -> str:
+    """How the layer quantizes its input: 'signed' or 'unsigned' grid, 'offset' (a learnable
+    lower bound, the interval method), '-' (input full precision)."""
+    if not lp.quantized or lp.a_bits is None:
+        return "-"
+    if QUANT_METHODS[lp.method].input_sign == "offset":
+        return "offset"
+    return "signed" if lp.a_signed else "unsigned"
+
+
 def report(resolved: Mapping[str, LayerPrecision]) -> str:
-    """Readable table: layer -> method, weight bits, activation bits, rule."""
-    header = ("layer", "method", "W", "A", "rule")
+    """Readable table: layer -> method, weight bits, activation bits, input grid, rule."""
+    header = ("layer", "method", "W", "A", "input", "rule")
     rows = [header]
     for path, lp in resolved.items():
         method = lp.method if lp.quantized else "fp"
-        if lp.quantized and lp.a_signed and lp.a_bits is not None:
-            method += " (signed act)"
         rule = "no rule" if lp.rule is None else f"#{lp.rule} {lp.pattern!r}"
-        rows.append((path or "<root>", method, _bits(lp.w_bits), _bits(lp.a_bits), rule))
+        rows.append((path or "<root>", method, _bits(lp.w_bits), _bits(lp.a_bits), input_grid(lp), rule))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from qkd_jax.data import dataset_info
-from qkd_jax.models import get_model
+from qkd_jax.models import get_model, signed_inputs
 from qkd_jax.quant import rules as qrules
 from qkd_jax.quant.layers import quantized_layers
 from qkd_jax.train.parallel import DATA_AXIS
@@ -52,9 +52,11 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 
 def student_rules(config: ml_collections.ConfigDict) -> qrules.RuleSet:
+    """The preset's rules with the model's signed-input declaration (`models.signed_inputs`)."""
     q = config.quant
     extra = {"pact_alpha": q.pact_alpha} if (q.method == "pact" and q.pact_alpha > 0) else {}
-    return PRESETS[q.preset](q.method, q.w_bits, q.a_bits, **extra)
+    rules = PRESETS[q.preset](q.method, q.w_bits, q.a_bits, **extra)
+    return qrules.with_signed_inputs(rules, signed_inputs(config.model.name))
 
 
 def _network(config: ml_collections.ConfigDict, **layer_kwargs: Any) -> Network:

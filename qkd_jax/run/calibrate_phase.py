@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from qkd_jax.models import copy_teacher_to_student
 from qkd_jax.quant import rules as qrules
-from qkd_jax.quant.calibration import calibrate_with_report, raise_on_dead_layers
+from qkd_jax.quant.calibration import calibrate_with_report, raise_on_calibration_problems
 from qkd_jax.run import build
 from qkd_jax.run.context import PhaseResult, RunContext, console
 from qkd_jax.run.evaluate import evaluate
@@ -44,9 +44,9 @@ def run_calibrate(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> 
     batch = next(iter(loader))
     t0 = time.perf_counter()
     # One compiled forward pass (op-by-op it takes ~20 s for a ResNet-20 on CPU).
-    variables, dead = jax.jit(lambda v, x: calibrate_with_report(net.local_model, v, x, train=True))(
+    variables, checks = jax.jit(lambda v, x: calibrate_with_report(net.local_model, v, x, train=True))(
         variables, jnp.asarray(batch["image"]))
-    raise_on_dead_layers(jax.device_get(dead))
+    raise_on_calibration_problems(jax.device_get(checks))
     q = ctx.config.quant
     console(f"[{name}] calibrated every quantizer on one batch of {plan.batch_size} "
             f"({time.perf_counter() - t0:.1f} s); {q.method} W{q.w_bits}A{q.a_bits}, preset {q.preset}")

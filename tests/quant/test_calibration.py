@@ -16,9 +16,16 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from qkd_jax.quant.calibration import DeadLayerError, calibrate, calibrate_with_report, raise_on_dead_layers
+from qkd_jax.quant.calibration import (
+    DeadLayerError,
+    UnsignedInputError,
+    calibrate,
+    calibrate_with_report,
+    raise_on_calibration_problems,
+    raise_on_dead_layers,
+)
 from qkd_jax.quant.layers import quantized_layers
-from qkd_jax.quant.rules import Rule, rule_set
+from qkd_jax.quant.rules import Rule, rule_set, with_signed_inputs
 from tests.quant.test_layers import np_conv, np_fake_quant
 
 # unsafe_rbg keys: the default threefry RNG costs seconds of XLA compile per shape on CPU
@@ -188,13 +195,70 @@ def test_a_dead_quantized_layer_is_reported_by_name(batch):
         calibrate(model, variables, batch, train=True)
     assert "batch_size" in str(info.value)  # and says what to do
     # Under jit the flags come back for the caller to check (the runner does).
-    _, flags = jax.jit(lambda v, x: calibrate_with_report(model, v, x, train=True))(variables, batch)
-    assert {k for k, v in flags.items() if bool(v)} == {"q1"}
+    _, checks = jax.jit(lambda v, x: calibrate_with_report(model, v, x, train=True))(variables, batch)
+    assert {k for k, v in checks.dead.items() if bool(v)} == {"q1"}
     with pytest.raises(DeadLayerError):
-        raise_on_dead_layers(jax.device_get(flags))
+        raise_on_dead_layers(jax.device_get(checks.dead))
+    with pytest.raises(DeadLayerError):
+        raise_on_calibration_problems(jax.device_get(checks))
 
 
 def test_a_live_calibration_reports_no_dead_layer(batch):
     model, variables = _student("pact", batch)
-    _, flags = calibrate_with_report(model, variables, batch, train=True)
-    assert set(flags) == {"q1", "q2", "classifier"} and not any(bool(v) for v in flags.values())
+    _, checks = calibrate_with_report(model, variables, batch, train=True)
+    assert set(checks.dead) == {"q1", "q2", "classifier"} and not any(bool(v) for v in checks.dead.values())
+    # every quantized input of CalibNet is a ReLU output: recorded, and exactly >= 0
+    assert set(checks.unsigned_input_min) == {"q1", "q2", "classifier"}
+    assert all(float(v) >= 0 for v in checks.unsigned_input_min.values())
+
+
+class SignedNet(nn.Module):
+    """stem (FP) -> 'q1' (its input is the stem's raw output: signed) -> relu -> 'q2' (unsigned)."""
+
+    conv: type = nn.Conv
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = self.conv(4, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem")(x)
+        x = nn.relu(self.conv(5, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="q1")(x))
+        return self.conv(2, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="q2")(x)
+
+
+def _signed_student(method, batch, signed=None):
+    rules = with_signed_inputs(_rules(method), signed)
+    model = SignedNet(conv=quantized_layers(rules)[0])
+    return model, model.init(KEY(1), batch)
+
+
+@pytest.mark.parametrize("method", ["interval", "lsq", "qkd", "pact", "dorefa"])
+def test_an_undeclared_signed_input_raises_naming_the_layer_and_its_min(method, batch):
+    """q1 reads the stem's output, which has negative values; declared unsigned, calibration
+    refuses (the unsigned grid would clip them; the interval method too: the declaration must
+    hold for every method) and names q1, its input minimum and the fix. Under jit the measured
+    minima come back for the caller to check."""
+    model, variables = _signed_student(method, batch)
+    stem_out = np_conv(np.asarray(batch, np.float64), np.asarray(variables["params"]["stem"]["kernel"], np.float64))
+    assert stem_out.min() < 0
+    with pytest.raises(UnsignedInputError, match=r"q1 \(min -[0-9.e-]+\)") as info:
+        calibrate(model, variables, batch, train=True)
+    message = str(info.value)
+    assert "q2" not in message and "registry" in message and "a_signed=True" in message
+    reported = float(message.split("q1 (min ")[1].split(")")[0])
+    np.testing.assert_allclose(reported, stem_out.min(), rtol=1e-3)  # 4 significant digits printed
+    _, checks = jax.jit(lambda v, x: calibrate_with_report(model, v, x, train=True))(variables, batch)
+    np.testing.assert_allclose(float(checks.unsigned_input_min["q1"]), stem_out.min(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UnsignedInputError):
+        raise_on_calibration_problems(jax.device_get(checks))
+
+
+@pytest.mark.parametrize("method", ["lsq", "pact"])
+def test_a_declared_signed_input_calibrates_on_the_signed_closed_form(method, batch):
+    """Declared signed, q1 calibrates without error on the signed closed forms of docs/method.md
+    section 4: LSQ a_step = 2 mean|x| / sqrt(2^(b-1) - 1), PACT a_alpha = |mean(x)| + 3 std(x)."""
+    model, variables = _signed_student(method, batch, signed="q1")
+    new = calibrate(model, variables, batch, train=True)
+    x = np_conv(np.asarray(batch, np.float64), np.asarray(variables["params"]["stem"]["kernel"], np.float64))
+    want = {"lsq": 2 * np.abs(x).mean() / math.sqrt(2 ** (BITS - 1) - 1),
+            "pact": abs(x.mean()) + 3 * x.std(ddof=1)}[method]
+    name = {"lsq": "a_step", "pact": "a_alpha"}[method]
+    np.testing.assert_allclose(float(new["params"]["q1"]["quant"][name]), want, rtol=2e-4)

@@ -23,7 +23,7 @@ import pytest
 from qkd_jax.quant import export as qexport
 from qkd_jax.quant.calibration import calibrate
 from qkd_jax.quant.layers import quantized_layers
-from qkd_jax.quant.rules import Rule, first_last_8bit, rule_set
+from qkd_jax.quant.rules import Rule, first_last_8bit, rule_set, with_signed_inputs
 from qkd_jax.run.export_checkpoint import export_checkpoint, load_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ RTOL = 1e-5
 
 # (method, bits, a_signed, which sides are quantized)
 SPECS = [(m, b, False, "wa") for m in ("interval", "pact", "lsq", "dorefa", "qkd") for b in range(1, 9)]
-SPECS += [(m, b, True, "wa") for m in ("lsq", "qkd") for b in (1, 2, 5)]
+SPECS += [(m, b, True, "wa") for m in ("lsq", "qkd", "pact", "dorefa") for b in (1, 2, 5)]
 SPECS += [("interval", 3, False, "w"), ("lsq", 4, False, "a")]
 
 
@@ -57,7 +57,13 @@ def _rules(specs):
         m, b, signed, sides = spec
         out.append(Rule(pattern=f"{_name(spec)}_(c1|c2|fc)", method=m, w_bits=b if "w" in sides else None,
                         a_bits=b if "a" in sides else None, a_signed=signed))
-    return rule_set(*out)
+    # every '_c1' reads the (signed) image: declared signed, as a model declares its stem
+    return with_signed_inputs(rule_set(*out), ".*_c1")
+
+
+def _signed(spec, path) -> bool:
+    """Whether the layer's input grid is signed: '_c1' layers read the image, the rest ReLU outputs."""
+    return spec[2] or path.endswith("_c1")
 
 
 class Branches(nn.Module):
@@ -174,17 +180,18 @@ def _expected_weight_scale(spec, kernel, q):
     return float(q["w_interval"]) / (1 if b == 1 else 2 ** (b - 1) - 1)  # qkd
 
 
-def _expected_activation_scale(spec, q):
-    m, b, signed = spec[0], spec[1], spec[2]
-    if m in ("interval", "dorefa"):
+def _expected_activation_scale(spec, q, signed):
+    """s of a_hat = s * q: width / (2^b - 1) unsigned, width / (2^(b-1) - 1) signed (1 bit: width);
+    width = 1 (DoReFa), alpha (PACT), I (QKD); LSQ: its step; interval: 1 / (2^b - 1) always."""
+    m, b = spec[0], spec[1]
+    if m == "interval":
         return 1.0 / (2**b - 1)
-    if m == "pact":
-        return float(q["a_alpha"]) / (2**b - 1)
     if m == "lsq":
         return float(q["a_step"])
+    width = {"dorefa": 1.0, "pact": float(q.get("a_alpha", 0)), "qkd": float(q.get("a_interval", 0))}[m]
     if not signed:
-        return float(q["a_interval"]) / (2**b - 1)
-    return float(q["a_interval"]) / (1 if b == 1 else 2 ** (b - 1) - 1)
+        return width / (2**b - 1)
+    return width / (1 if b == 1 else 2 ** (b - 1) - 1)
 
 
 def _check_spec(toy, spec) -> None:
@@ -213,7 +220,8 @@ def _check_spec(toy, spec) -> None:
             assert exp.arrays[entry["weight"]["codes"]["key"]].size == packed_bytes
         if "a" in spec[3]:
             grid = exp.activation_grid(path)
-            np.testing.assert_allclose(grid.scale, _expected_activation_scale(spec, q), rtol=1e-6)
+            assert entry["a_signed"] == _signed(spec, path)
+            np.testing.assert_allclose(grid.scale, _expected_activation_scale(spec, q, _signed(spec, path)), rtol=1e-6)
             for k, value in entry["activation"]["params"].items():
                 assert np.float32(value) == np.asarray(q[k])  # exact float32 round trip
         if entry["output_scale"] is not None:
@@ -345,14 +353,15 @@ def test_resnet20_first_last_8bit(tmp_path):
     that example's later activations and logits move by a grid step (~4% there). That is a
     property of rounding two float evaluations, not an export error (chance ~1e-6 per activation
     here), so one example of 16 may differ beyond RTOL; the top-1 class of all must agree."""
-    from qkd_jax.models import get_model
+    from qkd_jax.models import get_model, signed_inputs
 
-    conv, dense = quantized_layers(first_last_8bit("lsq", 3, 3))
+    conv, dense = quantized_layers(with_signed_inputs(first_last_8bit("lsq", 3, 3), signed_inputs("resnet20")))
     model = get_model("resnet20", 10, conv=conv, dense=dense)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(16, 8, 8, 3)), jnp.float32)
     variables, fake, inter = _student(model, x, seed=2, jit_calibrate=True)
     exported = qexport.export_variables(model, variables, (8, 8, 3))
     assert len(exported.layers) == 20 and exported.layers["stem"]["a_signed"]
+    assert exported.layers["classifier"]["a_signed"]  # it reads head_bn, a BatchNorm of the pooled features
     assert exported.layers["classifier"]["w_bits"] == 8 and exported.layers["classifier"]["bias"] is not None
     for path in exported.layers:
         np.testing.assert_array_equal(exported.dequantize(path), np.asarray(_node(inter, path)["w_hat"][0]))

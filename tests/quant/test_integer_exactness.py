@@ -23,8 +23,9 @@ W_BITS, A_BITS = 3, 3
 def _np_scales(method, q, w_hat, a_signed):
     """(s_w, s_a) from the grids (float64): hat / s is an integer."""
     lw, la = 2**W_BITS - 1, 2**A_BITS - 1
-    s = {"interval": (1 / lw, 1 / la), "dorefa": (1 / lw, 1 / la),
-         "pact": (1 / lw, q.get("a_alpha", 0) / la),
+    la_in = 2 ** (A_BITS - 1) - 1 if a_signed else la  # signed grids: 2^(b-1) - 1 positive steps
+    s = {"interval": (1 / lw, 1 / la), "dorefa": (1 / lw, 1 / la_in),
+         "pact": (1 / lw, q.get("a_alpha", 0) / la_in),
          "lsq": (q.get("w_step"), q.get("a_step")),
          "qkd": (q.get("w_interval", 0) / (2 ** (W_BITS - 1) - 1),
                  q.get("a_interval", 0) / ((2 ** (A_BITS - 1) - 1) if a_signed else la))}
@@ -47,7 +48,8 @@ def x():
     return jax.random.normal(KEY(0), (2, 5, 5, 16)) * 1.3 + 0.2
 
 
-@pytest.mark.parametrize("method, a_signed", [(m, False) for m in sorted(KNOWN)] + [("lsq", True), ("qkd", True)])
+@pytest.mark.parametrize("method, a_signed", [(m, False) for m in sorted(KNOWN)] +
+                         [("lsq", True), ("qkd", True), ("pact", True), ("dorefa", True)])
 def test_quantized_conv_is_an_exact_integer_convolution(x, method, a_signed):
     layer, v = _layer_and_vars(method, x, a_signed)
     w = np.asarray(v["params"]["kernel"], np.float64)

@@ -30,7 +30,18 @@ def np_interval(x, lo, hi, bits, signed):
     return 2 * (xq - 0.5) if signed else xq
 
 
-def np_pact(x, alpha, bits):
+def np_signed_grid(x, alpha, bits):
+    """Signed PACT / DoReFa (alpha = 1): step alpha / (2^(b-1) - 1), round(clip(x) / step) step;
+    1 bit: +-alpha (x = 0 goes to -alpha, the half-to-even tie of the [0, 1] grid)."""
+    if bits == 1:
+        return np.where(x > 0, alpha, -alpha)
+    step = alpha / (2 ** (bits - 1) - 1)
+    return step * np.round(np.clip(x, -alpha, alpha) / step)
+
+
+def np_pact(x, alpha, bits, signed=False):
+    if signed:
+        return np_signed_grid(x, alpha, bits)
     return alpha * np_disc(np.clip(x, 0, alpha) / alpha, 2**bits)
 
 
@@ -44,8 +55,8 @@ def np_dorefa_w(w, bits):
     return 2 * np_disc(t / (2 * np.abs(t).max()) + 0.5, 2**bits) - 1
 
 
-def np_dorefa_a(x, bits):
-    return np_disc(np.clip(x, 0, 1), 2**bits)
+def np_dorefa_a(x, bits, signed=False):
+    return np_signed_grid(x, 1.0, bits) if signed else np_disc(np.clip(x, 0, 1), 2**bits)
 
 
 def np_qkd(x, interval, bits, signed):
@@ -63,11 +74,11 @@ def np_fake_quant(method, w, x, q, w_bits, a_bits, a_signed=False):
         return (np_interval(w, q["w_lower"], q["w_upper"], w_bits, True),
                 np_interval(x, q["a_lower"], q["a_upper"], a_bits, False), abs(q["output_scale"]))
     if method == "pact":
-        return np_dorefa_w(w, w_bits), np_pact(x, q["a_alpha"], a_bits), 1.0
+        return np_dorefa_w(w, w_bits), np_pact(x, q["a_alpha"], a_bits, a_signed), 1.0
     if method == "lsq":
         return np_lsq(w, q["w_step"], w_bits, True), np_lsq(x, q["a_step"], a_bits, a_signed), 1.0
     if method == "dorefa":
-        return np_dorefa_w(w, w_bits), np_dorefa_a(x, a_bits), 1.0
+        return np_dorefa_w(w, w_bits), np_dorefa_a(x, a_bits, a_signed), 1.0
     if method == "qkd":
         return np_qkd(w, q["w_interval"], w_bits, True), np_qkd(x, q["a_interval"], a_bits, a_signed), 1.0
     raise ValueError(method)
@@ -151,7 +162,7 @@ def test_quantized_conv_matches_numpy(x_img, method):
     np.testing.assert_allclose(layer.apply(v, x_img), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["interval", "lsq", "qkd"])
+@pytest.mark.parametrize("method", ["interval", "lsq", "qkd", "pact", "dorefa"])
 def test_quantized_dense_matches_numpy(method):
     x = jax.random.normal(KEY(3), (4, 5))
     layer = QDense(3, rules=uniform(method, 3, 4, a_signed=method != "interval"))

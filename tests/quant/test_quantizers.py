@@ -106,29 +106,45 @@ class Interval:
 
 
 class Pact:
+    """PACT; signed (our choice, docs/method.md section 2): clip to [-alpha, alpha], a symmetric
+    grid with zero (2**b - 1 levels; 1 bit: {-alpha, +alpha}), d/d alpha = sign(x) beyond it."""
+
     names = ("alpha",)
-    id = "pact"
+
+    def __init__(self, signed=False):
+        self.signed = signed
+        self.id = "pact_signed" if signed else "pact"
 
     def params(self, per_channel):
         return {"alpha": f32([[2.0, 1.0, 0.5]]) if per_channel else f32(2.0)}
 
-    def steps(self, bits):
-        return 2**bits - 1
-
     def n_levels(self, bits):
-        return 2**bits
+        if not self.signed:
+            return 2**bits
+        return 2 if bits == 1 else 2**bits - 1
+
+    def steps(self, bits):
+        return self.n_levels(bits) - 1
 
     def to_x(self, x_n, p, bits):
-        return x_n * p["alpha"]
+        return (2 * x_n - 1) * p["alpha"] if self.signed else x_n * p["alpha"]
 
     def call(self, x, p, bits, delta, **kw):
-        return quant.pact(x, p["alpha"], bits, delta=delta, **kw)
+        return quant.pact(x, p["alpha"], bits, delta=delta, signed=self.signed, **kw)
 
     def ref(self, x, p, bits, delta, G):
         a = p["alpha"]
+        steps = self.steps(bits)
+        if self.signed:
+            inside = (x >= -a) & (x <= a)
+            x_n = (np.clip(x, -a, a) / a + 1) / 2
+            x_q = np_round_grid(x_n, steps)
+            h = ewgs(G * 2 * a, x_n, x_q, delta) * inside  # dL/dx_n; d x_n / dx = 1 / (2 alpha)
+            return dict(out=a * (2 * x_q - 1), u=x_n * steps, x_n=x_n, inside=inside, dq=2 * a,
+                        d_x=h / (2 * a),
+                        d_alpha=reduce_to(G * ((x >= a) * 1.0 - (x <= -a)), a.shape))  # sign(x) beyond
         inside = (x >= 0) & (x <= a)
         x_n = np.clip(x, 0, a) / a
-        steps = self.steps(bits)
         x_q = np_round_grid(x_n, steps)
         h = ewgs(G * a, x_n, x_q, delta) * inside
         return dict(out=a * x_q, u=x_n * steps, x_n=x_n, inside=inside, dq=a,
@@ -249,28 +265,41 @@ class DorefaWeight:
 
 
 class DorefaActivation:
+    """DoReFa activations; signed (our choice): clip to [-1, 1] on the signed PACT grid, alpha = 1."""
+
     names = ()
-    id = "dorefa_activation"
+
+    def __init__(self, signed=False):
+        self.signed = signed
+        self.id = "dorefa_activation_signed" if signed else "dorefa_activation"
 
     def params(self, per_channel):
         return {}
 
-    def steps(self, bits):
-        return 2**bits - 1
-
     def n_levels(self, bits):
-        return 2**bits
+        if not self.signed:
+            return 2**bits
+        return 2 if bits == 1 else 2**bits - 1
+
+    def steps(self, bits):
+        return self.n_levels(bits) - 1
 
     def to_x(self, x_n, p, bits):
-        return x_n
+        return 2 * x_n - 1 if self.signed else x_n
 
     def call(self, x, p, bits, delta, **kw):
-        return quant.dorefa_activation(x, bits, delta=delta, **kw)
+        return quant.dorefa_activation(x, bits, delta=delta, signed=self.signed, **kw)
 
     def ref(self, x, p, bits, delta, G):
+        steps = self.steps(bits)
+        if self.signed:
+            inside = (x >= -1) & (x <= 1)
+            x_n = (np.clip(x, -1, 1) + 1) / 2
+            x_q = np_round_grid(x_n, steps)
+            return dict(out=2 * x_q - 1, u=x_n * steps, x_n=x_n, inside=inside, dq=2.0,
+                        d_x=ewgs(G * 2, x_n, x_q, delta) * inside / 2)
         inside = (x >= 0) & (x <= 1)
         x_n = np.clip(x, 0, 1)
-        steps = self.steps(bits)
         x_q = np_round_grid(x_n, steps)
         return dict(out=x_q, u=x_n * steps, x_n=x_n, inside=inside, dq=1.0,
                     d_x=ewgs(G, x_n, x_q, delta) * inside)
@@ -326,8 +355,8 @@ class Qkd:
                     d_interval=reduce_to(d_i_direct + d_c * (-x / I**2) * inside, I.shape))
 
 
-CASES = [Interval(True), Interval(False), Pact(), Lsq(True), Lsq(False),
-         DorefaWeight(), DorefaActivation(), Qkd(True), Qkd(False)]
+CASES = [Interval(True), Interval(False), Pact(), Pact(signed=True), Lsq(True), Lsq(False),
+         DorefaWeight(), DorefaActivation(), DorefaActivation(signed=True), Qkd(True), Qkd(False)]
 CASE_IDS = [c.id for c in CASES]
 PER_CHANNEL = [c for c in CASES if c.names]
 
@@ -511,6 +540,37 @@ def test_qkd_signed_grid(bits, expected):
     np.testing.assert_allclose(out, 1.5 * np.float32(expected), atol=1e-6)
 
 
+@pytest.mark.parametrize("bits, expected", [(1, [-1, 1]), (2, [-1, 0, 1]), (3, [-1, -2 / 3, -1 / 3, 0, 1 / 3, 2 / 3, 1])])
+def test_signed_pact_and_dorefa_grids(bits, expected):
+    """Signed PACT: alpha k / (2^(b-1) - 1), k = -(2^(b-1) - 1)..2^(b-1) - 1 (1 bit: +-alpha); signed
+    DoReFa: the same with alpha = 1. The nearest level is chosen, values beyond clip to +-alpha."""
+    x = np.linspace(-3, 3, 601, dtype=np.float32)
+    for alpha, out in ((1.5, quant.pact(jnp.asarray(x), 1.5, bits, signed=True)),
+                       (1.0, quant.dorefa_activation(jnp.asarray(x), bits, signed=True))):
+        grid = alpha * np.float64(expected)
+        np.testing.assert_allclose(np.unique(np.asarray(out)), grid, atol=1e-6)
+        clipped = np.clip(x, -alpha, alpha)
+        nearest = grid[np.argmin(np.abs(clipped[:, None] - grid[None, :]), axis=1)]
+        dist = np.sort(np.abs(clipped[:, None] - grid[None, :]), axis=1)
+        ok = (dist[:, 1] - dist[:, 0]) > 1e-5  # not a rounding tie (float32 may go either way there)
+        assert ok.sum() > 500
+        np.testing.assert_allclose(np.asarray(out)[ok], nearest[ok], atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_signed_pact_alpha_gradient_matches_finite_differences_beyond_the_clip(bits):
+    """Beyond [-alpha, alpha] the output is exactly sign(x) alpha, so d out / d alpha = sign(x):
+    central differences of the forward pass against the gradient, element by element."""
+    x = f32([-5.0, -3.0, -2.5, 2.5, 3.0, 7.0])
+    alpha, h = 2.0, 1e-2
+    grads = np.stack([np.asarray(jax.grad(lambda a, i=i: quant.pact(jnp.asarray(x), a, bits, signed=True)[i])(
+        jnp.float32(alpha))) for i in range(len(x))])
+    fd = (np.asarray(quant.pact(jnp.asarray(x), alpha + h, bits, signed=True)) -
+          np.asarray(quant.pact(jnp.asarray(x), alpha - h, bits, signed=True))) / (2 * h)
+    np.testing.assert_allclose(grads, np.sign(x), atol=0)
+    np.testing.assert_allclose(fd, np.sign(x), atol=1e-4)
+
+
 def test_dorefa_weight_one_bit_is_sign_times_mean_abs():
     w = f32([[0.3, -1.2, 0.0], [2.0, -0.1, 0.7]])
     e = np.abs(w).mean()
@@ -580,7 +640,7 @@ def test_numpy_integer_bits_accepted(case):
     assert len(np.unique(np.asarray(out))) >= 2
 
 
-@pytest.mark.parametrize("name, case", [("alpha", Pact()), ("step", Lsq(True)), ("step", Lsq(False)),
+@pytest.mark.parametrize("name, case", [("alpha", Pact()), ("alpha", Pact(signed=True)), ("step", Lsq(True)), ("step", Lsq(False)),
                                         ("interval", Qkd(True)), ("interval", Qkd(False))])
 @pytest.mark.parametrize("value", [0.0, -0.5, float("nan"), np.float32([0.5, 0.0, 1.0])])
 def test_non_positive_static_parameter_raises(name, case, value):

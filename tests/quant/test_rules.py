@@ -23,6 +23,8 @@ from qkd_jax.quant.rules import (
     rule_set,
     sqakd_cifar,
     sqakd_cifar_vgg,
+    uniform,
+    with_signed_inputs,
 )
 
 # unsafe_rbg keys: the default threefry RNG costs seconds of XLA compile per shape on CPU
@@ -139,15 +141,17 @@ def test_sqakd_cifar_vgg_preset(stage1):
     assert _levels(inter, "stage2_conv1") <= 4
 
 
-@pytest.mark.parametrize("method", ["lsq", "qkd", "interval", "pact"])
+@pytest.mark.parametrize("method", ["lsq", "qkd", "interval", "pact", "dorefa"])
 def test_first_last_8bit_preset(method):
+    """W8A8 stem and classifier for every method; the stem's (signed) image input on a signed
+    8-bit grid (the interval method: its learnable lower bound, a_signed not needed)."""
     rules = first_last_8bit(method, 2, 2)
     variables, inter = _build(TinyResNet, rules)
     assert _quantized_layers(variables) == sorted(RESNET_LAYERS)
     resolved = resolve(rules, variables)
     assert resolved["stem"].w_bits == 8 and resolved["classifier"].a_bits == 8
-    assert resolved["stem"].a_bits == (None if method == "pact" else 8)
-    assert resolved["stem"].a_signed == (method in ("lsq", "qkd"))
+    assert resolved["stem"].a_bits == 8
+    assert resolved["stem"].a_signed == (method != "interval")
     assert resolved["layer1_0/conv1"].w_bits == 2
     assert _levels(inter, "stem") > 4  # 8-bit grid
     assert _levels(inter, "layer1_0/conv2") <= 4
@@ -193,7 +197,6 @@ def test_unmatched_rule_raises():
         (dict(method="ewgs", w_bits=2, a_bits=2), "method must be one of"),
         (dict(fp=True, w_bits=2), "drop the bits"),
         (dict(method="lsq", fp=True), "contradicts"),
-        (dict(method="pact", w_bits=2, a_bits=2, a_signed=True), "signed"),
         (dict(method="lsq", w_bits=2, a_bits=2, pact_alpha=3.0), "pact_alpha"),
     ],
 )
@@ -224,12 +227,34 @@ def test_report_and_paths():
     assert quantizable_paths(RESNET_LAYERS) == RESNET_LAYERS
     text = describe(sqakd_cifar("interval", 2, 2), variables)
     lines = text.splitlines()
-    assert lines[0].split() == ["layer", "method", "W", "A", "rule"]
+    assert lines[0].split() == ["layer", "method", "W", "A", "input", "rule"]
     row = next(line for line in lines if line.startswith("layer1_0/conv2"))
-    assert row.split()[:4] == ["layer1_0/conv2", "interval", "2", "2"]
-    assert next(line for line in lines if line.startswith("stem")).split()[1:4] == ["fp", "-", "-"]
+    assert row.split()[:5] == ["layer1_0/conv2", "interval", "2", "2", "offset"]
+    assert next(line for line in lines if line.startswith("stem")).split()[1:5] == ["fp", "-", "-", "-"]
     assert lines[-1] == "3 of 5 layers quantized"
     assert describe(full_precision(), RESNET_LAYERS).endswith("0 of 5 layers quantized")
+
+
+@pytest.mark.parametrize("method", ["lsq", "qkd", "pact", "dorefa"])
+def test_declared_signed_inputs_get_a_signed_grid(method):
+    """with_signed_inputs: declared layers get a_signed=True whatever their rule says (FP layers
+    stay FP), the others keep an unsigned grid, and the report shows both."""
+    rules = with_signed_inputs(uniform(method, 4, 4), "stem|layer1_0/conv2")
+    resolved = resolve(rules, RESNET_LAYERS)
+    assert {p for p, lp in resolved.items() if lp.a_signed} == {"stem", "layer1_0/conv2"}
+    grid = {line.split()[0]: line.split()[4] for line in describe(rules, RESNET_LAYERS).splitlines()[2:-1]}
+    assert grid == {"stem": "signed", "layer1_0/conv1": "unsigned", "layer1_0/conv2": "signed",
+                    "layer2_0_conv": "unsigned", "classifier": "unsigned"}
+    fp_stem = with_signed_inputs(sqakd_cifar(method, 4, 4), "stem|layer1_0/conv2")
+    assert not resolve(fp_stem, RESNET_LAYERS)["stem"].quantized
+    assert resolve(fp_stem, RESNET_LAYERS)["layer1_0/conv2"].a_signed
+
+
+def test_signed_input_declaration_errors():
+    with pytest.raises(ValueError, match="'layer9.*' matched no layer.*registry"):
+        resolve(with_signed_inputs(uniform("lsq", 4, 4), "layer9.*"), RESNET_LAYERS)
+    with pytest.raises(ValueError, match="not a valid regex"):
+        with_signed_inputs(uniform("lsq", 4, 4), "stem[")
 
 
 def test_layer_path_is_module_path():

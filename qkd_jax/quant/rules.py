@@ -227,7 +227,7 @@ def first_last_8bit(method: str, w_bits: int, a_bits: int, **kw: Any) -> RuleSet
         return full_precision()
     sign = QUANT_METHODS[method].input_sign if method in QUANT_METHODS else "none"
     stem_a_bits: Optional[int] = None if sign == "none" else 8
-    stem_signed = sign == "grid"
+    stem_signed = sign != "none"  # the interval method accepts it and keeps its lower bound
     return rule_set(
         Rule(pattern="stem", method=method, w_bits=8, a_bits=stem_a_bits, a_signed=stem_signed, **kw),
         Rule(pattern="classifier", method=method, w_bits=8, a_bits=8, **kw),

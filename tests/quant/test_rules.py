@@ -143,15 +143,15 @@ def test_sqakd_cifar_vgg_preset(stage1):
 
 @pytest.mark.parametrize("method", ["lsq", "qkd", "interval", "pact", "dorefa"])
 def test_first_last_8bit_preset(method):
-    """W8A8 stem and classifier for every method; the stem's (signed) image input on a signed
-    8-bit grid (the interval method: its learnable lower bound, a_signed not needed)."""
+    """W8A8 stem and classifier for every method; the stem's (signed) image input declared signed:
+    a signed 8-bit grid (the interval method: its learnable lower bound)."""
     rules = first_last_8bit(method, 2, 2)
     variables, inter = _build(TinyResNet, rules)
     assert _quantized_layers(variables) == sorted(RESNET_LAYERS)
     resolved = resolve(rules, variables)
     assert resolved["stem"].w_bits == 8 and resolved["classifier"].a_bits == 8
     assert resolved["stem"].a_bits == 8
-    assert resolved["stem"].a_signed == (method != "interval")
+    assert resolved["stem"].a_signed
     assert resolved["layer1_0/conv1"].w_bits == 2
     assert _levels(inter, "stem") > 4  # 8-bit grid
     assert _levels(inter, "layer1_0/conv2") <= 4

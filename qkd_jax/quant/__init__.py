@@ -46,7 +46,12 @@ __all__ = [
 ]
 
 # Quantized layers, per-layer precision rules and calibration (issue 3).
-from qkd_jax.quant.calibration import DeadLayerError, UnsignedInputError, calibrate, calibrate_with_report  # noqa: E402
+from qkd_jax.quant.calibration import (  # noqa: E402
+    DeadLayerError,
+    UnsignedInputError,
+    calibrate,
+    calibrate_with_report,
+)
 from qkd_jax.quant.layer_quant import (  # noqa: E402
     CALIBRATION_COLLECTION,
     DELTA_COLLECTION,

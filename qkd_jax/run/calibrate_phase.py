@@ -10,7 +10,10 @@ import jax.numpy as jnp
 
 from qkd_jax.models import copy_teacher_to_student
 from qkd_jax.quant import rules as qrules
-from qkd_jax.quant.calibration import calibrate_with_report, raise_on_calibration_problems
+from qkd_jax.quant.calibration import (
+    calibrate_with_report,
+    raise_on_calibration_problems,
+)
 from qkd_jax.run import build
 from qkd_jax.run.context import PhaseResult, RunContext, console
 from qkd_jax.run.evaluate import evaluate

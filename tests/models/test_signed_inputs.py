@@ -20,7 +20,13 @@ import numpy as np
 import pytest
 
 from qkd_jax.models import get_model, image_size, list_models, signed_inputs
-from qkd_jax.quant.rules import full_precision, quantizable_paths, resolve, uniform, with_signed_inputs
+from qkd_jax.quant.rules import (
+    full_precision,
+    quantizable_paths,
+    resolve,
+    uniform,
+    with_signed_inputs,
+)
 
 # One model per architecture file (the others differ only in depth or width). vgg11_bn (torchvision
 # VGG) is left out for its 25088 x 4096 dense layer; its layers are conv + BN + ReLU, max pools

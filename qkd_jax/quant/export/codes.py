@@ -20,6 +20,10 @@ map back is affine in k. Written with a signed integer value q and a real scale 
       interval    a_hat = x_q                2^b               1, 0                    1 / (L - 1)
       pact        a_hat = alpha x_q          2^b               1, 0                    alpha / (L - 1)
       dorefa      a_hat = x_q                2^b               1, 0                    1 / (L - 1)
+      pact signed  b>1 alpha (2 x_q - 1)     2^b - 1           1, 2^(b-1) - 1          alpha / (2^(b-1) - 1)
+      pact signed  b=1 alpha (2 x_q - 1)     2                 2, 1                    alpha
+      dorefa signed b>1 2 x_q - 1            2^b - 1           1, 2^(b-1) - 1          1 / (2^(b-1) - 1)
+      dorefa signed b=1 2 x_q - 1            2                 2, 1                    1
       lsq unsigned step * r                  2^b               1, 0                    step
       lsq signed  b>1 step * r               2^b               1, 2^(b-1)              step
       lsq signed  b=1 step (2 x_q - 1)       2                 2, 1                    step

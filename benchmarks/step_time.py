@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qkd_jax import distill
-from qkd_jax.models import copy_teacher_to_student, get_model
+from qkd_jax.models import copy_teacher_to_student, get_model, signed_inputs
 from qkd_jax.quant import rules as qrules
 from qkd_jax.quant.layers import quantized_layers
 from qkd_jax.train import parallel
@@ -74,7 +74,7 @@ def bench(name: str, steps: int, batch: int | None, bf16: bool) -> list[dict]:
     dtype = jnp.bfloat16 if bf16 else jnp.float32
     build = lambda **kw: get_model(s["model"], s["classes"], axis_name="data", dtype=dtype, **kw)  # noqa: E731
     teacher = build()
-    conv, dense = quantized_layers(s["preset"]("interval", 2, 2))
+    conv, dense = quantized_layers(qrules.with_signed_inputs(s["preset"]("interval", 2, 2), signed_inputs(s["model"])))
     student = build(conv=conv, dense=dense)
     x = jnp.zeros((1, s["size"], s["size"], 3))
     local = lambda m: m.clone(axis_name=None)  # noqa: E731

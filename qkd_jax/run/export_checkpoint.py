@@ -115,7 +115,7 @@ def export_checkpoint(workdir: str | pathlib.Path, phase: str, *, step: Optional
         where = (f"; phases with checkpoints in {workdir}: {found}" if found
                  else f" ({workdir} holds no phase checkpoints)")
         raise ExportError(f"no phase directory {directory}{where}")
-    ckpt = PhaseCheckpointer(directory)
+    ckpt = PhaseCheckpointer(directory, read_only=True)  # the run may still be writing it
     try:
         steps = ckpt.steps()
         if not steps:

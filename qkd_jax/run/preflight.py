@@ -101,6 +101,11 @@ def _variables_bytes(net: build.Network, config) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(kept))
 
 
+def _has_steps(directory: pathlib.Path) -> bool:
+    """Whether a phase directory holds checkpoint steps (by name only: the workdir is not locked yet)."""
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
 def checkpoint_bytes_needed(ctx: RunContext, plans: Iterable[PhasePlan]) -> int:
     """A lower bound on the disk the run's new checkpoints take: per phase without checkpoints
     yet, its network's variables (optimizer state not counted) times the checkpoints kept."""
@@ -113,7 +118,7 @@ def checkpoint_bytes_needed(ctx: RunContext, plans: Iterable[PhasePlan]) -> int:
 
     total = 0
     for plan in plans:
-        if plan.from_teacher_checkpoint or recorded_meta(plan.directory) is not None:
+        if plan.from_teacher_checkpoint or _has_steps(plan.directory):
             continue
         one = size(plan.kind) + (size("teacher") if plan.train_teacher else 0)
         total += one * (1 if plan.kind == "calibrate" else plan.keep_checkpoints)

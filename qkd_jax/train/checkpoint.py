@@ -117,18 +117,31 @@ def read_arrays(step_dir: str | pathlib.Path, keys: Optional[tuple[str, ...]] = 
         )
 
 
+def _drop_read_only_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 class PhaseCheckpointer:
     """Saves and restores one phase's checkpoints under `directory`."""
 
-    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
+    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2, read_only: bool = False):
+        """`read_only`: for reading another run's (or a not yet locked workdir's) checkpoints:
+        creates, deletes and cleans up nothing (a writer's unfinished temporary directory stays)."""
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            create=True,
-            cleanup_tmp_directories=True,
+            max_to_keep=None if read_only else max_to_keep,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=False,
+            read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        absl_log = logging.getLogger("absl")
+        absl_log.addFilter(_drop_read_only_note)  # orbax logs a warning for every read-only manager
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_log.removeFilter(_drop_read_only_note)
 
     def steps(self) -> list[int]:
         """Finalised checkpoint steps, oldest first."""

@@ -110,6 +110,7 @@ def runs(tmp_path_factory):
                                  pid=proc.pid, second=second, second_s=second_s, second_signal=second_signal)
 
 
+@pytest.mark.slow
 def test_second_run_on_a_locked_workdir_fails_at_once(runs):
     second = runs.second
     assert second.returncode == 1, second.stderr[-3000:]
@@ -121,6 +122,7 @@ def test_second_run_on_a_locked_workdir_fails_at_once(runs):
     assert runs.second_s < 120
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(runs):
     assert runs.rc == 128 + signal.SIGTERM == 143, runs.log[-3000:]
     found = STOPPED.findall(runs.log)
@@ -137,6 +139,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(runs):
     assert not list((runs.stopped / PHASE).glob("*tmp*"))
 
 
+@pytest.mark.slow
 def test_rerun_resumes_to_the_uninterrupted_result_and_takes_over_a_stale_lock(runs, tmp_path):
     workdir = tmp_path / "work"
     shutil.copytree(runs.stopped, workdir)
@@ -180,6 +183,7 @@ def _fake_student_phase(reference: pathlib.Path, dest: pathlib.Path) -> pathlib.
     return dest
 
 
+@pytest.mark.slow
 def test_student_phase_as_teacher_checkpoint_is_one_line(runs, tmp_path):
     fake = _fake_student_phase(runs.reference, tmp_path / "sqakd")
     proc = run_cli("safety", tmp_path / "work", f"--config.teacher_checkpoint={fake}", check=False,
@@ -192,6 +196,7 @@ def test_student_phase_as_teacher_checkpoint_is_one_line(runs, tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 def test_unfinished_teacher_checkpoint_fails_before_any_work(runs, tmp_path):
     config = teacher_only()
     config.teacher_checkpoint = str(runs.stopped / PHASE)
@@ -279,6 +284,7 @@ def _fail_meta_write_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(jch.JsonCheckpointHandler, "_save_fn", save_fn)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     config = teacher_only(batch_size=64, checkpoint_every_steps=3, log_every_steps=1000)
@@ -295,6 +301,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert not (workdir / ".lock").exists()
 
 
+@pytest.mark.slow
 def test_signal_during_calibration_stops_without_a_save(tmp_path, monkeypatch):
     from qkd_jax.run import calibrate_phase
 
@@ -357,6 +364,7 @@ def test_cli_errors_are_one_line(args, expected, tmp_path):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("item", ["state", "meta"])
 def test_export_of_a_corrupt_checkpoint_exits_2(runs, item, tmp_path, capsys):

@@ -17,6 +17,7 @@ from qkd_jax.quant.calibration import (
 from qkd_jax.run import build
 from qkd_jax.run.context import PhaseResult, RunContext, console
 from qkd_jax.run.evaluate import evaluate
+from qkd_jax.run.interrupt import Interrupted, stop_requested
 from qkd_jax.run.loaders import train_loader
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.states import build_state, checkpoint_meta, phase_result
@@ -58,6 +59,8 @@ def run_calibrate(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> 
     eval_metrics = evaluate(ctx, net.train_model, state.variables())
     ctx.writer.write(name, 0, "eval", eval_metrics)
     console(f"[{name}] eval after calibration: top1 {eval_metrics['top1']:.2f}%")
+    if stop_requested():  # SIGTERM/SIGINT: no save, the rerun calibrates again (run/interrupt.py)
+        raise Interrupted(stop_requested(), name)
     ckpt.save(parallel.replicate(state, ctx.mesh), meta=checkpoint_meta(ctx, plan, completed=True,
                                                                           eval_metrics=eval_metrics))
     return phase_result(plan, state, eval_metrics)

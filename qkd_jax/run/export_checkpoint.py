@@ -29,7 +29,7 @@ from qkd_jax.quant.export.fileformat import IntegerExport
 from qkd_jax.quant.layer_quant import QUANT
 from qkd_jax.run import build
 from qkd_jax.run.record import SHAPE_KEYS, diff_records, format_change, shape_record
-from qkd_jax.train.checkpoint import PhaseCheckpointer, read_arrays
+from qkd_jax.train.checkpoint import CorruptCheckpointError, PhaseCheckpointer, read_arrays
 
 
 def _phase_dirs(workdir: pathlib.Path) -> list[str]:
@@ -38,9 +38,26 @@ def _phase_dirs(workdir: pathlib.Path) -> list[str]:
     return sorted(p.name for p in workdir.iterdir() if p.is_dir() and any(c.name.isdigit() for c in p.iterdir()))
 
 
+def _unreadable(step_dir: pathlib.Path, err: Exception) -> CorruptCheckpointError:
+    cause = (str(err).strip().splitlines() or [""])[0][:200]
+    return CorruptCheckpointError(
+        f"checkpoint {step_dir} cannot be read ({type(err).__name__}: {cause}); export another "
+        f"step with --step=N, or rerun the run's command to rewrite it")
+
+
+def _read_meta(ckpt: PhaseCheckpointer, step: int) -> dict:
+    try:
+        return ckpt.read_meta(step) or {}
+    except Exception as err:  # orbax raises many types for damaged files
+        raise _unreadable(ckpt.directory / str(step), err) from None
+
+
 def _restore_arrays(step_dir: pathlib.Path) -> dict:
     """'params' and 'batch_stats' of a saved TrainState, as numpy (any device count)."""
-    arrays = read_arrays(step_dir, ("params", "batch_stats"))
+    try:
+        arrays = read_arrays(step_dir, ("params", "batch_stats"))
+    except Exception as err:  # orbax/tensorstore raise many types for damaged files
+        raise _unreadable(step_dir, err) from None
     if "params" not in arrays:
         raise ExportError(f"{step_dir / 'state'} holds no 'params'")
     return arrays
@@ -98,20 +115,20 @@ def export_checkpoint(workdir: str | pathlib.Path, phase: str, *, step: Optional
         where = (f"; phases with checkpoints in {workdir}: {found}" if found
                  else f" ({workdir} holds no phase checkpoints)")
         raise ExportError(f"no phase directory {directory}{where}")
-    ckpt = PhaseCheckpointer(directory)
+    ckpt = PhaseCheckpointer(directory, read_only=True)  # the run may still be writing it
     try:
         steps = ckpt.steps()
         if not steps:
             raise ExportError(f"{directory} holds no finished checkpoint")
         if step is None:
-            completed = [s for s in reversed(steps) if (ckpt.read_meta(s) or {}).get("completed")]
+            completed = [s for s in reversed(steps) if _read_meta(ckpt, s).get("completed")]
             if not completed:
                 raise ExportError(f"phase {phase!r} has not completed (checkpoints at steps {steps}); "
                                   f"pass step=N (--step=N) to export an unfinished one")
             step = completed[0]
         elif step not in steps:
             raise ExportError(f"{directory} has no checkpoint at step {step}; steps: {steps}")
-        meta = ckpt.read_meta(step) or {}
+        meta = _read_meta(ckpt, step)
     finally:
         ckpt.close()
     if meta.get("kind") == "teacher":

@@ -7,7 +7,8 @@ the config stored with it (or --config, a config file as for qkd_jax.main, or a 
 run), writes OUT (.npz arrays + embedded JSON manifest) and OUT with suffix .json (the manifest,
 for reading), and prints the per-layer size report. Errors (missing phase, an FP checkpoint such
 as the teacher, a config that does not describe the checkpoint or differs from the settings it
-recorded: model, classes, image size, method, bits, preset, pact_alpha) print one message and exit 2.
+recorded: model, classes, image size, method, bits, preset, pact_alpha; an unreadable checkpoint)
+print one message and exit 2.
 Format and exactness: qkd_jax/quant/export/ (fileformat.py, codes.py, integer_inference.py).
 """
 
@@ -37,6 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from qkd_jax.quant.export import ExportError, ManifestError, size_report
     from qkd_jax.run.config_files import load_config
     from qkd_jax.run.export_checkpoint import export_checkpoint
+    from qkd_jax.train.checkpoint import CorruptCheckpointError
 
     out = pathlib.Path(args.out)
     if out.suffix != ".npz":
@@ -46,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = load_config(args.config) if args.config else None
         exported = export_checkpoint(args.workdir, args.phase, step=args.step, config=config)
         path = exported.save(out)
-    except (ExportError, ManifestError, FileNotFoundError) as err:
+    except (ExportError, ManifestError, FileNotFoundError, CorruptCheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     src = exported.manifest["source"]

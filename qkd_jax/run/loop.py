@@ -16,8 +16,11 @@ from qkd_jax.run import build
 from qkd_jax.run.calibrate_phase import run_calibrate
 from qkd_jax.run.config_schema import phase_names, validate
 from qkd_jax.run.context import PhaseResult, RunContext
+from qkd_jax.run.interrupt import Interrupted, handle_signals, stop_requested
 from qkd_jax.run.loaders import steps_per_epoch
+from qkd_jax.run.lock import WorkdirLock
 from qkd_jax.run.plan import PhasePlan, make_plan
+from qkd_jax.run.preflight import check_run
 from qkd_jax.run.report import SUMMARY_HEADERS, summary_cells, summary_record
 from qkd_jax.run.rerun import check_rerun, delete_phases
 from qkd_jax.run.train_phase import run_training
@@ -68,12 +71,8 @@ def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseRes
 
 def run_phase(ctx: RunContext, plan: PhasePlan) -> PhaseResult:
     """Runs (or resumes, or reads back) one phase and records its result in `ctx.results`."""
-    if plan.from_teacher_checkpoint and not plan.directory.exists():
-        raise FileNotFoundError(
-            f"config.teacher_checkpoint={str(plan.directory)!r} does not exist; point it at the "
-            f"'teacher' phase directory of an earlier run (WORKDIR/teacher) or leave it empty "
-            f"to train the teacher."
-        )
+    if stop_requested():  # a signal during the previous phase's final save or evaluation
+        raise Interrupted(stop_requested(), plan.name)
     ckpt = PhaseCheckpointer(plan.directory, max_to_keep=plan.keep_checkpoints)
     try:
         result = run_calibrate(ctx, plan, ckpt) if plan.kind == "calibrate" else run_training(ctx, plan, ckpt)
@@ -96,8 +95,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
         mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, PhaseResult]:
     """Runs every phase of `config` in `workdir`; finished phases are read back, not rerun.
 
-    Before anything is written, every phase checkpointed in `workdir` is compared with the
-    settings it recorded (ConfigChangedError on a change; config.retrain_from deletes phases)."""
+    Everything that can be checked is checked before the workdir is created (config, dataset,
+    batch sizes against the devices, teacher_checkpoint, writable workdir, disk space:
+    `run/preflight.py`). Then the workdir's lock is taken (`run/lock.py`; process 0 only) and
+    every phase checkpointed in `workdir` is compared with the settings it recorded
+    (ConfigChangedError on a change; config.retrain_from deletes phases). SIGTERM/SIGINT stop
+    the run at the next step boundary with a checkpoint (`run/interrupt.py`)."""
     validate_config(config)
     sources = open_datasets(config)
     workdir = pathlib.Path(workdir).absolute()
@@ -105,6 +108,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     ctx = RunContext(config=config, workdir=workdir, mesh=mesh, writer=None, sources=sources)
     plans = {name: make_plan(config, workdir, name, steps_per_epoch(ctx, config.phases[name].batch_size))
              for name in phase_names(config)}
+    check_run(ctx, plans)
+    lock = WorkdirLock(workdir)
+    with handle_signals():
+        if jax.process_index() == 0:
+            lock.acquire()
+        try:
+            _run_phases(ctx, plans)
+        finally:
+            lock.release()
+    return ctx.results
+
+
+def _run_phases(ctx: RunContext, plans: dict[str, PhasePlan]) -> None:
+    """With the lock held: the rerun checks, config.json, every phase in order, the summary."""
+    config, workdir = ctx.config, ctx.workdir
     delete_phases(plans, check_rerun(config, plans, workdir), workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     write_config(config, workdir)
@@ -121,4 +139,3 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
               f"{format_duration(time.perf_counter() - t0)}):\n{table}", flush=True)
         (workdir / "summary.json").write_text(json.dumps(
             {name: summary_record(r.kind, r.eval, r.eval_history) for name, r in ctx.results.items()}, indent=2))
-    return ctx.results

@@ -29,10 +29,10 @@ class ConfigChangedError(ValueError):
 
 def recorded_meta(directory: pathlib.Path) -> Optional[dict]:
     """The metadata of the newest readable checkpoint in `directory`; None when there is none
-    (an unreadable directory is left for the restore to report). Writes no checkpoint."""
+    (an unreadable directory is left for the restore to report). Writes and cleans up nothing."""
     if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
         return None
-    ckpt = PhaseCheckpointer(directory)
+    ckpt = PhaseCheckpointer(directory, read_only=True)  # also another run's teacher_checkpoint
     try:
         for step in reversed(ckpt.steps()):
             try:

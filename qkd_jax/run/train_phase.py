@@ -17,6 +17,7 @@ from qkd_jax.run import build
 from qkd_jax.run.context import PhaseResult, RunContext, console
 from qkd_jax.run.evaluate import evaluate
 from qkd_jax.run.finite import all_finite, check_finite
+from qkd_jax.run.interrupt import Interrupted, stop_requested
 from qkd_jax.run.loaders import check_batch, train_loader
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.report import eval_record
@@ -98,6 +99,13 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
             ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history),
                       data_state=iterator.get_state())
             last_saved = done
+        if stop_requested() and done != total:  # SIGTERM/SIGINT: checkpoint here and stop (run/interrupt.py)
+            if last_saved != done:
+                check_finite(jax.device_get(metrics), name, done, last_saved)
+                check_finite({"params": all_finite(state.params)}, name, done, last_saved)
+                ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history),
+                          data_state=iterator.get_state())
+            raise Interrupted(stop_requested(), name, done, total)
     if metrics is not None:
         check_finite(jax.device_get(metrics), name, total, last_saved)
         check_finite({"params": all_finite(state.params)}, name, total, last_saved)

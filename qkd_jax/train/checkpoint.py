@@ -12,6 +12,7 @@ reference. A trainable teacher (QKD co-studying) is stored with the student.
 
 from __future__ import annotations
 
+import errno
 import logging
 import pathlib
 from typing import Any, Optional
@@ -29,6 +30,23 @@ log = logging.getLogger(__name__)
 
 class CorruptCheckpointError(RuntimeError):
     """No checkpoint of a phase directory could be restored."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written for lack of space; the earlier checkpoints are intact."""
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain (orbax and tensorstore wrap the OSError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def state_to_tree(state: TrainState) -> dict:
@@ -99,18 +117,31 @@ def read_arrays(step_dir: str | pathlib.Path, keys: Optional[tuple[str, ...]] = 
         )
 
 
+def _drop_read_only_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Given directory is read only")
+
+
 class PhaseCheckpointer:
     """Saves and restores one phase's checkpoints under `directory`."""
 
-    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
+    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2, read_only: bool = False):
+        """`read_only`: for reading another run's (or a not yet locked workdir's) checkpoints:
+        creates, deletes and cleans up nothing (a writer's unfinished temporary directory stays)."""
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            create=True,
-            cleanup_tmp_directories=True,
+            max_to_keep=None if read_only else max_to_keep,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
             enable_async_checkpointing=False,
+            read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        absl_log = logging.getLogger("absl")
+        absl_log.addFilter(_drop_read_only_note)  # orbax logs a warning for every read-only manager
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl_log.removeFilter(_drop_read_only_note)
 
     def steps(self) -> list[int]:
         """Finalised checkpoint steps, oldest first."""
@@ -130,8 +161,20 @@ class PhaseCheckpointer:
             # an earlier one and the run got back to this step): replace it, or orbax refuses.
             log.warning("replacing the unreadable checkpoint %s/%d", self.directory, step)
             self._manager.delete(step)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self._manager.wait_until_finished()
+        except Exception as err:
+            if not _is_disk_full(err):
+                raise
+            # orbax wrote into a temporary directory, never renamed: the finalised checkpoints
+            # are untouched, and the next CheckpointManager removes the leftover.
+            kept = self.steps()
+            raise DiskFullError(
+                f"no space left on the device while saving step {step} to {self.directory}; "
+                f"nothing was lost: the newest checkpoint is "
+                f"{f'step {kept[-1]}' if kept else 'none (this phase starts again)'}. Free space "
+                f"and rerun the same command to resume.") from None
         return step
 
     def read_meta(self, step: Optional[int] = None) -> Optional[dict]:

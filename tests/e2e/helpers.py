@@ -95,9 +95,17 @@ def record_config():
     return c
 
 
+def safety_config():
+    """Digits FP teacher only, 1 epoch of 22 steps (batch 64), a checkpoint every 3 steps: a
+    short run to stop with signals and to hold the workdir's lock."""
+    return teacher_only(epochs=1, batch_size=64, checkpoint_every_steps=3, log_every_steps=1)
+
+
 def get_config(arg: str = "teacher"):
-    """CLI entry: 'teacher' (teacher_only), 'resume' (resume_config) or 'record' (record_config)."""
-    configs = {"teacher": teacher_only, "resume": resume_config, "record": record_config}
+    """CLI entry: 'teacher' (teacher_only), 'resume' (resume_config), 'record' (record_config)
+    or 'safety' (safety_config)."""
+    configs = {"teacher": teacher_only, "resume": resume_config, "record": record_config,
+               "safety": safety_config}
     if arg not in configs:
         raise ValueError(f"unknown helpers config {arg!r}; use one of {sorted(configs)}")
     return configs[arg]()

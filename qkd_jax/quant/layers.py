@@ -26,7 +26,10 @@ Collections a quantized layer uses (paths relative to the layer):
                    to probe, then pass them in to get dL/dx_q as their gradient. Without the
                    collection the hook is a no-op.
     quant_calibration  written only when apply names that collection as mutable (mutable=True
-                   does not count); see `calibration`.
+                   does not count); see `calibration`. When apply also names
+                   'quant_calibration_fp_inputs', each layer outputs its full-precision result
+                   (`released_methods.full_range_transforms`) so that every layer calibrates on
+                   full-precision inputs.
     intermediates  'w_hat', 'a_hat' (tuples, flax `sow`): the fake-quantized weights and inputs,
                    recorded only when apply is given mutable=['intermediates'].
 """
@@ -55,6 +58,7 @@ from qkd_jax.quant.layer_quant import (
     quantize_weight,
     weight_scale,
 )
+from qkd_jax.quant.released_methods import full_range_transforms
 from qkd_jax.quant.rules import FULL_PRECISION, LayerPrecision, RuleSet
 
 INTERMEDIATES = "intermediates"
@@ -139,7 +143,7 @@ def _forward(
         a_hat = quantize_input(lp, x, q, _delta(module, "a"), _hook(module, "a_q"))
     _sow(module, "w_hat", w_hat)
     _sow(module, "a_hat", a_hat)
-    if lp.w_bits is not None and lp.a_bits is not None:
+    if lp.w_bits is not None and lp.a_bits is not None and not lp.full_range:
         s_w, s_a = weight_scale(lp, q, w_hat), input_scale(lp, q)
         q_w = integer_valued(w_hat, s_w).astype(w_hat.dtype)
         y = op(integer_valued(a_hat, s_a), q_w, None)
@@ -157,6 +161,11 @@ def _forward(
         y = y * jnp.abs(q["output_scale"]).astype(y.dtype)
     if calibrating and q:
         module.put_variable(CALIBRATION_COLLECTION, QUANT, q)
+    if calibrating and module.is_mutable_collection(calib.FP_INPUTS_COLLECTION):
+        # Calibration on full-precision inputs: the next layer sees this layer's output computed
+        # without rounding (only the released records' transforms), as MQBench's observer pass.
+        fp = full_range_transforms(lp)
+        return op(quantize_input(fp, x, q), quantize_weight(fp, kernel, q).astype(kernel.dtype), bias)
     return y
 
 

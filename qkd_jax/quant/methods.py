@@ -287,3 +287,7 @@ QKD = register(QuantMethod(
     input_scale=lambda lp, q: _qkd_scale(q["a_interval"], lp.a_bits, lp.a_signed),
     input_sign="grid",
 ))
+
+
+# The released SQAKD Tiny-ImageNet (MQBench) records register themselves on import.
+from qkd_jax.quant import released_methods  # noqa: E402,F401

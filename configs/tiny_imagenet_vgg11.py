@@ -5,18 +5,24 @@ Recipes: docs/method.md section 8 and the released SQAKD Tiny-ImageNet scripts.
 Model 'vgg11_bn_tiny': the released TinyImageNet/models/vgg.py vgg11_bn (VGG-A convs with BN, no
 FC layers: global average pool and Linear(512, 200), 9.33M parameters), not torchvision's VGG-11-BN.
 64 px images upsampled to 224 (ImageNet-style augmentation), 200 classes, 100 epochs per phase.
-The first conv ('stem') and the classifier stay full precision, every other conv is quantized
-(preset 'sqakd_cifar'), as MQBench's Academic backend of the released runs does (32-bit first/last).
+Quantizers (default quant.variant='released'): the released SQAKD Tiny-ImageNet (MQBench) ones,
+docs/method.md section 9: signed symmetric grids [-2^(b-1), 2^(b-1) - 1] for every weight and
+activation; PACT with alpha fixed at 6 (scale 12 / (2^b - 1)), DoReFa (tanh / max) weights; LSQ;
+DoReFa tanh / max normalisation for weights and activations. Preset 'mqbench_academic': 'stem' and
+'classifier' are the released 32-bit layers (PACT / DoReFa transforms only, LSQ full precision),
+every other conv and linear quantized; calibration on full-precision inputs; quantizer parameters
+under the student's weight decay. The textbook quantizers of docs/method.md section 2 instead:
+  --config.quant.variant=textbook --config.quant.preset=sqakd_cifar
 
 ARG (after the colon; default 'sqakd,pact,w4a4'):
   fp                    FP teacher only (trained from scratch, label smoothing 0.1).
   [qat,]METHOD,wBaB     plain QAT: teacher -> calibrate -> student, cross-entropy with label
                         smoothing 0.1 ('pact,w4a4' is the same as 'qat,pact,w4a4').
   sqakd,METHOD,wBaB     SQAKD: teacher -> calibrate -> student, alpha * KL_T, T = 4, no labels.
-  METHOD in pact, lsq, dorefa; B in 1..8, paper settings W3A3, W4A4, W8A8.
+  METHOD in pact, lsq, dorefa; B in 2..8 (textbook variant: 1..8), paper settings W3A3, W4A4, W8A8.
 Optimizer (released SQAKD Tiny-ImageNet scripts): SGD nesterov, momentum 0.9, linear warmup from
 1e-4 over 2500 iterations then cosine per iteration; student lr 5e-4 / wd 5e-4 (W3A3: 4e-3 / 1e-4),
-quantizer parameters the same SGD without decay. Teacher: lr 5e-2, wd 5e-4. Batch 32
+quantizer parameters the same SGD and decay (textbook variant: no decay). Teacher: lr 5e-2, wd 5e-4. Batch 32
 (as the released runs). SQAKD alpha: W3A3 10; W4A4 / W8A8 100 (released PACT runs; LSQ 200 is
 not in the released scripts).
 

@@ -7,7 +7,10 @@ pass is run with the 'quant_calibration' collection mutable: each quantized laye
 its parameters from its own kernel W and its own input x *during the call*, writes them there,
 and uses them at once for its output. So layers are calibrated in order and every layer sees its
 input as produced by the already-calibrated quantized layers before it (the official EWGS
-code's init flag does the same in its first forward pass). The function returns a new variables
+code's init flag does the same in its first forward pass). With `fp_inputs=True` every layer
+instead passes its full-precision output on, so every layer calibrates on full-precision inputs
+(the released MQBench code: observers on, fake quantization off; released PACT / DoReFa layers
+keep their transforms, `released_methods.full_range_transforms`). The function returns a new variables
 dict in which every params[...]['quant'] leaf is replaced; all other collections (batch_stats
 included) are returned unchanged.
 
@@ -67,6 +70,8 @@ from qkd_jax.quant.statistics import EPS  # noqa: F401  (re-exported: calibratio
 
 DEAD = "dead_output"  # the per-layer flag written next to the parameters while calibrating
 INPUT_MIN = "unsigned_input_min"  # min of the input of a layer declared unsigned, written likewise
+#: Named as mutable (never written) to make every layer pass its full-precision output on.
+FP_INPUTS_COLLECTION = "quant_calibration_fp_inputs"
 
 
 class DeadLayerError(ValueError):
@@ -122,6 +127,7 @@ def calibrate_with_report(
     variables: Mapping[str, Any],
     *args: Any,
     mutable: Sequence[str] = ("batch_stats",),
+    fp_inputs: bool = False,
     **apply_kwargs: Any,
 ) -> tuple[dict[str, Any], CalibrationChecks]:
     """`calibrate` without its checks: (new variables, CalibrationChecks).
@@ -130,6 +136,8 @@ def calibrate_with_report(
     """
     apply_fn = model.apply if isinstance(model, nn.Module) else model
     mutable = [CALIBRATION_COLLECTION, *[m for m in mutable if m != CALIBRATION_COLLECTION]]
+    if fp_inputs:
+        mutable.append(FP_INPUTS_COLLECTION)
     _, written = apply_fn(variables, *args, mutable=mutable, **apply_kwargs)
     calib = traverse_util.flatten_dict(unfreeze(written.get(CALIBRATION_COLLECTION, {})))
     dead = {"/".join(k[:-1]): v for k, v in calib.items() if k[-1] == DEAD}
@@ -186,6 +194,7 @@ def calibrate(
     variables: Mapping[str, Any],
     *args: Any,
     mutable: Sequence[str] = ("batch_stats",),
+    fp_inputs: bool = False,
     **apply_kwargs: Any,
 ) -> dict[str, Any]:
     """Returns new variables with every quantizer parameter initialised from one batch.
@@ -196,6 +205,9 @@ def calibrate(
       *args, **apply_kwargs: the forward call, e.g. `images, train=True`.
       mutable: further collections the forward pass writes (the default lets BatchNorm run in
         train mode); what it writes there is discarded.
+      fp_inputs: calibrate every layer on full-precision inputs (each layer passes its float
+        output on; released PACT / DoReFa layers apply their transforms without rounding), as
+        the released MQBench observer pass; False: on the outputs of the quantized layers before.
 
     Raises:
       ValueError: when a layer holding quantizer parameters did not run in the forward pass.
@@ -203,7 +215,8 @@ def calibrate(
       DeadLayerError: when a quantized layer's output is identically zero after calibration
         (both checked when the values are concrete, i.e. not under `jit`).
     """
-    new, checks = calibrate_with_report(model, variables, *args, mutable=mutable, **apply_kwargs)
+    new, checks = calibrate_with_report(model, variables, *args, mutable=mutable, fp_inputs=fp_inputs,
+                                        **apply_kwargs)
     if not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(checks)):  # concrete: check now
         raise_on_calibration_problems(checks)
     return new

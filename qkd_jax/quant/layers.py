@@ -26,7 +26,10 @@ Collections a quantized layer uses (paths relative to the layer):
                    to probe, then pass them in to get dL/dx_q as their gradient. Without the
                    collection the hook is a no-op.
     quant_calibration  written only when apply names that collection as mutable (mutable=True
-                   does not count); see `calibration`.
+                   does not count); see `calibration`. When apply also names
+                   'quant_calibration_fp_inputs', each layer outputs its full-precision result
+                   (`released_methods.full_range_transforms`) so that every layer calibrates on
+                   full-precision inputs.
     intermediates  'w_hat', 'a_hat' (tuples, flax `sow`): the fake-quantized weights and inputs,
                    recorded only when apply is given mutable=['intermediates'].
 """
@@ -55,6 +58,8 @@ from qkd_jax.quant.layer_quant import (
     quantize_weight,
     weight_scale,
 )
+from qkd_jax.quant.methods import get_method
+from qkd_jax.quant.released_methods import full_range_transforms
 from qkd_jax.quant.rules import FULL_PRECISION, LayerPrecision, RuleSet
 
 INTERMEDIATES = "intermediates"
@@ -131,7 +136,9 @@ def _forward(
     if calibrating:
         q.update(calib.weight_params(lp, kernel))
         q.update(calib.input_params(lp, x))
-        if lp.a_bits is not None and not lp.a_signed:  # checked against the declaration afterwards
+        if lp.a_bits is not None and not lp.a_signed and get_method(lp.method).input_sign != "always":
+            # checked against the model's declaration afterwards (a grid that is always signed
+            # clips nothing, so it needs no declaration)
             module.put_variable(CALIBRATION_COLLECTION, calib.INPUT_MIN,
                                 jnp.min(jax.lax.stop_gradient(x)).astype(jnp.float32))
     w_hat = kernel
@@ -142,7 +149,7 @@ def _forward(
         a_hat = quantize_input(lp, x, q, _delta(module, "a"), _hook(module, "a_q"))
     _sow(module, "w_hat", w_hat)
     _sow(module, "a_hat", a_hat)
-    if lp.w_bits is not None and lp.a_bits is not None:
+    if lp.w_bits is not None and lp.a_bits is not None and not lp.full_range:
         s_w, s_a = weight_scale(lp, q, w_hat), input_scale(lp, q)
         q_w = integer_valued(w_hat, s_w).astype(w_hat.dtype)
         y = op(integer_valued(a_hat, s_a), q_w, None)
@@ -160,6 +167,11 @@ def _forward(
         y = y * jnp.abs(q["output_scale"]).astype(y.dtype)
     if calibrating and q:
         module.put_variable(CALIBRATION_COLLECTION, QUANT, q)
+    if calibrating and module.is_mutable_collection(calib.FP_INPUTS_COLLECTION):
+        # Calibration on full-precision inputs: the next layer sees this layer's output computed
+        # without rounding (only the released records' transforms), as MQBench's observer pass.
+        fp = full_range_transforms(lp)
+        return op(quantize_input(fp, x, q), quantize_weight(fp, kernel, q).astype(kernel.dtype), bias)
     return y
 
 

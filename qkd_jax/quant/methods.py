@@ -69,8 +69,9 @@ class QuantMethod:
     input_grid: Callable[[int, bool], GridSpec]
     weight_scale: Callable[[LayerPrecision, Params, jax.Array], jax.Array]
     input_scale: Callable[[LayerPrecision, Params], jax.Array]
-    # How signed inputs are handled: 'grid' (a signed grid with a_signed=True), 'offset' (a
-    # learnable lower bound covers them; a_signed is accepted and ignored), 'none' (unsigned only).
+    # How signed inputs are handled: 'grid' (a signed grid with a_signed=True), 'always' (every
+    # input on a signed grid; a_signed is accepted and ignored), 'offset' (a learnable lower bound
+    # covers them; a_signed is accepted and ignored), 'none' (unsigned only).
     input_sign: str = "none"
     output_scale: bool = False  # layers carry a learnable |output_scale| by default
 
@@ -81,12 +82,14 @@ class QuantMethod:
 
 
 QUANT_METHODS: dict[str, QuantMethod] = {}
+#: The values of QuantMethod.input_sign.
+INPUT_SIGNS = ("grid", "always", "offset", "none")
 
 
 def register(method: QuantMethod) -> QuantMethod:
     """Adds `method` to QUANT_METHODS (names and parameter names must be new)."""
-    if method.input_sign not in ("grid", "offset", "none"):
-        raise ValueError(f"method {method.name!r}: input_sign must be 'grid', 'offset' or 'none'")
+    if method.input_sign not in INPUT_SIGNS:
+        raise ValueError(f"method {method.name!r}: input_sign must be one of {INPUT_SIGNS}")
     if method.name in QUANT_METHODS or method.name == "none":
         raise ValueError(f"quantizer method {method.name!r} is already registered")
     taken = {p for m in QUANT_METHODS.values() for p in (*m.weight_params, *m.input_params)}
@@ -300,3 +303,7 @@ QKD = register(QuantMethod(
     input_scale=lambda lp, q: _qkd_scale(q["a_interval"], lp.a_bits, lp.a_signed),
     input_sign="grid",
 ))
+
+
+# The released SQAKD Tiny-ImageNet (MQBench) records register themselves on import.
+from qkd_jax.quant import released_methods  # noqa: E402,F401

@@ -16,6 +16,8 @@ class LayerPrecision:
     negatives with its learnable lower bound either way. Calibration raises when a layer with
     a_signed False sees a negative input. `output_scale`: multiply the output by a learnable
     |output_scale| (EWGS). `pact_alpha`: a constant PACT alpha for calibration (None: from data).
+    `full_range`: the released MQBench "32-bit" layer (`qkd_jax.quant.released_methods`): no
+    rounding, only the method's transforms; w_bits / a_bits then read 32 (not a grid).
     """
 
     method: str = "none"
@@ -24,6 +26,7 @@ class LayerPrecision:
     a_signed: bool = False
     output_scale: bool = False
     pact_alpha: Optional[float] = None
+    full_range: bool = False
     rule: Optional[int] = None  # index of the rule that matched, None when no rule did
     pattern: Optional[str] = None
 

@@ -295,7 +295,7 @@ def input_grid(lp: LayerPrecision) -> str:
         return "-"
     if QUANT_METHODS[lp.method].input_sign == "offset":
         return "offset"
-    return "signed" if lp.a_signed else "unsigned"
+    return "signed" if lp.a_signed or QUANT_METHODS[lp.method].input_sign == "always" else "unsigned"
 
 
 def report(resolved: Mapping[str, LayerPrecision]) -> str:

@@ -19,6 +19,8 @@ from qkd_jax.data import dataset_info
 from qkd_jax.models import get_model, signed_inputs
 from qkd_jax.quant import rules as qrules
 from qkd_jax.quant.layers import quantized_layers
+from qkd_jax.quant.released_methods import RELEASED_METHODS
+from qkd_jax.quant.released_rules import mqbench_academic
 from qkd_jax.train.parallel import DATA_AXIS
 from qkd_jax.train.state import KEPT_COLLECTIONS
 
@@ -27,9 +29,11 @@ PRESETS: dict[str, Callable[..., qrules.RuleSet]] = {
     "sqakd_cifar_vgg": qrules.sqakd_cifar_vgg,
     "first_last_8bit": qrules.first_last_8bit,
     "uniform": qrules.uniform,
+    "mqbench_academic": mqbench_academic,
 }
-# The quantizing methods a config may name (rules.METHODS less "none").
-METHODS = tuple(m for m in qrules.METHODS if m != "none")
+# The quantizing methods a config may name (rules.METHODS less "none" and the released records,
+# which a config selects with quant.variant='released').
+METHODS = tuple(m for m in qrules.METHODS if m != "none" and m not in RELEASED_METHODS.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +55,19 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return (size, size, info.image_shape[2])
 
 
+def student_method(config: ml_collections.ConfigDict) -> str:
+    """The quantizer record the student uses: quant.method, or its released record when
+    quant.variant == 'released'."""
+    q = config.quant
+    return RELEASED_METHODS[q.method] if q.variant == "released" else q.method
+
+
 def student_rules(config: ml_collections.ConfigDict) -> qrules.RuleSet:
     """The preset's rules with the model's signed-input declaration (`models.signed_inputs`)."""
     q = config.quant
-    extra = {"pact_alpha": q.pact_alpha} if (q.method == "pact" and q.pact_alpha > 0) else {}
-    rules = PRESETS[q.preset](q.method, q.w_bits, q.a_bits, **extra)
+    method = student_method(config)
+    extra = {"pact_alpha": q.pact_alpha} if (method == "pact" and q.pact_alpha > 0) else {}
+    rules = PRESETS[q.preset](method, q.w_bits, q.a_bits, **extra)
     return qrules.with_signed_inputs(rules, signed_inputs(config.model.name))
 
 

@@ -47,13 +47,17 @@ def run_calibrate(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> 
     loader = train_loader(ctx, plan.batch_size, 1, plan.seed, labels=False, sharded=False)
     batch = next(iter(loader))
     t0 = time.perf_counter()
-    # One compiled forward pass (op-by-op it takes ~20 s for a ResNet-20 on CPU).
-    variables, checks = jax.jit(lambda v, x: calibrate_with_report(net.local_model, v, x, train=True))(
+    # One compiled forward pass (op-by-op it takes ~20 s for a ResNet-20 on CPU). The released
+    # variant calibrates every layer on full-precision inputs (MQBench's observer pass).
+    fp_inputs = ctx.config.quant.variant == "released"
+    variables, checks = jax.jit(lambda v, x: calibrate_with_report(net.local_model, v, x, train=True,
+                                                                   fp_inputs=fp_inputs))(
         variables, jnp.asarray(batch["image"]))
     raise_on_calibration_problems(jax.device_get(checks))
     q = ctx.config.quant
     console(f"[{name}] calibrated every quantizer on one batch of {plan.batch_size} "
-            f"({time.perf_counter() - t0:.1f} s); {q.method} W{q.w_bits}A{q.a_bits}, preset {q.preset}")
+            f"({time.perf_counter() - t0:.1f} s); {build.student_method(ctx.config)} W{q.w_bits}A{q.a_bits}, "
+            f"preset {q.preset}")
     state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
                           quant_delta=variables.get("quant_delta", {}))
     eval_metrics = evaluate(ctx, net.train_model, state.variables())

@@ -23,7 +23,11 @@ from typing import Any, Iterable
 import ml_collections
 
 from qkd_jax.distill import OBJECTIVES, get_objective
+from qkd_jax.quant.released_methods import RELEASED_METHODS
 from qkd_jax.train.optim import GroupSpec
+
+#: quant.variant values: the library's quantizers or the released SQAKD Tiny-ImageNet ones.
+QUANT_VARIANTS = ("textbook", "released")
 
 PHASE_KINDS = ("teacher", "calibrate", "student")
 ESTIMATORS = ("ste", "ewgs", "hessian")
@@ -111,6 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
             hessian_batch_size=256,
             hessian_max_probes=50,
             pact_alpha=0.0,
+            # 'textbook': the records of qkd_jax/quant/methods.py (docs/method.md section 2);
+            # 'released': 'pact' / 'lsq' / 'dorefa' become the released SQAKD Tiny-ImageNet
+            # (MQBench) records, calibrated on full-precision inputs, their quantizer parameters
+            # under the quant_params group's weight decay (section 9).
+            variant="textbook",
         )
     )
     c.teacher_checkpoint = ""
@@ -200,10 +209,30 @@ def validate(config: ml_collections.ConfigDict, *, known_models: Iterable[str] =
     _int_in("quant.hessian_max_probes", q.hessian_max_probes, 1)
     if q.pact_alpha < 0:
         _fail("quant.pact_alpha", q.pact_alpha, "must be >= 0 (0 = from data)")
+    _validate_variant(q)
     _int_in("log_every_steps", config.log_every_steps, 1)
     _int_in("checkpoint_every_steps", config.checkpoint_every_steps, 1)
     _int_in("keep_checkpoints", config.keep_checkpoints, 1)
     _validate_phases(config)
+
+
+def _validate_variant(q: ml_collections.ConfigDict) -> None:
+    """quant.variant against quant.method, the bits, pact_alpha and the preset."""
+    if q.variant not in QUANT_VARIANTS:
+        _fail("quant.variant", q.variant, f"must be one of {QUANT_VARIANTS}")
+    if q.variant == "released":
+        if q.method not in RELEASED_METHODS:
+            _fail("quant.variant", q.variant, f"the released (MQBench) quantizers exist for methods "
+                  f"{sorted(RELEASED_METHODS)}, not quant.method={q.method!r}; use quant.variant='textbook'")
+        if min(q.w_bits, q.a_bits) < 2:
+            _fail("quant.variant", q.variant, f"the released quantizers take 2..8 bits (W{q.w_bits}A{q.a_bits}); "
+                  f"use quant.variant='textbook' below 2 bits")
+        if q.pact_alpha:
+            _fail("quant.pact_alpha", q.pact_alpha, "the released PACT alpha is the constant 6; set "
+                  "quant.pact_alpha=0 or quant.variant='textbook'")
+    elif q.preset == "mqbench_academic":
+        _fail("quant.preset", q.preset, "preset 'mqbench_academic' needs quant.variant='released'; with "
+              "quant.variant='textbook' choose a textbook preset, e.g. quant.preset='first_last_8bit'")
 
 
 def _validate_phases(config: ml_collections.ConfigDict) -> None:

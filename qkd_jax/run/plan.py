@@ -43,6 +43,7 @@ class PhasePlan:
     eval_every_epochs: int
     weights: GroupSpec
     quant_params: GroupSpec
+    quant_decay: bool  # quant_params' weight decay applies (quant.variant 'released'); else forced to 0
     teacher_opt: Optional[GroupSpec]  # train_teacher phases only
     delta: float  # the fixed EWGS delta a calibrate phase writes (0 = STE)
     hessian: Optional[HessianPolicy]  # student phases with the Hessian-updated delta
@@ -91,6 +92,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path, name: st
         eval_every_epochs=ph.eval_every_epochs,
         weights=group_spec(ph.weights),
         quant_params=group_spec(ph.quant_params),
+        quant_decay=q.variant == "released",
         teacher_opt=group_spec(ph.teacher_opt) if ph.train_teacher else None,
         delta=float(q.delta) if q.estimator == "ewgs" else 0.0,
         hessian=hessian,

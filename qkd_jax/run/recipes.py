@@ -276,9 +276,9 @@ TINY_MODELS = {
                           alpha_low=10.0,  # script, PACT W3A3 KD run
                           alpha_high=100.0,  # script, PACT W4A4 and W8A8 KD runs
                           alpha_high_by_method={"lsq": 200.0},  # not in the released scripts
-                          # MQBench Academic keeps the first conv and the last linear (and their
-                          # inputs) at 32 bits: 'stem' and 'classifier' FP, all else quantized.
-                          preset="sqakd_cifar"),
+                          # Textbook variant: MQBench Academic keeps the first conv and the last
+                          # linear (and their inputs) at 32 bits: 'stem' and 'classifier' FP.
+                          textbook_preset="sqakd_cifar"),
     "mobilenet_v2": dict(teacher_lr=4e-3, teacher_wd=1e-4,  # script mobilenet_v2_fp
                          batch_size=64,  # script, every run (PACT)
                          batch_size_by_method={"lsq": 32, "dorefa": 32},  # not in the released scripts
@@ -326,12 +326,26 @@ def tiny_imagenet_variant(arg: Optional[str], paper: Sequence[str]) -> Variant:
                          paper=paper)
 
 
+def tiny_textbook_preset(model: str) -> str:
+    """The preset that goes with quant.variant='textbook' for a Tiny-ImageNet model."""
+    return TINY_MODELS[model].get("textbook_preset", "first_last_8bit")
+
+
 def tiny_imagenet_config(variant: Variant, *, model: str) -> ml_collections.ConfigDict:
-    """PACT / LSQ / DoReFa with and without SQAKD on Tiny-ImageNet, 64 px upsampled to 224."""
+    """PACT / LSQ / DoReFa with and without SQAKD on Tiny-ImageNet, 64 px upsampled to 224.
+
+    By default the released SQAKD quantizers (quant.variant='released', preset
+    'mqbench_academic', docs/method.md section 9); the textbook ones with
+    `--config.quant.variant=textbook --config.quant.preset=<tiny_textbook_preset(model)>`.
+    """
     m = TINY_MODELS[model]
+    # A teacher-only run ('fp') has no quantizer: it keeps the base config's textbook quant keys.
+    released = variant.objective != "fp"
     # 224 px: TinyImageNet/data_loaders/imagenet_data_loader.py (crop_size 224, val resize 256).
     c = start_config(dataset="tiny_imagenet", model=model, num_classes=200, augment="imagenet",
-                     image_size=224, preset=m.get("preset", "first_last_8bit"))
+                     image_size=224, preset="mqbench_academic" if released else tiny_textbook_preset(model))
+    if released:
+        c.quant.variant = "released"
     # Label smoothing 0.1: TinyImageNet/main.py (LabelSmoothCELoss(0.1) for tiny-imagenet-200).
     teacher = teacher_phase(epochs=TINY_EPOCHS, batch_size=m["batch_size"], label_smoothing=0.1,
                             weights=tiny_sgd(m["teacher_lr"], m["teacher_wd"]))
@@ -343,9 +357,10 @@ def tiny_imagenet_config(variant: Variant, *, model: str) -> ml_collections.Conf
             # T = 4: TinyImageNet/main.py --kd_T default; the scripts pass --gamma 0 (no label term).
             variant, epochs=TINY_EPOCHS, batch_size=batch, label_smoothing=0.1, temperature=4.0,
             alpha=tiny_alpha(model, variant.method, variant.w_bits, variant.a_bits),
-            # The released code has one SGD for all parameters; here the quantizer parameters get
-            # the same SGD and schedule in their own group, without weight decay (optim.py).
-            weights=tiny_sgd(lr, wd), quant_params=tiny_sgd(lr),
+            # The released code has one SGD for all parameters (TinyImageNet/main.py): the
+            # quantizer parameters get the same SGD, schedule and weight decay in their own group
+            # (the decay applies with quant.variant='released'; 'textbook' drops it, optim.py).
+            weights=tiny_sgd(lr, wd), quant_params=tiny_sgd(lr, wd),
         )
     standard_phases(c, variant, teacher, student)
     return c

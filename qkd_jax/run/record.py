@@ -18,10 +18,10 @@ from qkd_jax.run.plan import PhasePlan
 
 # The settings that shape the student's variables: an export refuses a config that differs here.
 SHAPE_KEYS = ("model.name", "model.num_classes", "dataset.image_size", "quant.method", "quant.w_bits",
-              "quant.a_bits", "quant.preset", "quant.pact_alpha")
+              "quant.a_bits", "quant.preset", "quant.pact_alpha", "quant.variant")
 # What a teacher read from another run's directory (config.teacher_checkpoint) must agree on.
 TEACHER_SHAPE_KEYS = ("dataset.name", "model.name", "model.num_classes", "dataset.image_size")
-_QUANT_KEYS = ("method", "w_bits", "a_bits", "preset", "estimator", "delta", "pact_alpha",
+_QUANT_KEYS = ("method", "variant", "w_bits", "a_bits", "preset", "estimator", "delta", "pact_alpha",
                "hessian_every_epochs", "hessian_batches", "hessian_batch_size", "hessian_max_probes")
 MISSING = "<not recorded>"
 

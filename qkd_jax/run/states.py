@@ -27,7 +27,8 @@ def build_state(ctx: RunContext, plan: PhasePlan, init_vars: dict, net: build.Ne
     A teacher is always the full-precision architecture: the FP teacher phase's network or the
     co-studied (quantization-friendly) teacher of a train_teacher phase."""
     total = max(1, plan.steps_per_epoch * plan.epochs)
-    tx = build_optimizer(plan.weights, plan.quant_params, steps_per_epoch=plan.steps_per_epoch, total_steps=total)
+    tx = build_optimizer(plan.weights, plan.quant_params, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
+                         quant_decay=plan.quant_decay)
     t_net = t_vars = t_tx = None
     if plan.teacher_from:
         t_net = ctx.network("teacher")

@@ -16,7 +16,9 @@ the torch one:
 - sgd:  `buf = mu * buf + g`; `p -= lr_s * buf` (nesterov: `p -= lr_s * (g + mu * buf)`), dampening 0;
 - adam: `p -= lr_s * m_hat / (sqrt(v_hat) + eps)`;
 - decoupled decay (adamw, or `decay='decoupled'`): `p -= lr_s * wd * p` after the direction.
-Quantizer params never get weight decay, whatever their spec says (docs/method.md section 10).
+Quantizer params get no weight decay, whatever their spec says (docs/method.md section 10), unless
+`build_optimizer(..., quant_decay=True)` (the released SQAKD Tiny-ImageNet setting, which decays
+every parameter alike; section 9).
 """
 
 from __future__ import annotations
@@ -151,9 +153,10 @@ def _check_steps(steps_per_epoch: int, total_steps: int) -> None:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
 
 
-def _effective_quant_spec(quant: GroupSpec) -> GroupSpec:
-    """The quant spec with weight_decay forced to 0 (warns when the config asked for decay)."""
-    if quant.weight_decay:
+def _effective_quant_spec(quant: GroupSpec, quant_decay: bool = False) -> GroupSpec:
+    """The quant spec with weight_decay forced to 0 (warns when the config asked for decay),
+    unchanged when `quant_decay`."""
+    if quant.weight_decay and not quant_decay:
         warnings.warn(
             f"quantizer parameters get no weight decay; ignoring quant weight_decay={quant.weight_decay}.",
             UserWarning,
@@ -202,15 +205,17 @@ def group_transform(
 
 
 def build_optimizer(
-    weights: GroupSpec, quant: GroupSpec, *, steps_per_epoch: int, total_steps: int
+    weights: GroupSpec, quant: GroupSpec, *, steps_per_epoch: int, total_steps: int, quant_decay: bool = False
 ) -> optax.GradientTransformation:
     """`optax.multi_transform` of the two groups, labelled by `param_labels`.
+
+    `quant_decay`: apply the quant spec's weight decay (default: forced to 0, with a warning).
 
     Schedules count the optimizer's own updates (step 0 = the first update), so the train state's
     step and the schedules agree when the optimizer is created at the start of a phase.
     """
     _check_steps(steps_per_epoch, total_steps)
-    quant = _effective_quant_spec(quant)
+    quant = _effective_quant_spec(quant, quant_decay)
     kw = dict(steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     return optax.multi_transform(
         {WEIGHTS: group_transform(weights, **kw), QUANT: group_transform(quant, **kw)}, param_labels

@@ -333,9 +333,8 @@ def test_tiny_imagenet_recipe(name, method):
     qat = get(name, f"qat,{method},w4a4")
     assert (qat.dataset.name, qat.model.name, qat.model.num_classes) == ("tiny_imagenet", TINY[name], 200)
     assert (qat.dataset.image_size, qat.dataset.augment) == (224, "imagenet")
-    # VGG-11: stem and classifier FP as the released MQBench Academic runs (test below).
-    preset = "sqakd_cifar" if name == "tiny_imagenet_vgg11.py" else "first_last_8bit"
-    assert (qat.quant.method, qat.quant.preset) == (method, preset)
+    # The released (MQBench) quantizers and preset by default (docs/method.md section 9).
+    assert (qat.quant.method, qat.quant.variant, qat.quant.preset) == (method, "released", "mqbench_academic")
     t, s = qat.phases.teacher, qat.phases.student
     assert t.epochs == s.epochs == 100
     # Label smoothing 0.1 for the FP teacher and for plain QAT.
@@ -344,13 +343,15 @@ def test_tiny_imagenet_recipe(name, method):
         _opt(opt, optimizer="sgd", momentum=0.9, nesterov=True, schedule="warmup_cosine", warmup_steps=2500,
              warmup_init_lr=1e-4)
     _opt(s.weights, learning_rate=5e-4, weight_decay=5e-4)
-    _opt(s.quant_params, learning_rate=5e-4, weight_decay=0.0)
+    # One SGD for every parameter in the released code: the quantizer group decays like the weights.
+    _opt(s.quant_params, learning_rate=5e-4, weight_decay=5e-4)
     if TINY[name] == "mobilenet_v2":
         _opt(t.weights, learning_rate=4e-3, weight_decay=1e-4)
     else:
         _opt(t.weights, learning_rate=5e-2, weight_decay=5e-4)
     low = get(name, f"qat,{method},w3a3").phases.student
     _opt(low.weights, learning_rate=4e-3, weight_decay=1e-4)
+    _opt(low.quant_params, learning_rate=4e-3, weight_decay=1e-4)
     sq = get(name, f"sqakd,{method},w4a4").phases.student
     assert (sq.objective, sq.teacher_from, sq.temperature, sq.label_smoothing) == ("sqakd", "teacher", 4.0, 0.0)
     assert not _objective(sq).needs_labels
@@ -388,6 +389,20 @@ def test_tiny_imagenet_vgg11_is_the_released_network_and_precision(method):
     assert shapes["params"]["classifier"]["kernel"].shape == (512, 200)
     resolved = qrules.resolve(build.student_rules(config), shapes["params"])
     assert len(resolved) == 9
+    released = f"{method}_released"
+    # Released: stem and classifier are the 32-bit layers (full range: PACT / DoReFa transforms
+    # only; LSQ full precision).
+    edges = {p: lp for p, lp in resolved.items() if p in ("stem", "classifier")}
+    if method == "lsq":
+        assert not any(lp.quantized for lp in edges.values())
+    else:
+        assert all((lp.method, lp.full_range, lp.w_bits, lp.a_bits) == (released, True, 32, 32)
+                   for lp in edges.values())
+    assert all((lp.method, lp.full_range, lp.w_bits, lp.a_bits) == (released, False, 4, 4)
+               for p, lp in resolved.items() if p not in ("stem", "classifier"))
+    # Textbook: the same two layers full precision (preset 'sqakd_cifar'), the textbook record elsewhere.
+    config.quant.variant, config.quant.preset = "textbook", "sqakd_cifar"
+    resolved = qrules.resolve(build.student_rules(config), shapes["params"])
     assert {p for p, lp in resolved.items() if not lp.quantized} == {"stem", "classifier"}
     assert all((lp.method, lp.w_bits, lp.a_bits) == (method, 4, 4) for p, lp in resolved.items()
                if p not in ("stem", "classifier"))
@@ -474,6 +489,8 @@ def test_precision_rules_match_the_model(name, method):
     assert any(lp.quantized for lp in resolved.values())
     if config.quant.preset == "first_last_8bit":
         assert sum(lp.quantized and lp.w_bits == 8 for lp in resolved.values()) >= 2
+    elif config.quant.preset == "mqbench_academic":  # released 32-bit layers: full range or FP
+        assert all(lp.full_range or not lp.quantized for p, lp in resolved.items() if p in ("stem", "classifier"))
     else:
         assert any(not lp.quantized for lp in resolved.values())  # stem / classifier stay FP
 
@@ -483,3 +500,40 @@ def test_schema_module_is_the_one_configs_use():
     common = module("cifar10_resnet20.py").common
     assert common.base_config is config_schema.base_config
     assert common.phase is config_schema.phase
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("method", ["pact", "lsq", "dorefa"])
+def test_tiny_imagenet_variant_key(name, method):
+    """Released quantizers by default; quant.variant='textbook' with a textbook preset selects the
+    library's records (the previous default); the key is validated with a one-line fix."""
+    from qkd_jax.run import build
+    from qkd_jax.run.recipes import tiny_textbook_preset
+
+    config = get(name, f"sqakd,{method},w4a4")
+    validate(config, **KNOWN)
+    assert (config.quant.variant, build.student_method(config)) == ("released", f"{method}_released")
+    config.quant.variant, config.quant.preset = "textbook", tiny_textbook_preset(TINY[name])
+    validate(config, **KNOWN)
+    assert build.student_method(config) == method
+    assert config.quant.preset == ("sqakd_cifar" if TINY[name] == "vgg11_bn_tiny" else "first_last_8bit")
+    config.quant.preset = "mqbench_academic"  # the released preset needs the released records
+    with pytest.raises(ConfigError, match="mqbench_academic.*quant.variant='released'"):
+        validate(config, **KNOWN)
+    config.quant.variant = "release"
+    with pytest.raises(ConfigError, match="quant.variant.*must be one of"):
+        validate(config, **KNOWN)
+
+
+def test_released_variant_rejects_what_it_cannot_reproduce():
+    config = get("tiny_imagenet_resnet18.py", "sqakd,pact,w4a4")
+    config.quant.pact_alpha = 3.0
+    with pytest.raises(ConfigError, match="released PACT alpha is the constant 6"):
+        validate(config, **KNOWN)
+    config = get("tiny_imagenet_resnet18.py", "sqakd,lsq,w1a4")
+    with pytest.raises(ConfigError, match="2..8 bits"):
+        validate(config, **KNOWN)
+    config = get("cifar10_resnet20.py", "")
+    config.quant.variant = "released"
+    with pytest.raises(ConfigError, match="not quant.method='interval'"):
+        validate(config, **KNOWN)

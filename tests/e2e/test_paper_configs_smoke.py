@@ -10,7 +10,6 @@ with an evaluation over the whole (mock) eval split.
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
 
 import jax
@@ -112,11 +111,16 @@ def test_paper_config_runs_on_mock_data(spec, image_size, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_imagenet_config_runs_on_an_image_folder(tmp_path):
+@pytest.mark.parametrize("spec", ["tiny_imagenet_mobilenet_v2.py:sqakd,lsq,w3a3",
+                                  # released DoReFa: full-range (32-bit) stem and classifier
+                                  "tiny_imagenet_vgg11.py:sqakd,dorefa,w4a4"])
+def test_tiny_imagenet_config_runs_on_an_image_folder(spec, tmp_path):
     _write_tiny_imagenet(tmp_path / "data")
-    config = _shrink(_load("tiny_imagenet_mobilenet_v2.py:sqakd,lsq,w3a3"), image_size=32)
+    config = _shrink(_load(spec), image_size=32)
+    assert config.quant.variant == "released"
     config.dataset.data_dir = str(tmp_path / "data")
     mesh = parallel.make_mesh(jax.devices()[:2])
     results = loop.run(config, tmp_path / "run", mesh=mesh)
     _check(config, results, 33)  # 3 classes x 11 val images
-    assert os.path.exists(tmp_path / "run" / "precision.txt")
+    table = (tmp_path / "run" / "precision.txt").read_text()
+    assert f"{config.quant.method}_released" in table

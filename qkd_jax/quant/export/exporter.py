@@ -253,6 +253,13 @@ def export_variables(
             "the model has no quantized layer (every conv/dense layer is full precision): there "
             "is nothing to export as integers. Export a quantized student (e.g. the 'calibrate', "
             "'sqakd' or 'qat' phase), not the FP teacher.")
+    full_range = [c.path for c in quantized if c.lp.full_range]
+    if full_range:
+        raise ExportError(
+            f"layers {full_range} are released 'full-range' (32-bit) layers: they apply float transforms "
+            f"(tanh / max normalisation, a +-6 clip) that have no integer grid, so the model cannot be "
+            f"exported as integers. Use a preset without them (e.g. quant.preset='uniform'), or export "
+            f"the student of a textbook-variant run.")
     arrays: dict[str, np.ndarray] = {}
     manifest_layers: dict[str, Any] = {}
     consumed: set[tuple[str, ...]] = set()

@@ -432,9 +432,9 @@ def _read_archive(path: pathlib.Path) -> dict[str, np.ndarray]:
         with open(path, "rb") as f:
             loaded = np.load(f, allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise ValueError("it holds a single array, not an .npz archive")
+                raise TypeError("it holds a single array, not an .npz archive")
             with loaded as z:
                 return {k: z[k] for k in z.files}
-    except Exception as err:  # zipfile, zlib, numpy's format and pickle checks raise many types
+    except Exception as err:  # noqa: BLE001  (zipfile, zlib, numpy format and pickle checks raise many types)
         raise ManifestError(f"{path} is not a readable export archive ({type(err).__name__}: {err}); "
                             f"export the checkpoint again") from None

@@ -1,4 +1,12 @@
-"""Command line (`qkd-jax`, `python -m qkd_jax.main`): python -m qkd_jax.main --config=configs/X.py[:ARG] --workdir=DIR [--config.key=value ...]
+"""Command line (`qkd-jax`, `python -m qkd_jax.main`).
+
+    python -m qkd_jax.main --config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+
+--config=FILE[:ARG]   an ml_collections config file (configs/*.py); ARG, after a colon, is
+                      passed to its get_config(ARG), e.g. --config=configs/cifar10_resnet20.py:sqakd,w2a2
+--workdir=DIR         checkpoints, metrics.jsonl, summary.json; rerunning resumes there
+--config.KEY=VALUE    overrides one config field, e.g. --config.phases.teacher.epochs=2
+                      or --config.retrain_from=sqakd (delete that phase and later ones, retrain)
 
 Multi-host (TPU pods, SLURM, several processes): set QKD_DISTRIBUTED=1 (or run where
 `jax.distributed` detects the cluster) and start the same command on every host.
@@ -43,9 +51,21 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
 
 
+HELP_ARGS = ("--help", "-help", "-h", "--h", "-?", "--helpshort")
+
+
+def _print_help() -> None:
+    """The usage above and this module's flags, on stdout (absl's --help exits 1 and, run
+    through the qkd_jax.main shim, lists no flags)."""
+    sys.stdout.write(f"{__doc__.strip()}\n\nflags:\n{flags.FLAGS.module_help(__name__)}\n")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing; an override of a config key that does not exist (which config_flags
+    """absl's flag parsing (--help: the usage and flags, exit 0); an override of a config key that does not exist (which config_flags
     reports as a bare KeyError/AttributeError traceback) becomes one line naming the flag."""
+    if any(a in HELP_ARGS for a in argv[1:]):
+        _print_help()
+        sys.exit(0)
     try:
         return app.parse_flags_with_usage(argv)
     except (KeyError, AttributeError) as err:

@@ -42,6 +42,8 @@ from tests.e2e.helpers import (
     teacher_only,
 )
 
+pytestmark = pytest.mark.slow
+
 PHASE = "sqakd"
 TOTAL = 22  # 1437 digits // 64
 TIMEOUT = 300

@@ -7,9 +7,11 @@
     context        what phases share (config, workdir, mesh, sources, networks, results)
     loaders        the run's data loaders; evaluate: the eval split
     states         a phase's TrainState, checkpoint metadata and result
-    calibrate_phase, train_phase   the two kinds of phase; finite: NaN/inf stops
+    calibrate_phase, train_phase   the two kinds of phase; finite: NaN/inf stops (with advice);
+                   divergence: the warning for a finite loss that explodes
     loop           run(config, workdir): all phases in order, the summary
     cli, demo, export_cli          command lines (python -m qkd_jax.main / .demo / .export)
+    fresh          demo --fresh: delete a workdir only when it is a qkd_jax run's
     export_checkpoint              a run's checkpoint -> integer export
 
 Everything below it (`quant`, `models`, `distill`, `data`, `train`) is a library of pure

@@ -34,6 +34,7 @@ def run_calibrate(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> 
     if restored is not None and restored[2].get("completed"):
         console(f"[{name}] already calibrated: read from {ckpt.directory}")
         return phase_result(plan, restored[0], restored[2].get("eval", {}))
+    ctx.writer.drop_after(name, -1)  # records of an earlier attempt that was not saved
     # Resolving raises when a precision rule matches no layer (never a silently FP student).
     precision = qrules.describe(build.student_rules(ctx.config), template_vars["params"])
     if jax.process_index() == 0:
@@ -46,6 +47,8 @@ def run_calibrate(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> 
     variables = build.set_deltas(dict(variables), plan.delta)
     loader = train_loader(ctx, plan.batch_size, 1, plan.seed, labels=False, sharded=False)
     batch = next(iter(loader))
+    console(f"[{name}] calibrating every quantizer on one batch of {plan.batch_size} "
+            f"(compiling the forward pass) ...")
     t0 = time.perf_counter()
     # One compiled forward pass (op-by-op it takes ~20 s for a ResNet-20 on CPU). The released
     # variant calibrates every layer on full-precision inputs (MQBench's observer pass).
@@ -60,7 +63,7 @@ def run_calibrate(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> 
             f"preset {q.preset}")
     state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}),
                           quant_delta=variables.get("quant_delta", {}))
-    eval_metrics = evaluate(ctx, net.train_model, state.variables())
+    eval_metrics = evaluate(ctx, net.train_model, state.variables(), phase=name)
     ctx.writer.write(name, 0, "eval", eval_metrics)
     console(f"[{name}] eval after calibration: top1 {eval_metrics['top1']:.2f}%")
     if stop_requested():  # SIGTERM/SIGINT: no save, the rerun calibrates again (run/interrupt.py)

@@ -1,4 +1,12 @@
-"""Command line (`qkd-jax`, `python -m qkd_jax.main`): python -m qkd_jax.main --config=configs/X.py[:ARG] --workdir=DIR [--config.key=value ...]
+"""Command line (`qkd-jax`, `python -m qkd_jax.main`).
+
+    python -m qkd_jax.main --config=FILE[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+
+--config=FILE[:ARG]   an ml_collections config file (configs/*.py); ARG, after a colon, is
+                      passed to its get_config(ARG), e.g. --config=configs/cifar10_resnet20.py:sqakd,w2a2
+--workdir=DIR         checkpoints, metrics.jsonl, summary.json; rerunning resumes there
+--config.KEY=VALUE    overrides one config field, e.g. --config.phases.teacher.epochs=2
+                      or --config.retrain_from=sqakd (delete that phase and later ones, retrain)
 
 Exit codes: 0 done; 1 an error the user fixes, printed as one line without a traceback (flags,
 config, data, checkpoints, a workdir in use, not writable or full); 143 (SIGTERM) or 130
@@ -54,6 +62,15 @@ def main(argv: list[str]) -> None:
         sys.exit(1)
 
 
+HELP_ARGS = ("--help", "-help", "-h", "--h", "-?", "--helpshort")
+
+
+def _print_help() -> None:
+    """The usage above and this module's flags, on stdout (absl's --help exits 1 and, run
+    through the qkd_jax.main shim, lists no flags)."""
+    sys.stdout.write(f"{__doc__.strip()}\n\nflags:\n{flags.FLAGS.module_help(__name__)}\n")
+
+
 def _config_spec(argv: list[str]) -> str:
     """The value of --config on the command line ('' when absent)."""
     for i, arg in enumerate(argv):
@@ -85,9 +102,12 @@ def _key_error_text(err: BaseException) -> str:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with one line (exit 1) for the errors config_flags reports as
-    tracebacks: an override of a config key that does not exist (with ml_collections' "Did you
+    """absl's flag parsing (--help: the usage and flags, exit 0), with one line (exit 1) for the
+    errors config_flags reports as tracebacks: an override of a config key that does not exist (with ml_collections' "Did you
     mean" suggestion) and a config file that is missing or whose get_config(ARG) fails."""
+    if any(a in HELP_ARGS for a in argv[1:]):
+        _print_help()
+        sys.exit(0)
     spec = _config_spec(argv)
     try:
         if spec and not os.path.isfile(spec.partition(":")[0]):  # config_flags fails late, with a traceback

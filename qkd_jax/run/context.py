@@ -25,6 +25,7 @@ class PhaseResult:
     teacher: Optional[dict]  # the co-trained teacher (train_teacher phases only)
     eval: dict
     eval_history: list = dataclasses.field(default_factory=list)  # run/report.py eval records
+    warnings: list = dataclasses.field(default_factory=list)  # e.g. run/divergence.py's warning
 
 
 @dataclasses.dataclass

@@ -5,13 +5,13 @@
 Trains the FP teacher, calibrates a W2A2 student, trains it with SQAKD (KL to the frozen
 teacher only) and, from the same calibration, with plain QAT (cross-entropy), then prints the
 accuracies side by side. Rerunning reads the finished phases back instead of retraining;
-`--fresh` deletes the workdir first.
+`--fresh` deletes the workdir first, only if it is recognisably a qkd_jax workdir (run/fresh.py).
 """
 
 from __future__ import annotations
 
 import pathlib
-import shutil
+import sys
 import time
 
 from absl import app, flags, logging
@@ -45,8 +45,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     workdir = pathlib.Path(_WORKDIR.value)
-    if _FRESH.value and workdir.exists():
-        shutil.rmtree(workdir)
+    if _FRESH.value:
+        from qkd_jax.run.fresh import NotAWorkdirError, remove_workdir
+
+        try:
+            remove_workdir(workdir)
+        except NotAWorkdirError as err:
+            sys.stderr.write(f"qkd_jax.demo: {err}\n")
+            sys.exit(1)
     from qkd_jax.run.loop import run
 
     t0 = time.perf_counter()

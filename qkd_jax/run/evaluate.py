@@ -6,15 +6,19 @@ import functools
 
 import jax
 
-from qkd_jax.run.context import RunContext
+from qkd_jax.run.context import RunContext, console
 from qkd_jax.run.loaders import check_batch, eval_batches
 from qkd_jax.train import parallel
 from qkd_jax.train.step import eval_step
 
 
-def evaluate(ctx: RunContext, model, variables: dict) -> dict:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole eval split."""
+def evaluate(ctx: RunContext, model, variables: dict, phase: str = "") -> dict:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole eval split (announced on
+    the console for `phase`, since a large split takes a while)."""
     check_batch(ctx, ctx.config.dataset.eval_batch_size, "dataset.eval_batch_size")
+    if phase:
+        first = " (compiling the eval step)" if id(model) not in ctx.eval_steps else ""
+        console(f"[{phase}] evaluating on the {ctx.info.eval_split} split{first} ...")
     if id(model) not in ctx.eval_steps:  # the model is kept in the value, so its id stays unique
         fn = parallel.compile_eval_step(functools.partial(eval_step, apply_fn=model.apply), ctx.mesh)
         ctx.eval_steps[id(model)] = (model, fn)

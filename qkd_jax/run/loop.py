@@ -21,6 +21,7 @@ from qkd_jax.run.loaders import steps_per_epoch
 from qkd_jax.run.lock import WorkdirLock
 from qkd_jax.run.plan import PhasePlan, make_plan
 from qkd_jax.run.preflight import check_run
+from qkd_jax.run.record import phase_settings
 from qkd_jax.run.report import SUMMARY_HEADERS, summary_cells, summary_record
 from qkd_jax.run.rerun import check_rerun, delete_phases
 from qkd_jax.run.train_phase import run_training
@@ -135,7 +136,10 @@ def _run_phases(ctx: RunContext, plans: dict[str, PhasePlan]) -> None:
         writer.close()
     if jax.process_index() == 0:
         table = summary_table(config, ctx.results, plans)
+        warnings = [w for r in ctx.results.values() for w in r.warnings]
         print(f"\nSummary ({config.dataset.name}, {config.model.name}; wall time "
-              f"{format_duration(time.perf_counter() - t0)}):\n{table}", flush=True)
+              f"{format_duration(time.perf_counter() - t0)}):\n{table}"
+              + "".join(f"\n{w}" for w in warnings), flush=True)
         (workdir / "summary.json").write_text(json.dumps(
-            {name: summary_record(r.kind, r.eval, r.eval_history) for name, r in ctx.results.items()}, indent=2))
+            {name: summary_record(r.kind, r.eval, r.eval_history, phase_settings(config, plans[name]), r.warnings)
+             for name, r in ctx.results.items()}, indent=2))

@@ -80,6 +80,24 @@ def phase_record(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str
     return _json_values(record)
 
 
+def phase_settings(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str, Any]:
+    """A phase's entry in summary.json besides its results: precision, objective and its
+    weights, epochs, batch size, and the full settings record (`phase_record`)."""
+    q = config.quant
+    precision = ({"method": "fp32", "w_bits": None, "a_bits": None, "preset": None} if plan.kind == "teacher"
+                 else {"method": q.method, "w_bits": q.w_bits, "a_bits": q.a_bits, "preset": q.preset})
+    training = plan.kind != "calibrate"
+    ph = config.phases[plan.name]
+    return _json_values({
+        "precision": precision,
+        "objective": plan.objective_name if training else None,
+        "objective_weights": objective_kwargs(ph.objective, ph) if training else {},
+        "epochs": plan.epochs if training else 0,
+        "batch_size": plan.batch_size,
+        "record": phase_record(config, plan),
+    })
+
+
 def diff_records(recorded: Mapping[str, Any], now: Mapping[str, Any],
                  keys: Optional[tuple[str, ...]] = None) -> list[tuple[str, Any, Any]]:
     """(key, recorded value, current value) for every key whose values differ (MISSING on the

@@ -43,7 +43,9 @@ def summary_cells(history: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     return f"{s['best']:.2f} ({s['best_epoch']})", f"{s['last5']:.2f} ({s['last5_n']})"
 
 
-def summary_record(kind: str, eval_metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> dict:
-    """A phase's entry of WORKDIR/summary.json."""
+def summary_record(kind: str, eval_metrics: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
+                   settings: Optional[Mapping[str, Any]] = None, warnings: Sequence[str] = ()) -> dict:
+    """A phase's entry of WORKDIR/summary.json: its results, `warnings` (e.g. divergence) and
+    `settings` (run/record.py:phase_settings: precision, objective, epochs, batch size, record)."""
     return {"kind": kind, "eval": dict(eval_metrics), "top1": top1_summary(history),
-            "eval_history": [dict(h) for h in history]}
+            "eval_history": [dict(h) for h in history], "warnings": list(warnings), **dict(settings or {})}

@@ -58,7 +58,7 @@ def local_state(ctx: RunContext, state: TrainState, net: build.Network) -> Train
 
 
 def phase_result(plan: PhasePlan, state: TrainState, eval_metrics: dict,
-                 eval_history: Optional[list] = None) -> PhaseResult:
+                 eval_history: Optional[list] = None, warnings: Optional[list] = None) -> PhaseResult:
     teacher = None
     if state.teacher is not None and state.teacher.trainable:
         teacher = jax.device_get(state.teacher.variables())
@@ -69,11 +69,13 @@ def phase_result(plan: PhasePlan, state: TrainState, eval_metrics: dict,
         teacher=teacher,
         eval=eval_metrics,
         eval_history=list(eval_history or []),
+        warnings=list(warnings or []),
     )
 
 
 def checkpoint_meta(ctx: RunContext, plan: PhasePlan, *, completed: bool,
-                    eval_metrics: Optional[dict] = None, eval_history: Optional[list] = None) -> dict:
+                    eval_metrics: Optional[dict] = None, eval_history: Optional[list] = None,
+                    warnings: Optional[list] = None) -> dict:
     """The JSON stored with each checkpoint; `record` holds the settings the phase trains with
     (compared with the config on a rerun, `run/rerun.py`)."""
     return {
@@ -84,4 +86,5 @@ def checkpoint_meta(ctx: RunContext, plan: PhasePlan, *, completed: bool,
         "record": phase_record(ctx.config, plan),
         "eval": eval_metrics or {},
         "eval_history": list(eval_history or []),  # run/report.py: one record per evaluated epoch
+        "warnings": list(warnings or []),  # e.g. the divergence warning (run/divergence.py)
     }

@@ -15,8 +15,9 @@ import numpy as np
 
 from qkd_jax.run import build
 from qkd_jax.run.context import PhaseResult, RunContext, console
+from qkd_jax.run.divergence import DivergenceMonitor
 from qkd_jax.run.evaluate import evaluate
-from qkd_jax.run.finite import all_finite, check_finite
+from qkd_jax.run.finite import all_finite, check_finite, checkpoint_advice
 from qkd_jax.run.interrupt import Interrupted, stop_requested
 from qkd_jax.run.loaders import check_batch, train_loader
 from qkd_jax.run.plan import PhasePlan
@@ -44,12 +45,14 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     restored = ckpt.restore(state, mesh=ctx.mesh)
     data_state = None
     history: list = []  # run/report.py eval records, continued from the checkpoint on resume
+    monitor = DivergenceMonitor(name, build.num_classes(ctx.config))
     if restored is not None:
         state, data_state, meta = restored
         history = list(meta.get("eval_history", []))
+        monitor.warnings = list(meta.get("warnings", []))
         if meta.get("completed"):
             console(f"[{name}] already completed at step {meta['step']}: read from {ckpt.directory}")
-            return phase_result(plan, state, meta.get("eval", {}), history)
+            return phase_result(plan, state, meta.get("eval", {}), history, monitor.warnings)
         if plan.from_teacher_checkpoint:
             # Never train on in another run's directory.
             raise ValueError(
@@ -63,6 +66,7 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     check_batch(ctx, plan.batch_size, f"phases.{name}.batch_size")
     spe, total = plan.steps_per_epoch, plan.total_steps
     start = int(jax.device_get(state.step))
+    ctx.writer.drop_after(name, start if restored is not None else -1)  # each step once in metrics.jsonl
     loader = train_loader(ctx, plan.batch_size, plan.epochs, plan.seed, labels=plan.needs_labels)
     iterator = iter(loader)
     if data_state is not None:
@@ -73,7 +77,13 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     console(f"[{name}] {plan.kind}: objective {plan.objective_name}, {plan.epochs} epochs x {spe} steps, "
             f"global batch {plan.batch_size}, {ctx.mesh.devices.size} device(s)")
     metrics = None
-    last_saved = start
+
+    def advice() -> str:  # read only when a loss is not finite
+        return checkpoint_advice(name, ckpt.directory, ckpt.steps())
+
+    if start < total:
+        console(f"[{name}] compiling the train step (the first step) ...")
+    last_saved = start  # the step of the newest checkpoint of this phase
     for step in range(start, total):
         epoch = step // spe
         if plan.hessian and step % spe == 0 and epoch > 0 and epoch % plan.hessian.every_epochs == 0:
@@ -81,42 +91,50 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
         batch = next(iterator)
         state, metrics = p_step(state, parallel.shard_batch(batch, ctx.mesh))
         done = step + 1
+        if step == start:  # rate and ETA from here: compile time excluded
+            jax.block_until_ready(metrics)
+            progress.started(done)
         if done % plan.log_every_steps == 0 or done == total:
-            values = check_finite(jax.device_get(metrics), name, done, last_saved)
+            values = check_finite(jax.device_get(metrics), name, done, advice)
             lrs = {k: float(v) for k, v in current_learning_rates(plan.weights, plan.quant_params, step,
                                                                   **lr_args).items()}
             ctx.writer.write(name, done, "train", {**values, **lrs})
             console(progress.line(done, values, lr=lrs["lr/weights"]))
+            if warning := monitor.update(done, values["loss"]):
+                console(warning)
+                ctx.writer.write(name, done, "warning", {"divergence": 1.0, "loss": values["loss"],
+                                                         "lowest_loss": monitor.lowest})
         epoch_end = done % spe == 0
         if epoch_end and done != total and (done // spe) % plan.eval_every_epochs == 0:
-            ev = evaluate(ctx, net.train_model, state.variables())
+            ev = evaluate(ctx, net.train_model, state.variables(), phase=name)
             ctx.writer.write(name, done, "eval", ev)
             history.append(eval_record(done // spe, ev))
             console(f"[{name}] epoch {done // spe}: eval top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}%")
         if done != total and (done % plan.checkpoint_every_steps == 0 or epoch_end):
-            check_finite(jax.device_get(metrics), name, done, last_saved)
-            check_finite({"params": all_finite(state.params)}, name, done, last_saved)
-            ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history),
-                      data_state=iterator.get_state())
+            check_finite(jax.device_get(metrics), name, done, advice)
+            check_finite({"params": all_finite(state.params)}, name, done, advice)
+            ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history,
+                                                  warnings=monitor.warnings), data_state=iterator.get_state())
             last_saved = done
         if stop_requested() and done != total:  # SIGTERM/SIGINT: checkpoint here and stop (run/interrupt.py)
             if last_saved != done:
-                check_finite(jax.device_get(metrics), name, done, last_saved)
-                check_finite({"params": all_finite(state.params)}, name, done, last_saved)
-                ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history),
-                          data_state=iterator.get_state())
+                check_finite(jax.device_get(metrics), name, done, advice)
+                check_finite({"params": all_finite(state.params)}, name, done, advice)
+                ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history,
+                                                      warnings=monitor.warnings), data_state=iterator.get_state())
             raise Interrupted(stop_requested(), name, done, total)
     if metrics is not None:
-        check_finite(jax.device_get(metrics), name, total, last_saved)
-        check_finite({"params": all_finite(state.params)}, name, total, last_saved)
-    eval_metrics = evaluate(ctx, net.train_model, state.variables())
+        check_finite(jax.device_get(metrics), name, total, advice)
+        check_finite({"params": all_finite(state.params)}, name, total, advice)
+    eval_metrics = evaluate(ctx, net.train_model, state.variables(), phase=name)
     ctx.writer.write(name, total, "eval", eval_metrics)
     history.append(eval_record(plan.epochs, eval_metrics))
     console(f"[{name}] done: eval top1 {eval_metrics['top1']:.2f}% top5 {eval_metrics['top5']:.2f}% "
             f"loss {eval_metrics['loss']:.4f}")
     ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=True, eval_metrics=eval_metrics,
-                                          eval_history=history), data_state=iterator.get_state())
-    return phase_result(plan, state, eval_metrics, history)
+                                          eval_history=history, warnings=monitor.warnings),
+              data_state=iterator.get_state())
+    return phase_result(plan, state, eval_metrics, history, monitor.warnings)
 
 
 def _refresh_deltas(ctx: RunContext, plan: PhasePlan, state: TrainState, net: build.Network, epoch: int):

@@ -1,7 +1,8 @@
 """Run metrics: a JSONL file and TensorBoard event files in the workdir, plus console lines.
 
-Only process 0 writes. Every record carries the phase and the step, so a resumed run appends
-to the same files and the history stays readable.
+Only process 0 writes. Every record carries the phase and the step. A resumed phase first drops
+its records after the step it resumes from (`drop_after`), so metrics.jsonl holds each step once.
+TensorBoard events are flushed with every record, so a killed run leaves them readable.
 """
 
 from __future__ import annotations
@@ -51,6 +52,33 @@ class MetricsWriter:
             for key, value in clean.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{phase}/{kind}/{key}", value, int(step))
+            self._tb.flush()
+
+    def drop_after(self, phase: str, step: int) -> int:
+        """Removes `phase`'s records with a step above `step` from metrics.jsonl (-1: all of
+        them), i.e. what a killed run wrote after the checkpoint the phase resumes from (or what
+        a phase that restarts from scratch wrote before). Returns how many were removed."""
+        if not self.active:
+            return 0
+        path = self.workdir / "metrics.jsonl"
+        self._jsonl.close()
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+                stale = record.get("phase") == phase and int(record.get("step", -1)) > step
+            except (ValueError, TypeError, AttributeError):
+                stale = True  # a line cut short by a kill
+            if stale:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(path)
+        self._jsonl = open(path, "a", encoding="utf-8")
+        return dropped
 
     def close(self) -> None:
         if self.active:
@@ -67,19 +95,28 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressLine:
-    """Builds the console line: phase, step, loss terms, images/s and ETA."""
+    """Builds the console line: phase, step, loss terms, images/s and ETA.
+
+    Rate and ETA are measured from `started` (called once the first step, which compiles the
+    step function, has finished), so compile time does not inflate the first ETA."""
 
     def __init__(self, phase: str, total_steps: int, global_batch: int, start_step: int = 0):
         self.phase, self.total, self.batch = phase, total_steps, global_batch
         self._t0, self._s0 = time.perf_counter(), start_step
 
+    def started(self, step: int) -> None:
+        """Measure from now, when `step` steps are done (the compiled first step included)."""
+        self._t0, self._s0 = time.perf_counter(), step
+
     def line(self, step: int, values: Mapping[str, Any], lr: Optional[float] = None) -> str:
-        elapsed = time.perf_counter() - self._t0
-        done = max(step - self._s0, 1)
-        rate = done * self.batch / max(elapsed, 1e-9)
-        eta = (self.total - step) * elapsed / done
         terms = " ".join(f"{k}={_to_python(v):.4g}" for k, v in values.items())
         lr_txt = f" lr={lr:.3g}" if lr is not None else ""
+        done = step - self._s0
+        if done <= 0:  # nothing timed yet (the first step, which compiled)
+            return f"[{self.phase}] step {step}/{self.total} {terms}{lr_txt}"
+        elapsed = time.perf_counter() - self._t0
+        rate = done * self.batch / max(elapsed, 1e-9)
+        eta = (self.total - step) * elapsed / done
         return (
             f"[{self.phase}] step {step}/{self.total} {terms}{lr_txt} "
             f"{rate:.0f} img/s ETA {format_duration(eta)}"

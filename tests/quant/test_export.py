@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import importlib.util
 import json
 import pathlib
@@ -261,13 +262,20 @@ def test_no_float_copy_of_quantized_weights(small):
 
 def test_file_round_trip(small):
     a, b = small["exported"], small["loaded"]
-    assert a.manifest == b.manifest
+    checksums = b.manifest.pop("checksums")
+    try:
+        assert a.manifest == b.manifest  # the file's manifest is the export's plus the checksums
+    finally:
+        b.manifest["checksums"] = checksums
+    # sha256 of every array's bytes (hashlib here, independently of the writer)
+    assert checksums == {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+                         for k, v in a.arrays.items()}
     assert set(a.arrays) == set(b.arrays)
     for k in a.arrays:
         assert a.arrays[k].dtype == b.arrays[k].dtype
         np.testing.assert_array_equal(a.arrays[k], b.arrays[k])
     sidecar = json.loads(small["path"].with_suffix(".json").read_text())
-    assert sidecar == a.manifest
+    assert sidecar == b.manifest
     assert sidecar["format"] == qexport.FORMAT and sidecar["version"] == qexport.VERSION
     got = np.asarray(qexport.IntegerModel(small["model"], b)(small["x"]))
     np.testing.assert_allclose(got, small["fake"], rtol=0, atol=RTOL * np.abs(small["fake"]).max())
@@ -385,7 +393,7 @@ def _corrupt(exp, edit):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m, a: m.update(version=1), r"version: this reader understands version 2"),
+    (lambda m, a: m.update(version=1), r"version: this reader understands versions \(2, 3\)"),
     (lambda m, a: m.update(format="other"), r"format"),
     (lambda m, a: m["layers"]["interval2_c1"]["weight"].pop("grid"),
      r"layers\['interval2_c1'\]\.weight\.grid: missing"),
@@ -423,6 +431,93 @@ def test_corrupted_file_fails_clearly(small, tmp_path):
     np.savez(bad, **arrays)
     with pytest.raises(qexport.ManifestError, match="not a qkd_jax export"):
         qexport.IntegerExport.load(bad)
+
+
+def _archive(path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _manifest(arrays) -> dict:
+    return json.loads(arrays["__manifest__"].tobytes().decode("utf-8"))
+
+
+def _write(path, arrays, manifest=None) -> pathlib.Path:
+    """An .npz with `arrays` (and `manifest` as its embedded manifest when given)."""
+    if manifest is not None:
+        arrays = {**arrays, "__manifest__": np.frombuffer(json.dumps(manifest).encode(), np.uint8)}
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random", "npy", "pickle"])
+def test_unreadable_file_is_a_manifest_error(small, tmp_path, damage):
+    """numpy's own errors (BadZipFile, EOFError, the pickle refusal) become one ManifestError
+    that names the file."""
+    bad = tmp_path / "bad.npz"
+    data = small["path"].read_bytes()
+    if damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "random":
+        bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif damage == "npy":
+        np.save(bad.with_suffix(".npy"), np.zeros(3))
+        bad.with_suffix(".npy").rename(bad)
+    else:
+        import pickle
+
+        bad.write_bytes(pickle.dumps({"not": "an export"}))
+    with pytest.raises(qexport.ManifestError, match=f"{bad} is not a readable export archive"):
+        qexport.IntegerExport.load(bad)
+
+
+def test_flipped_code_fails_its_checksum(small, tmp_path):
+    """One code changed to another valid code (same shape, inside the grid): only the checksum
+    can tell, and it does."""
+    arrays = _archive(small["path"])
+    key = "layers/interval2_c1/codes"  # 2-bit codes, 4 levels: every bit pattern is a valid code
+    codes = arrays[key].copy()
+    codes[0] ^= 0b01
+    arrays[key] = codes
+    bad = _write(tmp_path / "flipped.npz", arrays)
+    with pytest.raises(qexport.ManifestError, match=rf"{bad}: .*checksums\['{key}'\]: .*does not match"):
+        qexport.IntegerExport.load(bad)
+
+
+@pytest.mark.parametrize("key_of, value", [
+    (lambda m: m["layers"]["interval2_c1"]["weight"]["levels"]["key"], np.nan),
+    (lambda m: m["batchnorm"]["interval2_bn1"]["mul"]["key"], np.inf),
+])
+def test_non_finite_arrays_are_rejected(small, tmp_path, key_of, value):
+    """A NaN level or an inf BatchNorm factor, with a checksum that matches the damaged array
+    (so the finiteness check alone must catch it)."""
+    arrays = _archive(small["path"])
+    manifest = _manifest(arrays)
+    key = key_of(manifest)
+    damaged = arrays[key].copy()
+    damaged[1] = value
+    arrays[key] = damaged
+    manifest["checksums"][key] = hashlib.sha256(damaged.tobytes()).hexdigest()
+    bad = _write(tmp_path / "nonfinite.npz", {k: v for k, v in arrays.items() if k != "__manifest__"}, manifest)
+    with pytest.raises(qexport.ManifestError, match=rf"{bad}: .*array '{key}': 1 non-finite value"):
+        qexport.IntegerExport.load(bad)
+
+
+def test_version_3_needs_checksums_and_version_2_loads_with_a_warning(small, tmp_path):
+    arrays = _archive(small["path"])
+    manifest = _manifest(arrays)
+    plain = {k: v for k, v in arrays.items() if k != "__manifest__"}
+    del manifest["checksums"]
+    bad = _write(tmp_path / "v3.npz", plain, manifest)
+    with pytest.raises(qexport.ManifestError, match=rf"{bad}: .*checksums: missing"):
+        qexport.IntegerExport.load(bad)
+    old = _write(tmp_path / "v2.npz", plain, {**manifest, "version": 2})
+    with pytest.warns(UserWarning, match="version 2 export without checksums"):
+        loaded = qexport.IntegerExport.load(old)
+    for key, value in small["exported"].arrays.items():
+        np.testing.assert_array_equal(loaded.arrays[key], value)
 
 
 # ---------------------------------------------------------------- checkpoints and the CLI

@@ -15,9 +15,12 @@ File layout (`save` / `load`; numpy's .npz, uncompressed, no pickles):
                                  kernels and biases, ...) under its flax path
 
 A copy of the manifest is written next to the archive as <name>.json for reading; `load` uses
-the embedded one. Manifest (format "qkd_jax.integer_export", version 2):
+the embedded one. Manifest (format "qkd_jax.integer_export", version 3):
 
     format, version             identify the file
+    checksums                   {array key: sha256 hex of its bytes in C order}, one per array;
+                                written by `save`, verified by `load` (version 3; a version 2
+                                file has none and loads with a warning)
     model.input_shape           (H, W, C) the export was traced with; model.apply_kwargs
     config                      the run config (JSON string) to rebuild the flax model, or null
     source                      where it came from (workdir, phase, step, kind), or null
@@ -39,16 +42,20 @@ the embedded one. Manifest (format "qkd_jax.integer_export", version 2):
 Each `{key}` entry also records the array's `shape` and `dtype`; the validator checks them
 against the archive. Grid semantics (codes.py): q = multiplier * code - zero_point, real value
 = scale * q; `levels[code]` is that value exactly as the student's float32 forward pass had it.
-Float scalars are float32 numbers written as JSON doubles (exact both ways).
+Float scalars are float32 numbers written as JSON doubles (exact both ways). Every float array
+must be finite. Whatever is wrong with a file (not an archive, truncated, a checksum that does
+not match, a NaN level, a malformed manifest), `load` raises ManifestError naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import pathlib
+import warnings
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -58,7 +65,8 @@ from qkd_jax.quant.export.packing import PACKING, UNPACKED, packed_nbytes, unpac
 from qkd_jax.quant.rules import LayerPrecision
 
 FORMAT = "qkd_jax.integer_export"
-VERSION = 2  # 2: BatchNorm stored as (x - mean) * mul + add (1 had x * mul + add)
+VERSION = 3  # 3: sha256 checksums of the arrays; 2: BatchNorm as (x - mean) * mul + add (1: x * mul + add)
+READABLE_VERSIONS = (2, 3)  # 2 is version 3 without checksums
 MANIFEST_KEY = "__manifest__"
 INT32_MAX = 2**31 - 1
 
@@ -124,6 +132,33 @@ def _array_ref(ref: Any, where: str, arrays: Optional[Mapping[str, np.ndarray]],
             _fail(where, f"array {key!r} is {arr.dtype}{list(arr.shape)}, manifest says {rec_dtype}{list(rec_shape)}")
     used.add(key)
     return ref
+
+
+def array_checksum(array: np.ndarray) -> str:
+    """sha256 (hex) of the array's bytes in C order; shape and dtype are checked separately."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _check_checksums(checksums: Any, arrays: Optional[Mapping[str, np.ndarray]], used: set) -> None:
+    """One sha256 per described array; with `arrays`, each one must match its array's bytes."""
+    if not isinstance(checksums, Mapping):
+        _fail("checksums", f"expected an object, got {type(checksums).__name__}")
+    if set(checksums) != used:
+        missing, extra = sorted(used - set(checksums)), sorted(set(checksums) - used)
+        _fail("checksums", f"must list exactly the described arrays (missing {missing[:5]}, extra {extra[:5]})")
+    for key, digest in checksums.items():
+        if not isinstance(digest, str) or len(digest) != 64:
+            _fail(f"checksums[{key!r}]", f"expected a sha256 hex digest, got {digest!r}")
+        if arrays is not None and array_checksum(arrays[key]) != digest:
+            _fail(f"checksums[{key!r}]", f"array {key!r} does not match its checksum: the file is damaged "
+                                         f"or was edited after export")
+
+
+def _check_finite_arrays(arrays: Mapping[str, np.ndarray]) -> None:
+    for key, arr in arrays.items():
+        if key != MANIFEST_KEY and arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            _fail(f"array {key!r}", f"{bad} non-finite value(s) (NaN or inf); an export holds finite numbers only")
 
 
 def layer_precision(entry: Mapping[str, Any]) -> LayerPrecision:
@@ -233,17 +268,20 @@ def _check_layer(path: str, e: Any, arrays, used: set) -> None:
             _fail(f"{where}.accumulator_bound", f"{bound} overflows int32 accumulation")
 
 
-def validate_manifest(manifest: Any, arrays: Optional[Mapping[str, np.ndarray]] = None) -> None:
+def validate_manifest(manifest: Any, arrays: Optional[Mapping[str, np.ndarray]] = None, *,
+                      require_checksums: bool = False) -> None:
     """Checks the manifest's structure, types and internal consistency; with `arrays`, also that
-    every referenced array exists with the recorded shape/dtype, packed codes decode, and no
-    array is left undescribed. Raises ManifestError naming the offending field."""
+    every referenced array exists with the recorded shape/dtype, packed codes decode, every float
+    array is finite, no array is left undescribed and (when the manifest has them, always with
+    `require_checksums`) every array matches its checksum. Raises ManifestError naming the field."""
     if not isinstance(manifest, Mapping):
         _fail("<root>", f"expected a JSON object, got {type(manifest).__name__}")
     if _get(manifest, "format", "<root>") != FORMAT:
         _fail("format", f"expected {FORMAT!r}, got {manifest['format']!r}")
     version = _int(_get(manifest, "version", "<root>"), "version", 1)
-    if version != VERSION:
-        _fail("version", f"this reader understands version {VERSION}, got {version}")
+    if version not in READABLE_VERSIONS:
+        _fail("version", f"this reader understands versions {READABLE_VERSIONS}, got {version}; "
+                         f"export the checkpoint again with this version of qkd_jax")
     model = _get(manifest, "model", "<root>")
     _shape(_get(model, "input_shape", "model"), "model.input_shape")
     if not isinstance(_get(model, "apply_kwargs", "model"), Mapping):
@@ -284,6 +322,11 @@ def validate_manifest(manifest: Any, arrays: Optional[Mapping[str, np.ndarray]] 
         extra = sorted(set(arrays) - used - {MANIFEST_KEY})
         if extra:
             _fail("<root>", f"archive arrays not described by the manifest: {extra[:5]}")
+        _check_finite_arrays(arrays)
+    if "checksums" in manifest or require_checksums:
+        if version < 3:
+            _fail("checksums", f"version {version} has no checksums")
+        _check_checksums(_get(manifest, "checksums", "<root>"), arrays, used)
 
 
 @dataclasses.dataclass
@@ -331,11 +374,20 @@ class IntegerExport:
     def manifest_json(self) -> str:
         return json.dumps(self.manifest, indent=1, sort_keys=False)
 
+    def with_checksums(self) -> "IntegerExport":
+        """The same export at the current VERSION with the sha256 of every array in its manifest."""
+        keys = sorted(k for k in self.arrays if k != MANIFEST_KEY)
+        manifest = {**self.manifest, "version": VERSION,
+                    "checksums": {k: array_checksum(self.arrays[k]) for k in keys}}
+        return IntegerExport(manifest, self.arrays)
+
     def save(self, path: str | pathlib.Path, *, sidecar: bool = True) -> pathlib.Path:
-        """Writes the .npz archive (and <name>.json with the manifest). Returns the archive path."""
+        """Writes the .npz archive (and <name>.json with the manifest), the manifest carrying
+        the checksum of every array (`with_checksums`). Returns the archive path."""
         self.validate()
+        stored = self.with_checksums().validate()
         path = pathlib.Path(path)
-        compact = json.dumps(self.manifest, separators=(",", ":"))
+        compact = json.dumps(stored.manifest, separators=(",", ":"))
         payload = {**self.arrays, MANIFEST_KEY: np.frombuffer(compact.encode("utf-8"), np.uint8)}
         buffer = io.BytesIO()
         np.savez(buffer, **payload)
@@ -344,17 +396,17 @@ class IntegerExport:
         tmp.write_bytes(buffer.getvalue())
         tmp.replace(path)
         if sidecar:
-            path.with_suffix(".json").write_text(self.manifest_json() + "\n")
+            path.with_suffix(".json").write_text(stored.manifest_json() + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> "IntegerExport":
-        """Reads and validates an archive written by `save`."""
+        """Reads and validates an archive written by `save`; any problem is a ManifestError
+        that names the file (FileNotFoundError when there is no file)."""
         path = pathlib.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no export file {path}")
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = _read_archive(path)
         if MANIFEST_KEY not in arrays:
             raise ManifestError(f"{path} has no {MANIFEST_KEY!r} entry: not a qkd_jax export")
         raw = arrays.pop(MANIFEST_KEY)
@@ -362,4 +414,27 @@ class IntegerExport:
             manifest = json.loads(raw.tobytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ManifestError(f"{path}: the manifest is not valid JSON: {err}") from None
-        return cls(manifest, arrays).validate()
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        try:
+            validate_manifest(manifest, arrays, require_checksums=version != 2)
+        except ManifestError as err:
+            raise ManifestError(f"{path}: {err}") from None
+        if version == 2:
+            warnings.warn(f"{path} is a version 2 export without checksums: damage to its arrays "
+                          f"cannot be detected; export it again to get a version {VERSION} file", stacklevel=2)
+        return cls(manifest, arrays)
+
+
+def _read_archive(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz at `path`; a file numpy cannot read as one (empty, truncated,
+    random bytes, a pickle, a damaged member) becomes a ManifestError naming it."""
+    try:
+        with open(path, "rb") as f:
+            loaded = np.load(f, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise TypeError("it holds a single array, not an .npz archive")
+            with loaded as z:
+                return {k: z[k] for k in z.files}
+    except Exception as err:  # noqa: BLE001  (zipfile, zlib, numpy format and pickle checks raise many types)
+        raise ManifestError(f"{path} is not a readable export archive ({type(err).__name__}: {err}); "
+                            f"export the checkpoint again") from None

@@ -663,7 +663,8 @@ def markdown(opts: Options, rows: Sequence[Row], wall_s: float, compute_s: float
                 "| estimator | top-1 % |", "| --- | --- |",
                 f"| STE (delta = 0) | {_pm(ewgs[0])} |",
                 f"| EWGS, delta from the Hessian trace (refreshed every {max(1, opts.epochs // 3)} epochs on 2 x "
-                f"{opts.hessian_batch_size} images, <= {opts.hessian_probes} probes each, one joint probe over all layers; 0 before) | {_pm(ewgs[1])} |",
+                f"{opts.hessian_batch_size} images, <= {opts.hessian_probes} probes each, one joint probe over all "
+                f"layers; 0 before) | {_pm(ewgs[1])} |",
                 "", f"Δ Hessian − STE: {d:+.2f}{se_txt} points ({_verdict(d, se, ewgs[0].n)}).", ""]
         out += [f"EWGS delta over the layers at each refresh (averaged over seeds): {deltas}." if deltas else
                 "The Hessian run never refreshed its delta (too few epochs): it equals the STE run.", ""]

@@ -1,4 +1,4 @@
-r"""CIFAR-100 VGG-13: FP teacher, EWGS QAT and EWGS + SQAKD.
+r"""CIFAR-100 VGG-13: FP teacher, EWGS QAT, EWGS + SQAKD and QKD.
 
 Recipes: docs/method.md section 8 and the released SQAKD CIFAR scripts.
 
@@ -8,12 +8,18 @@ ARG (after the colon; default 'sqakd,w2a2'):
   qat,wBaB      EWGS QAT: teacher -> calibrate -> student, cross-entropy with labels.
   sqakd,wBaB    EWGS + SQAKD: teacher -> calibrate -> student, alpha * KL_T(student, teacher),
                 T = 4, no labels (alpha 1).
+  qkd,wBaB      QKD ('qkd' quantizer, T = 2): teacher -> calibrate -> self_study (30 epochs,
+                CE) -> co_study (100, teacher trained too) -> tutoring (70, frozen co-studied
+                teacher); QKD's CIFAR schedule, this file's student recipe in every phase;
+                settings W2A2, W3A3, W4A4 (docs/method.md section 8).
   B in 1..8; paper settings W1A1, W2A2, W4A4. The quantizer is 'interval' (EWGS / SQAKD
   learnable interval), preset 'sqakd_cifar_vgg': the first stage and the classifier stay FP.
 Student: Adam 5e-4 with coupled L2 5e-4 (weights) + Adam 5e-6 without decay (quantizer
 parameters), batch 64, cosine per epoch, 720 epochs.
 EWGS gradient scaling: delta = 0 by default (the released code); --config.quant.estimator=hessian
-(every 10 epochs on 3 batches of 256) or --config.quant.estimator=ewgs --config.quant.delta=D.
+(every 10 epochs on 3 training batches of 64, each layer's cross-entropy Hessian probed on its own,
+as the released EWGS code; docs/method.md section 5) or --config.quant.estimator=ewgs
+--config.quant.delta=D.
 
 Run (train the teacher once, then every student from it):
   python -m qkd_jax.main --config=configs/cifar100_vgg13.py:fp --workdir=/tmp/c100_vgg13_fp
@@ -21,6 +27,11 @@ Run (train the teacher once, then every student from it):
     python -m qkd_jax.main --config=configs/cifar100_vgg13.py:$o,$b --workdir=/tmp/c100_vgg13_${o}_$b \
       --config.teacher_checkpoint=/tmp/c100_vgg13_fp/teacher
   done; done
+QKD from the same teacher:
+  for b in w2a2 w3a3 w4a4; do
+    python -m qkd_jax.main --config=configs/cifar100_vgg13.py:qkd,$b --workdir=/tmp/c100_vgg13_qkd_$b \
+      --config.teacher_checkpoint=/tmp/c100_vgg13_fp/teacher
+  done
 or in one run (trains its own teacher first):
   python -m qkd_jax.main --config=configs/cifar100_vgg13.py:sqakd,w2a2 --workdir=/tmp/c100_vgg13_sqakd_w2a2
 """

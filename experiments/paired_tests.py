@@ -1,6 +1,10 @@
 """Paired tests of SQAKD vs plain QAT on the digits grid, recomputed from the stored per-seed data.
 
     python experiments/paired_tests.py [docs/reproduction_runs.csv]
+    python experiments/paired_tests.py --compare BEFORE_runs.csv AFTER_runs.csv
+
+The second form compares two reports of the same runs made by different code (e.g. before and
+after a change of an initialisation), setting by setting, paired by seed.
 
 Prints one row per (method, bits): correct test images per seed in each arm (out of 360), their
 sums over seeds, the mean difference in points, and a two-sided paired t-test over seeds.
@@ -96,7 +100,40 @@ def table(counts: dict[tuple[str, int, str], list[int]]) -> list[str]:
     return lines
 
 
+def run_counts(path: pathlib.Path) -> dict[tuple[str, str, int, str], dict[int, int]]:
+    """{(section, method, bits, variant): {seed: correct images}} of every student row."""
+    rows: dict[tuple[str, str, int, str], dict[int, int]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r["section"] == "teacher":
+                continue
+            key = (r["section"], r["method"], int(r["bits"]), r["variant"])
+            rows.setdefault(key, {})[int(r["seed"])] = round(float(r["top1"]) * TEST_IMAGES / 100.0)
+    return rows
+
+
+def compare_table(before: dict, after: dict) -> list[str]:
+    """Per setting in both reports: correct images per seed (seeds in both), Δ after - before, paired t."""
+    lines = ["| setting | before correct / seed | after correct / seed | Δ points | t | p | verdict |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(set(before) & set(after)):
+        seeds = sorted(set(before[key]) & set(after[key]))
+        b, a = [before[key][s] for s in seeds], [after[key][s] for s in seeds]
+        test = paired_t([100.0 * (y - x) / TEST_IMAGES for x, y in zip(b, a)])
+        verdict_text = ("n/a (1 seed)" if math.isnan(test.p) else "not significant" if test.p >= ALPHA
+                        else "after better" if test.mean > 0 else "before better")
+        lines.append(f"| {' '.join(map(str, key))} | {', '.join(map(str, b))} | {', '.join(map(str, a))} | "
+                     f"{test.mean:+.2f} | {test.t:+.2f} | {test.p:.3f} | {verdict_text} |")
+    return lines
+
+
 def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1 and argv[1] == "--compare":
+        if len(argv) != 4:
+            raise SystemExit("usage: paired_tests.py --compare BEFORE_runs.csv AFTER_runs.csv")
+        print("\n".join(compare_table(run_counts(pathlib.Path(argv[2])), run_counts(pathlib.Path(argv[3])))))
+        print(f"\nTwo-sided paired t-test over the seeds in both (df = seeds - 1), significant when p < {ALPHA}.")
+        return
     path = pathlib.Path(argv[1] if len(argv) > 1 else pathlib.Path(__file__).parents[1] / "docs/reproduction_runs.csv")
     print("\n".join(table(correct_counts(path))))
     print(f"\nTwo-sided paired t-test over seeds (df = seeds - 1), significant when p < {ALPHA}; "

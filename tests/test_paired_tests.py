@@ -37,3 +37,23 @@ def test_stored_grid_counts(pt):
     counts = pt.correct_counts(ROOT / "docs" / "reproduction_runs.csv")
     assert sum(counts[("pact", 2, "qat")]) == sum(counts[("pact", 2, "sqakd")]) == 1063
     assert all(len(v) == 3 and all(0 <= c <= 360 for c in v) for v in counts.values())
+
+
+def test_compare_pairs_by_seed(pt, tmp_path):
+    """Before/after comparison: seeds paired, a seed in only one report dropped, t by hand."""
+    head = "section,method,bits,variant,seed,top1,top5,loss,run_wall_s\n"
+    row = "qkd,qkd,2,qkd,{seed},{top1},100,0.1,1\n"
+    teacher = "teacher,fp,32,fp,0,99,100,0.1,1\n"
+    # correct images 324/333/342 before (90/92.5/95 %) and 327/339/351 after: +3, +6, +9 images
+    before = [(0, 90.0), (1, 92.5), (2, 95.0), (3, 50.0)]
+    after = [(0, 327 / 3.6), (1, 339 / 3.6), (2, 351 / 3.6)]
+    for name, rows in (("b.csv", before), ("a.csv", after)):
+        (tmp_path / name).write_text(head + teacher + "".join(row.format(seed=s, top1=t) for s, t in rows))
+    lines = pt.compare_table(pt.run_counts(tmp_path / "b.csv"), pt.run_counts(tmp_path / "a.csv"))
+    assert len(lines) == 3  # header, rule, one setting (the teacher row is not a setting)
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:3] == ["qkd qkd 2 qkd", "324, 333, 342", "327, 339, 351"]
+    # diffs in points: 3/3.6, 6/3.6, 9/3.6 -> mean 6/3.6, sd 3/3.6, t = 2 sqrt(3)
+    assert math.isclose(float(cells[3]), 6 / 3.6, abs_tol=5e-3)
+    assert math.isclose(float(cells[4]), 2 * math.sqrt(3), abs_tol=5e-3)
+    assert cells[6] == "not significant"  # p = 0.074 with 2 degrees of freedom

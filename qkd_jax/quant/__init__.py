@@ -6,7 +6,15 @@
 
 from qkd_jax.quant.clip import clip_inclusive, clip_straight_through
 from qkd_jax.quant.discretize import discretize, levels_for_bits, round_ste
-from qkd_jax.quant.hessian import ewgs_delta, ewgs_ratio, hutchinson_trace, hutchinson_traces, hvp
+from qkd_jax.quant.hessian import (
+    HESSIAN_PROBES,
+    ewgs_delta,
+    ewgs_ratio,
+    hutchinson_trace,
+    hutchinson_traces,
+    hutchinson_traces_per_leaf,
+    hvp,
+)
 from qkd_jax.quant.quantizers import (
     dorefa_activation,
     dorefa_weight,
@@ -21,6 +29,7 @@ from qkd_jax.quant.positive import positive_width  # noqa: E402
 from qkd_jax.quant.validation import MAX_BITS, MIN_BITS, check_bits
 
 __all__ = [
+    "HESSIAN_PROBES",
     "MAX_BITS",
     "MIN_BITS",
     "check_bits",
@@ -33,6 +42,7 @@ __all__ = [
     "ewgs_ratio",
     "hutchinson_trace",
     "hutchinson_traces",
+    "hutchinson_traces_per_leaf",
     "hvp",
     "interval_quantize",
     "levels_for_bits",

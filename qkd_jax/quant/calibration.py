@@ -27,7 +27,8 @@ from `lsq_bounds`):
               output_scale = mean|layer(x, W)| / mean|layer(a_hat, w_hat)|, the bias included in
               both (the official code computes F.conv2d(..., self.bias) in both)
     lsq:      w_step = 2 mean|W| / sqrt(Q_P(w_bits, signed)), a_step = 2 mean|x| / sqrt(Q_P(a_bits, a_signed))
-    qkd:      w_interval = max|W|; a_interval = max(x) (unsigned) or max|x| (signed)
+    qkd:      w_interval = the least-MSE candidate max|W| k / 100 on the weight grid
+              (`interval_search.mse_interval`); a_interval = max(x) (unsigned) or max|x| (signed)
     pact:     a_alpha = the rule's constant `pact_alpha` if set, else 3 std(x) / sqrt(1 - 2/pi)
               (the interval method's a_upper: a clipping level of the same statistic); signed
               input: |mean(x)| + 3 std(x)

@@ -14,7 +14,9 @@ Calibration closed forms (x = the layer's input, W = its kernel, std with ddof=1
     pact:     a_alpha = the rule's constant, else 3 std(x) / sqrt(1 - 2/pi) (unsigned) or
               |mean(x)| + 3 std(x) (signed)
     lsq:      w_step = 2 mean|W| / sqrt(Q_P), a_step = 2 mean|x| / sqrt(Q_P)
-    qkd:      w_interval = max|W|; a_interval = max(x) (unsigned) or max|x| (signed)
+    qkd:      w_interval = the candidate max|W| k / 100 (k = 1..100) with the least quantization MSE
+              on the weight grid (`interval_search.mse_interval`; QKD's max|W| leaves most ternary
+              weights at zero); a_interval = max(x) (unsigned) or max|x| (signed)
     dorefa:   nothing to calibrate
 """
 
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qkd_jax.quant.interval_search import mse_interval
 from qkd_jax.quant.positive import positive_width
 from qkd_jax.quant.precision import LayerPrecision
 from qkd_jax.quant.quantizers import (
@@ -294,7 +297,7 @@ QKD = register(QuantMethod(
     quantize_input=lambda lp, x, q, delta=0.0, hook=None: qkd_interval(x, q["a_interval"], lp.a_bits,
                                                                         signed=lp.a_signed, delta=delta,
                                                                         grid_hook=hook),
-    calibrate_weight=lambda lp, w: {"w_interval": positive_or_one(jnp.max(jnp.abs(w)))},
+    calibrate_weight=lambda lp, w: {"w_interval": positive_or_one(mse_interval(w, lp.w_bits))},
     calibrate_input=lambda lp, x: {"a_interval": positive_or_one(jnp.max(jnp.abs(x)) if lp.a_signed
                                                                  else jnp.max(x))},
     weight_grid=_qkd_grid,

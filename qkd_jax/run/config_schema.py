@@ -31,6 +31,10 @@ QUANT_VARIANTS = ("textbook", "released")
 
 PHASE_KINDS = ("teacher", "calibrate", "student")
 ESTIMATORS = ("ste", "ewgs", "hessian")
+# How quant.estimator='hessian' takes its traces (docs/method.md section 5): each layer probed on its
+# own (released EWGS code) or one joint probe; the cross-entropy with labels (released) or the phase's loss.
+HESSIAN_PROBES = ("per_layer", "joint")
+HESSIAN_LOSSES = ("ce", "phase")
 
 
 def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -114,6 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
             hessian_batches=3,
             hessian_batch_size=256,
             hessian_max_probes=50,
+            hessian_probe="per_layer",
+            hessian_loss="ce",
             pact_alpha=0.0,
             # 'textbook': the records of qkd_jax/quant/methods.py (docs/method.md section 2);
             # 'released': 'pact' / 'lsq' / 'dorefa' become the released SQAKD Tiny-ImageNet
@@ -207,6 +213,10 @@ def validate(config: ml_collections.ConfigDict, *, known_models: Iterable[str] =
     _int_in("quant.hessian_batches", q.hessian_batches, 1)
     _int_in("quant.hessian_batch_size", q.hessian_batch_size, 1)
     _int_in("quant.hessian_max_probes", q.hessian_max_probes, 1)
+    if q.hessian_probe not in HESSIAN_PROBES:
+        _fail("quant.hessian_probe", q.hessian_probe, f"must be one of {HESSIAN_PROBES}")
+    if q.hessian_loss not in HESSIAN_LOSSES:
+        _fail("quant.hessian_loss", q.hessian_loss, f"must be one of {HESSIAN_LOSSES} ('ce' reads labels)")
     if q.pact_alpha < 0:
         _fail("quant.pact_alpha", q.pact_alpha, "must be >= 0 (0 = from data)")
     _validate_variant(q)

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import ml_collections
 
+from qkd_jax.distill import get_objective
 from qkd_jax.run.config_schema import build_objective, group_spec, phase_names
 from qkd_jax.train.optim import GroupSpec
 
@@ -21,6 +22,8 @@ class HessianPolicy:
     batches: int
     batch_size: int
     max_probes: int
+    probe: str  # 'per_layer' | 'joint' (quant.hessian_probe)
+    objective: Any  # the loss whose Hessian is probed (quant.hessian_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +76,10 @@ def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path, name: st
     from_checkpoint = ph.kind == "teacher" and bool(config.teacher_checkpoint)
     hessian = None
     if ph.kind == "student" and q.estimator == "hessian":
+        # 'ce': plain cross-entropy with labels, no smoothing (the released code's nn.CrossEntropyLoss()).
+        loss = get_objective("task") if q.hessian_loss == "ce" else build_objective(ph)
         hessian = HessianPolicy(q.hessian_every_epochs, q.hessian_batches, q.hessian_batch_size,
-                                q.hessian_max_probes)
+                                q.hessian_max_probes, q.hessian_probe, loss)
     return PhasePlan(
         name=name,
         kind=ph.kind,

@@ -73,6 +73,9 @@ def phase_record(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str
     if plan.kind != "calibrate":
         record.update({f"{key}.objective": plan.objective_name, f"{key}.epochs": plan.epochs})
         record.update({f"{key}.{k}": v for k, v in objective_kwargs(ph.objective, ph).items()})
+    if plan.hessian is not None:  # how the EWGS delta is refreshed (docs/method.md section 5)
+        record.update({"quant.hessian_probe": config.quant.hessian_probe,
+                       "quant.hessian_loss": config.quant.hessian_loss})
     if plan.kind == "student":
         record.update({f"{key}.teacher_from": plan.teacher_from, f"{key}.train_teacher": plan.train_teacher})
         if plan.train_teacher:

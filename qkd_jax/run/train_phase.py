@@ -140,17 +140,18 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
 def _refresh_deltas(ctx: RunContext, plan: PhasePlan, state: TrainState, net: build.Network, epoch: int):
     """Recomputes every layer's EWGS delta from Hessian traces on a few training batches."""
     name, h = plan.name, plan.hessian
-    loader = train_loader(ctx, h.batch_size, None, plan.seed + 7919 * epoch, labels=plan.needs_labels,
+    loader = train_loader(ctx, h.batch_size, None, plan.seed + 7919 * epoch, labels=h.objective.needs_labels,
                           sharded=False)
     it = iter(loader)
     batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(h.batches)]
     t0 = time.perf_counter()
     local = local_state(ctx, jax.device_get(state), net)
-    deltas = compute_ewgs_deltas(local, batches, plan.objective, jax.random.key(epoch), max_probes=h.max_probes)
+    deltas = compute_ewgs_deltas(local, batches, h.objective, jax.random.key(epoch), max_probes=h.max_probes,
+                                 probe=h.probe)
     deltas = jax.device_get(deltas)
     flat = [float(v) for v in jax.tree.leaves(deltas)]
     ctx.writer.write(name, int(jax.device_get(state.step)), "ewgs_delta",
                      {"mean": float(np.mean(flat)) if flat else 0.0, "max": max(flat, default=0.0)})
-    console(f"[{name}] epoch {epoch}: EWGS deltas from Hessian traces on {h.batches} batches "
+    console(f"[{name}] epoch {epoch}: EWGS deltas from Hessian traces ({h.probe} probes) on {h.batches} batches "
             f"({time.perf_counter() - t0:.1f} s): mean {np.mean(flat):.3g}, max {max(flat, default=0):.3g}")
     return state.replace(quant_delta=parallel.replicate(deltas, ctx.mesh))

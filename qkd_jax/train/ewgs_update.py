@@ -4,14 +4,21 @@
 
 Quantized layers expose their discretizer outputs x_q as flax perturbations ('perturbations'
 collection, entries 'w_q' and 'a_q'); the gradient w.r.t. a zero perturbation is dL/dx_q and a
-reverse-over-reverse product gives H v. As in the official EWGS code (PyHessian-style), one
-Rademacher vector over all layers at once gives every layer's trace: E[v_l . (H v)_l] =
-Tr(H_ll), the cross-layer terms vanish in expectation. Probing stops when the running mean of
-the total trace moves by less than `rtol` (relative) or after `max_probes`.
+reverse-over-reverse product gives H v. Two Hutchinson probes (`probe`):
 
-The loss is the phase's objective (cross-entropy for labelled phases, the KL to the teacher for
-SQAKD, which has no labels), with the student in train mode and its BatchNorm statistics left
-unchanged.
+- 'per_layer' (the released EWGS code, `update_grad_scales` / `trace` in its CIFAR10/utils.py,
+  also in SQAKD's CIFAR/utils.py): each x_q is probed on its own, Rademacher v_l on that tensor
+  only, E[v_l . H_ll v_l] = Tr(H_ll); probing stops per tensor. One Hessian-vector product per
+  probe and tensor.
+- 'joint': one Rademacher vector over all tensors at once gives every tensor's trace,
+  E[v_l . (H v)_l] = Tr(H_ll) (the cross-tensor terms vanish in expectation but add variance);
+  probing stops on the total trace. One Hessian-vector product per probe for all tensors.
+
+Probing stops when the running mean moves by less than `rtol` (relative) or after
+`max_probes`. The loss is the objective passed in: the cross-entropy with labels (what the
+released code uses, also for its distillation runs) or the phase's own objective (the KL to
+the teacher for SQAKD, label-free); `run/plan.py` picks it from `quant.hessian_loss`. The
+student is in train mode and its BatchNorm statistics are left unchanged.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from qkd_jax.quant.hessian import ewgs_ratio, hutchinson_traces
+from qkd_jax.quant.hessian import HESSIAN_PROBES, ewgs_ratio
 from qkd_jax.train.state import TrainState
 
 # perturbation name -> key of the same layer in the 'quant_delta' collection
@@ -55,18 +62,21 @@ def _batch_loss_fn(state: TrainState, batch: Mapping[str, jax.Array], objective:
 
 
 def layer_traces_and_grads(
-    loss_fn, zeros, key: jax.Array, *, max_probes: int = 50, rtol: float = 1e-3
-) -> tuple[Any, Any, jax.Array]:
-    """Per-leaf Hutchinson traces of the Hessian of `loss_fn` at `zeros`, its gradient, probes used."""
-    traces, n = hutchinson_traces(loss_fn, zeros, key, max_probes=max_probes, rtol=rtol)
+    loss_fn, zeros, key: jax.Array, *, max_probes: int = 50, rtol: float = 1e-3, probe: str = "joint"
+) -> tuple[Any, Any, Any]:
+    """Per-leaf Hutchinson traces of the Hessian of `loss_fn` at `zeros`, its gradient, probes used
+    (a scalar for 'joint', a tree of per-leaf counts for 'per_layer')."""
+    if probe not in HESSIAN_PROBES:
+        raise ValueError(f"unknown Hessian probe {probe!r}; choose one of {sorted(HESSIAN_PROBES)}")
+    traces, n = HESSIAN_PROBES[probe](loss_fn, zeros, key, max_probes=max_probes, rtol=rtol)
     return traces, jax.grad(loss_fn)(zeros), n
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "max_probes", "rtol", "eps"))
-def _batch_ratios(state, batch, key, *, objective, max_probes, rtol, eps):
+@functools.partial(jax.jit, static_argnames=("objective", "max_probes", "rtol", "eps", "probe"))
+def _batch_ratios(state, batch, key, *, objective, max_probes, rtol, eps, probe):
     """Per-layer (Tr(H)/N) / (3 std(g) + eps) on one batch, keyed like the perturbations."""
     loss_fn, zeros = _batch_loss_fn(state, batch, objective)
-    traces, grads, _ = layer_traces_and_grads(loss_fn, zeros, key, max_probes=max_probes, rtol=rtol)
+    traces, grads, _ = layer_traces_and_grads(loss_fn, zeros, key, max_probes=max_probes, rtol=rtol, probe=probe)
     return jax.tree.map(lambda t, g: ewgs_ratio(t, g, eps=eps), traces, grads)
 
 
@@ -79,8 +89,11 @@ def compute_ewgs_deltas(
     max_probes: int = 50,
     rtol: float = 1e-3,
     eps: float = 1e-8,
+    probe: str = "per_layer",
 ) -> dict:
     """New 'quant_delta' collection with every layer's delta computed on `batches`.
+
+    `probe`: 'per_layer' (released EWGS code) or 'joint' (module docstring).
 
     Layers that expose no perturbation (full-precision layers) keep their current delta.
     `objective` must be hashable (the distill objectives are frozen dataclasses): it is a
@@ -91,7 +104,7 @@ def compute_ewgs_deltas(
         ratios.append(
             _batch_ratios(
                 state, dict(batch), jax.random.fold_in(key, k),
-                objective=objective, max_probes=max_probes, rtol=rtol, eps=eps,
+                objective=objective, max_probes=max_probes, rtol=rtol, eps=eps, probe=probe,
             )
         )
     if not ratios:

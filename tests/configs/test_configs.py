@@ -111,7 +111,7 @@ def test_config_files_exist():
         "cifar10_resnet20.py", "cifar10_vgg8.py", "cifar100_resnet32.py", "cifar100_vgg13.py",
         "tiny_imagenet_resnet18.py", "tiny_imagenet_vgg11.py", "tiny_imagenet_mobilenet_v2.py",
         "tiny_imagenet_shufflenet_v2.py", "tiny_imagenet_squeezenet.py",
-        "imagenet_resnet18.py", "imagenet_resnet34.py",
+        "imagenet_resnet18.py", "imagenet_resnet34.py", "imagenet_mobilenet_v2.py", "imagenet_efficientnet_b0.py",
     }
     assert expected <= set(EXPERIMENT_FILES)
 
@@ -211,7 +211,8 @@ def test_validate_rejects_an_extra_key_naming_it():
 
 
 @pytest.mark.parametrize("key,value", [("quant.w_bits", 9), ("quant.a_bits", 0), ("quant.estimator", "newton"),
-                                       ("phases.student.batch_size", 0), ("quant.delta", -1.0)])
+                                       ("phases.student.batch_size", 0), ("quant.delta", -1.0),
+                                       ("quant.hessian_probe", "blockwise"), ("quant.hessian_loss", "kl")])
 def test_validate_rejects_impossible_values_naming_the_key(key, value):
     config = get("cifar10_resnet20.py", "sqakd,w2a2")
     section, *rest = key.split(".")
@@ -537,3 +538,90 @@ def test_released_variant_rejects_what_it_cannot_reproduce():
     config.quant.variant = "released"
     with pytest.raises(ConfigError, match="not quant.method='interval'"):
         validate(config, **KNOWN)
+
+
+# ----------------------------------------------------------------------------- QKD on CIFAR and depthwise nets
+
+CIFAR_FILES = {"cifar10_resnet20.py": ("resnet20", 256, 1e-3, 1e-4, 1e-5),
+               "cifar10_vgg8.py": ("vgg8", 256, 1e-3, 1e-4, 1e-5),
+               "cifar100_resnet32.py": ("resnet32", 64, 5e-4, 5e-4, 5e-6),
+               "cifar100_vgg13.py": ("vgg13", 64, 5e-4, 5e-4, 5e-6)}
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_FILES))
+@pytest.mark.parametrize("bits", ["w2a2", "w3a3", "w4a4"])
+def test_cifar_qkd(name, bits):
+    """QKD's CIFAR schedule 30/100/70 epochs, T = 2, the 'qkd' quantizer, the file's model and recipe."""
+    model, batch, lr, wd, qlr = CIFAR_FILES[name]
+    assert f"qkd,{bits}" in module(name).VARIANTS
+    c = get(name, f"qkd,{bits}")
+    w = int(bits[1])
+    assert (c.model.name, c.quant.method, c.quant.w_bits, c.quant.a_bits) == (model, "qkd", w, w)
+    assert phase_names(c) == ["teacher", "calibrate", "self_study", "co_study", "tutoring"]
+    ss, cs, tu = c.phases.self_study, c.phases.co_study, c.phases.tutoring
+    assert (ss.epochs, cs.epochs, tu.epochs) == (30, 100, 70)
+    assert (cs.init_from, cs.teacher_from, cs.train_teacher) == ("self_study", "teacher", True)
+    assert (tu.init_from, tu.teacher_from, tu.train_teacher) == ("co_study", "co_study", False)
+    assert cs.temperature == tu.temperature == 2.0
+    for ph in (ss, cs, tu):
+        assert ph.batch_size == batch
+        _opt(ph.weights, optimizer="adam", learning_rate=lr, weight_decay=wd, schedule="cosine_epoch")
+        _opt(ph.quant_params, optimizer="adam", learning_rate=qlr, weight_decay=0.0)
+    _opt(cs.teacher_opt, optimizer="adam", learning_rate=lr, weight_decay=wd)
+    assert c.phases.teacher.epochs == get(name, "fp").phases.teacher.epochs
+    # a method token still selects another quantizer; the SQAKD default is unchanged
+    assert get(name, f"qkd,interval,{bits}").quant.method == "interval"
+    assert get(name, "sqakd,w2a2").quant.method == "interval"
+
+
+@pytest.mark.parametrize("name,model", [("imagenet_mobilenet_v2.py", "mobilenet_v2"),
+                                        ("imagenet_efficientnet_b0.py", "efficientnet_b0")])
+def test_imagenet_depthwise_qkd(name, model):
+    assert module(name).VARIANTS == ("fp", "qkd,w4a4", "qkd,w5a5", "qkd,w6a6")
+    for bits in ("w4a4", "w5a5", "w6a6"):
+        c = get(name, f"qkd,{bits}")
+        assert (c.model.name, c.dataset.name, c.quant.method, c.quant.preset) == (
+            model, "imagenet2012", "qkd", "first_last_8bit")
+        assert c.quant.w_bits == c.quant.a_bits == int(bits[1])
+        ss, cs, tu = c.phases.self_study, c.phases.co_study, c.phases.tutoring
+        assert (ss.epochs, cs.epochs, tu.epochs) == (15, 50, 35)
+        assert cs.train_teacher and tu.teacher_from == "co_study" and cs.temperature == 2.0
+    t = get(name, "fp").phases.teacher  # torchvision's MobileNetV2 recipe
+    assert t.epochs == 300
+    _opt(t.weights, optimizer="sgd", learning_rate=0.045, momentum=0.9, weight_decay=4e-5, schedule="step",
+         decay_factor=0.98)
+    assert tuple(t.weights.decay_epochs) == tuple(range(1, 300))
+
+
+# ----------------------------------------------------------------------------- EWGS Hessian probe
+
+def test_paper_configs_use_the_released_hessian_probe():
+    """Per-layer probes of the cross-entropy Hessian (released EWGS code) in every experiment config."""
+    for name, arg in _variant_cases():
+        if name == "digits_demo.py":
+            continue
+        q = get(name, arg).quant
+        assert (q.hessian_probe, q.hessian_loss) == ("per_layer", "ce"), (name, arg)
+    q = get("cifar100_resnet32.py", "sqakd,w2a2").quant  # released: the training loader's batches
+    assert (q.hessian_every_epochs, q.hessian_batches, q.hessian_batch_size) == (10, 3, 64)
+
+
+@pytest.mark.parametrize("loss", ["ce", "phase"])
+def test_hessian_plan_and_record(loss, tmp_path):
+    """The plan carries the probe and the loss (CE with labels, or the phase's label-free KL); the
+    phase record holds both keys only when the Hessian refreshes the delta."""
+    from qkd_jax.run.plan import make_plan
+    from qkd_jax.run.record import phase_record
+
+    config = get("cifar10_resnet20.py", "sqakd,w2a2")
+    plain = phase_record(config, make_plan(config, tmp_path, "student", 10))
+    assert "quant.hessian_probe" not in plain and "quant.hessian_loss" not in plain
+    config.quant.estimator = "hessian"
+    config.quant.hessian_probe = "joint"
+    config.quant.hessian_loss = loss
+    plan = make_plan(config, tmp_path, "student", 10)
+    assert plan.hessian.probe == "joint"
+    assert plan.hessian.objective.needs_labels == (loss == "ce")
+    assert plan.hessian.objective.needs_teacher == (loss == "phase")  # SQAKD's KL reads the teacher
+    rec = phase_record(config, plan)
+    assert (rec["quant.hessian_probe"], rec["quant.hessian_loss"]) == ("joint", loss)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.flatten_util import ravel_pytree
 
 from qkd_jax.train.ewgs_update import _batch_loss_fn, compute_ewgs_deltas, layer_traces_and_grads
@@ -82,8 +83,9 @@ def test_layer_traces_match_dense_hessian():
         np.testing.assert_allclose(flat_grads[name], r["grad"], rtol=1e-5, atol=1e-7)
 
 
-def test_delta_formula_against_dense_hessian():
-    """delta = max(0, mean_k (Tr(H_k)/N) / (3 std(g_k) + eps)) with the exact traces."""
+@pytest.mark.parametrize("probe", ["per_layer", "joint"])
+def test_delta_formula_against_dense_hessian(probe):
+    """delta = max(0, mean_k (Tr(H_k)/N) / (3 std(g_k) + eps)) with the exact traces, for both probes."""
     state, batches = _setup()
     eps = 1e-8
     expected = {}
@@ -92,7 +94,8 @@ def test_delta_formula_against_dense_hessian():
         for name, r in ref.items():
             ratio = (r["trace"] / r["n"]) / (3.0 * np.std(r["grad"], ddof=1) + eps)
             expected.setdefault(name, []).append(ratio)
-    deltas = compute_ewgs_deltas(state, batches, MeanCE(), jax.random.key(2), max_probes=4000, rtol=0.0)
+    deltas = compute_ewgs_deltas(state, batches, MeanCE(), jax.random.key(2), max_probes=4000, rtol=0.0,
+                                 probe=probe)
     got = {"w_q": float(deltas["qdense"]["w"]), "a_q": float(deltas["qdense"]["a"])}
     for name, ratios in expected.items():
         key = "w_q" if "w_q" in name else "a_q"
@@ -106,3 +109,29 @@ def test_delta_update_keeps_other_layers_and_dtypes():
     assert set(deltas) == {"qdense"} and set(deltas["qdense"]) == {"w", "a"}
     assert deltas["qdense"]["w"].dtype == jnp.float32 and deltas["qdense"]["w"].shape == ()
     assert float(deltas["qdense"]["w"]) >= 0.0
+
+
+def test_per_layer_traces_match_dense_hessian_blocks():
+    """The released per-layer probe: each x_q's trace within 5 sigma of the dense block's trace, with
+    sigma from the in-block off-diagonal entries only (no cross-layer terms), and one count per leaf."""
+    state, batches = _setup()
+    loss_fn, zeros = _batch_loss_fn(state, batches[0], MeanCE())
+    flat, unravel = ravel_pytree(zeros)
+    hess = np.asarray(jax.jacrev(jax.jacrev(lambda z: loss_fn(unravel(z))))(flat), np.float64)
+    n_probes = 3000
+    traces, _, used = jax.jit(lambda z, k: layer_traces_and_grads(
+        loss_fn, z, k, max_probes=n_probes, rtol=0.0, probe="per_layer"))(zeros, jax.random.key(5))
+    assert [int(u) for u in jax.tree.leaves(used)] == [n_probes] * len(jax.tree.leaves(zeros))
+    lo = 0
+    for leaf, trace in zip(jax.tree.leaves(zeros), jax.tree.leaves(traces)):
+        block = hess[lo:lo + leaf.size, lo:lo + leaf.size]
+        sigma = np.sqrt(2.0 * (np.sum(block**2) - np.sum(np.diag(block) ** 2)) / n_probes)
+        assert abs(float(trace) - np.trace(block)) < 5 * sigma + 1e-5
+        lo += leaf.size
+
+
+def test_unknown_probe_is_refused():
+    state, batches = _setup()
+    loss_fn, zeros = _batch_loss_fn(state, batches[0], MeanCE())
+    with pytest.raises(ValueError, match="unknown Hessian probe 'blockwise'"):
+        layer_traces_and_grads(loss_fn, zeros, jax.random.key(0), probe="blockwise")

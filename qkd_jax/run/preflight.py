@@ -7,8 +7,9 @@ split over the devices (`ConfigError`), a `teacher_checkpoint` that is not a fin
 phase (`TeacherCheckpointError`), a workdir that cannot be written (`WorkdirNotWritableError`),
 and a disk obviously too small for the checkpoints kept (`InsufficientDiskSpaceError`).
 
-A workdir in a bucket (gs://, `train/paths.py`) is probed by writing and deleting one object in
-it; it has no free space to check.
+A workdir in a bucket (gs://, `train/paths.py`) needs gcsfs and google-cloud-storage installed
+(checked first, `WorkdirNotWritableError` naming the packages), is probed by writing and
+deleting one object in it, and has no free space to check.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from qkd_jax.run.config_schema import ConfigError
 from qkd_jax.run.context import RunContext
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.rerun import recorded_meta
-from qkd_jax.train.paths import is_remote
+from qkd_jax.train.paths import is_remote, missing_gcs_clients
 
 
 class TeacherCheckpointError(FileNotFoundError):
@@ -80,6 +81,17 @@ def _existing_ancestor(path: epath.Path) -> epath.Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def check_bucket_clients(paths: Iterable[epath.Path]) -> None:
+    """A gs:// workdir or teacher_checkpoint needs gcsfs and google-cloud-storage installed."""
+    buckets = [str(p) for p in paths if os.fspath(p).startswith("gs://")]
+    missing = missing_gcs_clients() if buckets else []
+    if missing:
+        raise WorkdirNotWritableError(
+            f"{buckets[0]} is in Google Cloud Storage, which needs {', '.join(missing)}: pip install "
+            f"{' '.join(missing)} (and credentials: gcloud auth application-default login, or the VM's "
+            f"service account), or use a local directory.")
 
 
 def _probe(directory: epath.Path) -> None:
@@ -160,6 +172,7 @@ def check_disk_space(workdir: epath.Path, needed: int, free: Optional[int] = Non
 def check_run(ctx: RunContext, plans: dict[str, PhasePlan]) -> None:
     """All the checks above, in order; called before the workdir is created."""
     check_batch_sizes(plans.values(), ctx.config.dataset.eval_batch_size, ctx.mesh.devices.size)
+    check_bucket_clients([ctx.workdir, *(p.directory for p in plans.values() if p.from_teacher_checkpoint)])
     for plan in plans.values():
         if plan.from_teacher_checkpoint:
             check_teacher_checkpoint(plan)

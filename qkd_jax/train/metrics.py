@@ -15,7 +15,6 @@ run goes on without TensorBoard and says so once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from typing import Any, Mapping, Optional
 import jax
 import numpy as np
 
-from qkd_jax.train.paths import PathLike, as_path, is_remote
+from qkd_jax.train.paths import PathLike, as_path, has_module, is_remote
 
 
 def _to_python(value: Any) -> Any:
@@ -130,13 +129,6 @@ class MetricsWriter:
 _TB_CLIENTS = {"gs": ("google.cloud.storage", "google-cloud-storage"), "s3": ("boto3", "boto3")}
 
 
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:  # a missing parent package (google.cloud)
-        return False
-
-
 def _tensorboard_writer(directory):
     """A tensorboardX SummaryWriter for `directory`, or None, with a one-line notice, for a
     bucket scheme tensorboardX cannot write here (its client library missing, or no writer for
@@ -147,7 +139,7 @@ def _tensorboard_writer(directory):
     if is_remote(text):
         scheme = text.split("://", 1)[0]
         client = _TB_CLIENTS.get(scheme)
-        if client is None or not _has_module(client[0]):
+        if client is None or not has_module(client[0]):
             need = f"install {client[1]}" if client else f"tensorboardX has no writer for {scheme}://"
             print(f"qkd_jax: note: no TensorBoard events in {text} ({need}, or set "
                   f"--config.tensorboard=False to silence this); metrics.jsonl is written.", flush=True)

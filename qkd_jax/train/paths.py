@@ -9,6 +9,7 @@ epath: the few places that need atomicity (the workdir lock, rewriting metrics.j
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 from etils import epath
@@ -19,6 +20,22 @@ PathLike = str | os.PathLike
 def is_remote(path: PathLike) -> bool:
     """Whether `path` names an object store or other URI (`scheme://...`), not a local file."""
     return "://" in os.fspath(path)
+
+
+def has_module(name: str) -> bool:
+    """Whether `name` (a dotted module) is importable, without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a missing parent package (google.cloud)
+        return False
+
+
+def missing_gcs_clients() -> list[str]:
+    """The pip packages a gs:// workdir needs that are not installed: gcsfs (epath's backend for
+    gs://, unless TensorFlow's gfile serves it) and google-cloud-storage (orbax asks the bucket
+    for its layout when a CheckpointManager opens a gs:// directory)."""
+    missing = [] if has_module("gcsfs") or has_module("tensorflow") else ["gcsfs"]
+    return missing + ([] if has_module("google.cloud.storage") else ["google-cloud-storage"])
 
 
 def as_path(path: PathLike) -> epath.Path:

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 
-from qkd_jax.run import loop, rerun
+from qkd_jax.run import loop, preflight, rerun
 from qkd_jax.train import checkpoint
 from tests.e2e import helpers
 from tests.fake_bucket import bucket_files, fake_gcs  # noqa: F401  (fixture)
@@ -47,6 +47,8 @@ def test_teacher_phase_with_a_bucket_workdir(fake_gcs, tmp_path, monkeypatch, ca
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     _local_checkpoints(monkeypatch, tmp_path / "ckpt")
+    # gcsfs and google-cloud-storage are stood in for by the fake bucket and the local checkpoints.
+    monkeypatch.setattr(preflight, "missing_gcs_clients", list)
     config = helpers.teacher_only(epochs=1, batch_size=64, tensorboard=True)  # 22 steps
     results = loop.run(config, RUN)
     out = capsys.readouterr().out

@@ -21,7 +21,11 @@ from qkd_jax.data.info import resolve_data_dir
 from qkd_jax.run import lock as lock_mod
 from qkd_jax.run.fresh import NotAWorkdirError, remove_workdir
 from qkd_jax.run.lock import WorkdirLock, WorkdirLockedError
-from qkd_jax.run.preflight import check_disk_space, check_writable
+from qkd_jax.run.preflight import (
+    WorkdirNotWritableError,
+    check_disk_space,
+    check_writable,
+)
 from qkd_jax.train.metrics import MetricsWriter
 from qkd_jax.train.paths import as_path, is_remote
 from tests.fake_bucket import bucket_files, fake_gcs  # noqa: F401  (fixture)
@@ -130,6 +134,20 @@ def test_preflight_in_a_bucket(fake_gcs):  # noqa: F811
     check_writable(as_path(RUN))
     assert bucket_files() == {}  # the probe object is deleted
     check_disk_space(as_path(RUN), 10**18)  # a bucket has no free space to check
+
+
+def test_missing_gcs_clients_are_named(monkeypatch, tmp_path):
+    from qkd_jax.run import preflight
+    from qkd_jax.train.paths import missing_gcs_clients
+
+    gfile = _find("tensorflow") is not None
+    assert ("gcsfs" in missing_gcs_clients()) == (_find("gcsfs") is None and not gfile)
+    assert ("google-cloud-storage" in missing_gcs_clients()) == (_find("google.cloud.storage") is None)
+
+    monkeypatch.setattr(preflight, "missing_gcs_clients", lambda: ["gcsfs", "google-cloud-storage"])
+    with pytest.raises(WorkdirNotWritableError, match="pip install gcsfs google-cloud-storage"):
+        preflight.check_bucket_clients([as_path(tmp_path), as_path(RUN)])
+    preflight.check_bucket_clients([as_path(tmp_path)])  # a local workdir needs neither
 
 
 def test_export_file_in_a_bucket(fake_gcs, tmp_path):  # noqa: F811

@@ -109,8 +109,12 @@ def _file_lock(path: str) -> Iterator[None]:
 def prepare_digits(data_dir: str | None = None) -> QkdDigits:
     """Builds `qkd_digits` into `data_dir` (array_record) unless already there; returns the builder."""
     root = resolve_data_dir(data_dir)
-    os.makedirs(root, exist_ok=True)
-    with _file_lock(os.path.join(root, ".qkd_digits.lock")):
+    if "://" in root:  # a bucket: no directory to create and no flock; tfds writes the files
+        lock = contextlib.nullcontext()
+    else:
+        os.makedirs(root, exist_ok=True)
+        lock = _file_lock(os.path.join(root, ".qkd_digits.lock"))
+    with lock:
         builder = QkdDigits(data_dir=root, file_format="array_record")
         if not builder.is_prepared():
             builder.download_and_prepare(

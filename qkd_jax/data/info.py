@@ -73,6 +73,9 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def resolve_data_dir(data_dir: str | None = None) -> str:
-    """The data directory: `data_dir`, else `$TFDS_DATA_DIR`, else `~/tensorflow_datasets` (tfds's default)."""
+    """The data directory: `data_dir`, else `$TFDS_DATA_DIR`, else `~/tensorflow_datasets` (tfds's
+    default); a bucket URI (gs://bucket/tensorflow_datasets, read by tfds) is returned unchanged."""
     chosen = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    if "://" in chosen:
+        return chosen
     return os.path.abspath(os.path.expanduser(chosen))

@@ -4,11 +4,11 @@ data sources, the networks (built once per run) and the results of finished phas
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any, Optional
 
 import jax
 import ml_collections
+from etils import epath
 
 from qkd_jax import data as qdata
 from qkd_jax.run import build
@@ -31,7 +31,7 @@ class PhaseResult:
 @dataclasses.dataclass
 class RunContext:
     config: ml_collections.ConfigDict
-    workdir: pathlib.Path
+    workdir: epath.Path  # local or a bucket URI (train/paths.py)
     mesh: Any
     writer: Optional[MetricsWriter]  # set once the workdir's checkpoints passed the rerun checks
     results: dict[str, PhaseResult] = dataclasses.field(default_factory=dict)

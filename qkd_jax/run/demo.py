@@ -44,7 +44,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    workdir = pathlib.Path(_WORKDIR.value)
+    from qkd_jax.train.paths import as_path
+
+    workdir = as_path(_WORKDIR.value)  # local or a bucket URI (gs://bucket/digits_demo)
     if _FRESH.value:
         from qkd_jax.run.fresh import NotAWorkdirError, remove_workdir
 

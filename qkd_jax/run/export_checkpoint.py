@@ -8,7 +8,6 @@ The application-layer half of the integer export (it reads run directories and c
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import traverse_util
 from flax.core import unfreeze
 
@@ -30,15 +30,16 @@ from qkd_jax.quant.layer_quant import QUANT
 from qkd_jax.run import build
 from qkd_jax.run.record import SHAPE_KEYS, diff_records, format_change, shape_record
 from qkd_jax.train.checkpoint import CorruptCheckpointError, PhaseCheckpointer, read_arrays
+from qkd_jax.train.paths import PathLike, as_path
 
 
-def _phase_dirs(workdir: pathlib.Path) -> list[str]:
+def _phase_dirs(workdir: epath.Path) -> list[str]:
     if not workdir.is_dir():
         return []
     return sorted(p.name for p in workdir.iterdir() if p.is_dir() and any(c.name.isdigit() for c in p.iterdir()))
 
 
-def _unreadable(step_dir: pathlib.Path, err: Exception) -> CorruptCheckpointError:
+def _unreadable(step_dir: epath.Path, err: Exception) -> CorruptCheckpointError:
     cause = (str(err).strip().splitlines() or [""])[0][:200]
     return CorruptCheckpointError(
         f"checkpoint {step_dir} cannot be read ({type(err).__name__}: {cause}); export another "
@@ -52,7 +53,7 @@ def _read_meta(ckpt: PhaseCheckpointer, step: int) -> dict:
         raise _unreadable(ckpt.directory / str(step), err) from None
 
 
-def _restore_arrays(step_dir: pathlib.Path) -> dict:
+def _restore_arrays(step_dir: epath.Path) -> dict:
     """'params' and 'batch_stats' of a saved TrainState, as numpy (any device count)."""
     try:
         arrays = read_arrays(step_dir, ("params", "batch_stats"))
@@ -94,7 +95,7 @@ def _check_against_record(config: Any, record: Optional[dict], where: str) -> No
             + "\nLeave out --config to export with the checkpoint's own config.")
 
 
-def export_checkpoint(workdir: str | pathlib.Path, phase: str, *, step: Optional[int] = None,
+def export_checkpoint(workdir: PathLike, phase: str, *, step: Optional[int] = None,
                       config: Any = None) -> IntegerExport:
     """Exports the student of `workdir/<phase>/` (default: its newest completed checkpoint).
 
@@ -108,7 +109,7 @@ def export_checkpoint(workdir: str | pathlib.Path, phase: str, *, step: Optional
       ConfigMismatchError when `config` differs from the checkpoint's record in a setting that
         shapes the model, or its model has other variables than the checkpoint.
     """
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = as_path(workdir)  # local or a bucket URI
     directory = workdir / phase
     if not directory.is_dir():
         found = _phase_dirs(workdir)

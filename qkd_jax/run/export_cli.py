@@ -15,7 +15,6 @@ Format and exactness: qkd_jax/quant/export/ (fileformat.py, codes.py, integer_in
 from __future__ import annotations
 
 import argparse
-import pathlib
 import sys
 from typing import Optional, Sequence
 
@@ -39,8 +38,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from qkd_jax.run.config_files import load_config
     from qkd_jax.run.export_checkpoint import export_checkpoint
     from qkd_jax.train.checkpoint import CorruptCheckpointError
+    from qkd_jax.train.paths import as_path
 
-    out = pathlib.Path(args.out)
+    out = as_path(args.out)  # local or a bucket URI (gs://bucket/w2a2.npz)
     if out.suffix != ".npz":
         print(f"error: --out must name a .npz file, got {out}", file=sys.stderr)
         return 2

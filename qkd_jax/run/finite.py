@@ -4,12 +4,12 @@ with advice that is true for the phase directory as it is on disk."""
 from __future__ import annotations
 
 import math
-import pathlib
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 # Above this, parameters have diverged: trained weights, biases and quantizer scales are of
 # order 1 (a checkpoint of the digits run at Adam lr 1e6 held |p| ~ 3.6e11).
@@ -38,7 +38,7 @@ def params_health(params: dict) -> tuple[bool, float]:
     return finite, largest
 
 
-def checkpoint_advice(phase: str, directory: pathlib.Path, steps: list[int]) -> str:
+def checkpoint_advice(phase: str, directory: epath.Path, steps: list[int]) -> str:
     """What the phase directory holds and what rerunning would do, then the ways out."""
     ways_out = (f"Lower config.phases.{phase}.weights.learning_rate (or set "
                 f"config.phases.{phase}.weights.clip_norm) and rerun with --config.retrain_from={phase}, "

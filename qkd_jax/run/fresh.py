@@ -4,8 +4,10 @@ recognisably a qkd_jax workdir, so a mistyped --workdir never removes unrelated 
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
+
+from etils import epath
+
+from qkd_jax.train.paths import PathLike, as_path
 
 # What a run writes at the top of its workdir besides one directory per phase.
 RUN_FILES = frozenset({"config.json", "metrics.jsonl", "summary.json", "precision.txt", "tb"})
@@ -15,7 +17,7 @@ class NotAWorkdirError(RuntimeError):
     """The directory does not look like a qkd_jax workdir, so it is not deleted."""
 
 
-def _phase_names(workdir: pathlib.Path) -> set[str]:
+def _phase_names(workdir: epath.Path) -> set[str]:
     try:
         config = json.loads((workdir / "config.json").read_text())
         return {n.strip() for n in str(config["phase_order"]).split(",") if n.strip()}
@@ -25,7 +27,7 @@ def _phase_names(workdir: pathlib.Path) -> set[str]:
             f"delete it yourself or choose another --workdir") from None
 
 
-def check_workdir(workdir: pathlib.Path) -> None:
+def check_workdir(workdir: epath.Path) -> None:
     """Raises NotAWorkdirError unless `workdir` holds a config.json written by a run and nothing
     but what a run writes (RUN_FILES, lock files, the phase directories its phase_order names)."""
     phases = _phase_names(workdir)
@@ -38,15 +40,15 @@ def check_workdir(workdir: pathlib.Path) -> None:
             f"move them away or choose another --workdir")
 
 
-def remove_workdir(workdir: str | pathlib.Path) -> bool:
-    """Deletes `workdir` after `check_workdir`; an empty or missing directory is fine. Returns
-    whether something was deleted."""
-    workdir = pathlib.Path(workdir)
+def remove_workdir(workdir: PathLike) -> bool:
+    """Deletes `workdir` (local or a bucket prefix) after `check_workdir`; an empty or missing
+    directory is fine. Returns whether something was deleted."""
+    workdir = as_path(workdir)
     if not workdir.exists():
         return False
     if not workdir.is_dir():
         raise NotAWorkdirError(f"refusing to delete {workdir}: it is a file, not a workdir")
     if any(workdir.iterdir()):
         check_workdir(workdir)
-    shutil.rmtree(workdir)
+    workdir.rmtree()
     return True

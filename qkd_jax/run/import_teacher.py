@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from typing import Optional
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from qkd_jax import data as qdata
 from qkd_jax.models import import_torchvision, list_models, load_weights, torchvision_num_classes
@@ -34,6 +34,7 @@ from qkd_jax.run.plan import PhasePlan, make_plan
 from qkd_jax.run.states import build_state, checkpoint_meta
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
+from qkd_jax.train.paths import as_path
 
 
 class ImportTeacherError(ValueError):
@@ -63,7 +64,7 @@ def _resolve_config(config: ml_collections.ConfigDict | str | None, model: str,
     return config
 
 
-def _teacher_plan(config: ml_collections.ConfigDict, out_dir: pathlib.Path) -> PhasePlan:
+def _teacher_plan(config: ml_collections.ConfigDict, out_dir: epath.Path) -> PhasePlan:
     names = [n for n in config.phase_order.split(",") if config.phases[n].kind == "teacher"]
     if len(names) != 1:
         raise ImportTeacherError(f"the config has {len(names)} 'teacher' phases in phase_order "
@@ -73,7 +74,7 @@ def _teacher_plan(config: ml_collections.ConfigDict, out_dir: pathlib.Path) -> P
     return dataclasses.replace(plan, directory=out_dir)
 
 
-def _read_weights(weights_path: pathlib.Path, model: str, expected_classes: int) -> dict:
+def _read_weights(weights_path: epath.Path, model: str, expected_classes: int) -> dict:
     if not weights_path.is_file():
         raise ImportTeacherError(f"no weights file {weights_path}: give the path of a torchvision "
                                  f"state_dict saved as .pth, .safetensors or .npz")
@@ -106,7 +107,7 @@ def _merge(initial: dict, imported: dict) -> dict:
     return {**initial, "params": imported["params"], "batch_stats": imported.get("batch_stats", {})}
 
 
-def _check_out_dir(out_dir: pathlib.Path) -> None:
+def _check_out_dir(out_dir: epath.Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ImportTeacherError(f"--out={out_dir} is a file; name a new directory")
     if out_dir.is_dir() and any(p.name.isdigit() for p in out_dir.iterdir()):
@@ -128,11 +129,12 @@ def _evaluate(ctx: RunContext, net: build.Network, variables: dict) -> dict:
 def import_teacher(weights_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, model: str,
                    num_classes: Optional[int] = None,
                    config: ml_collections.ConfigDict | str | None = None,
-                   evaluate_teacher: bool = True) -> pathlib.Path:
+                   evaluate_teacher: bool = True) -> epath.Path:
     """Writes a completed teacher phase of `config` (a ConfigDict, a `PATH[:ARG]` config file, or
     None for the ImageNet FP recipe of `model`) holding the torchvision weights of `weights_path`
     into `out_dir`; returns `out_dir`. Raises ImportTeacherError naming the problem and its fix."""
-    weights_path, out_dir = pathlib.Path(weights_path), pathlib.Path(out_dir).absolute()
+    # The weights file is read locally (torch / safetensors / numpy open it); `out_dir` may be a bucket URI.
+    weights_path, out_dir = as_path(weights_path), as_path(out_dir)
     if model not in list_models() or model not in supported_models():
         raise ImportTeacherError(f"unknown model {model!r} for a torchvision import; supported: "
                                  f"{', '.join(supported_models())}")
@@ -146,7 +148,7 @@ def import_teacher(weights_path: str | os.PathLike[str], out_dir: str | os.PathL
     state = build_state(ctx, plan, variables, net)
     eval_metrics = _evaluate(ctx, net, variables) if evaluate_teacher else {}
     meta = checkpoint_meta(ctx, plan, completed=True, eval_metrics=eval_metrics)
-    meta["imported_from"] = str(weights_path.absolute())
+    meta["imported_from"] = str(weights_path)
     ckpt = PhaseCheckpointer(out_dir)
     try:
         ckpt.save(state, meta=meta)

@@ -1,6 +1,13 @@
 """One run per workdir: `WORKDIR/.lock`, created atomically (O_CREAT | O_EXCL) at the start of a
 run and removed when it ends, so two runs never write the same checkpoints.
 
+On an object store (gs://, `train/paths.py:is_remote`) there is neither O_EXCL nor rename
+through etils.epath: the lock is created if absent, then read back after `SETTLE_S` seconds and
+held only if it still holds this run's record. A second run that writes its record later is
+caught (the first reads the other record back and stops); two runs whose absence check and
+write both fall within that window can both start. The guarantee there is this weaker one
+(docs/architecture.md, "Cloud workdirs").
+
 The file holds the holder's host, PID and start time. A second run on the workdir stops at once
 with `WorkdirLockedError` naming them. A lock left by a run that died without removing it
 (SIGKILL, power loss) is stale when its host is this host and its PID is no longer alive: it is
@@ -15,12 +22,16 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import socket
 import time
 from typing import Optional
 
+from etils import epath
+
+from qkd_jax.train.paths import PathLike, as_path, is_remote
+
 LOCK_NAME = ".lock"
+SETTLE_S = 1.0  # remote workdirs: wait before reading the lock back (a concurrent writer shows up)
 
 
 class WorkdirLockedError(RuntimeError):
@@ -37,7 +48,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read(path: pathlib.Path) -> Optional[dict]:
+def _read(path: epath.Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -54,14 +65,23 @@ def _describe(holder: Optional[dict]) -> str:
 class WorkdirLock:
     """The lock of one workdir: `acquire()` once, `release()` when the run ends (also a context manager)."""
 
-    def __init__(self, workdir: str | pathlib.Path):
-        self.path = pathlib.Path(workdir).absolute() / LOCK_NAME
+    def __init__(self, workdir: PathLike):
+        self.path = as_path(workdir) / LOCK_NAME
+        self.remote = is_remote(self.path)
         self.record = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         self.held = False
 
+    def _write_remote(self) -> bool:
+        """Writes our record (one object write), waits, and reads it back: True if it is still ours."""
+        self.path.write_text(json.dumps(self.record))
+        time.sleep(SETTLE_S)
+        return _read(self.path) == self.record
+
     def _create(self) -> bool:
+        if self.remote:  # create-if-absent, checked by reading back (no O_EXCL on an object store)
+            return not self.path.exists() and self._write_remote()
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
@@ -74,15 +94,18 @@ class WorkdirLock:
 
     def _take_over(self, holder: dict) -> bool:
         """Moves the stale file aside (atomic rename) and creates ours; if what was moved is not
-        the stale lock read before (another run took it over meanwhile), it is put back."""
+        the stale lock read before (another run took it over meanwhile), it is put back. On an
+        object store the stale record is overwritten and read back (`_write_remote`)."""
+        if self.remote:
+            return _read(self.path) == holder and self._write_remote()
         aside = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
         try:
-            os.rename(self.path, aside)
+            os.rename(os.fspath(self.path), os.fspath(aside))
         except FileNotFoundError:
             return self._create()
         if _read(aside) != holder:
             try:
-                os.link(aside, self.path)  # never overwrites a lock created meanwhile
+                os.link(os.fspath(aside), os.fspath(self.path))  # never overwrites a lock created meanwhile
             except FileExistsError:
                 pass
             aside.unlink()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from typing import Optional
 
 import jax
 import ml_collections
+from etils import epath
 
 from qkd_jax import data as qdata
 from qkd_jax.models import list_models
@@ -28,6 +28,7 @@ from qkd_jax.run.train_phase import run_training
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
 from qkd_jax.train.metrics import MetricsWriter, format_duration
+from qkd_jax.train.paths import PathLike, as_path
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -83,7 +84,7 @@ def run_phase(ctx: RunContext, plan: PhasePlan) -> PhaseResult:
     return result
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     """WORKDIR/config.json: the config the phases run with. retrain_from is a one-off action on
     the workdir, not a setting: it is stored empty, so rerunning this file retrains nothing."""
     if jax.process_index() == 0:
@@ -92,7 +93,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
         (workdir / "config.json").write_text(json.dumps(values, indent=2))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def run(config: ml_collections.ConfigDict, workdir: PathLike,
         mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, PhaseResult]:
     """Runs every phase of `config` in `workdir`; finished phases are read back, not rerun.
 
@@ -104,7 +105,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     the run at the next step boundary with a checkpoint (`run/interrupt.py`)."""
     validate_config(config)
     sources = open_datasets(config)
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = as_path(workdir)  # a local directory or a bucket URI (gs://bucket/run)
     mesh = mesh or parallel.make_mesh()
     ctx = RunContext(config=config, workdir=workdir, mesh=mesh, writer=None, sources=sources)
     plans = {name: make_plan(config, workdir, name, steps_per_epoch(ctx, config.phases[name].batch_size))

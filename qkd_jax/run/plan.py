@@ -4,14 +4,15 @@ the ConfigDict in one place (objective, optimizer groups, steps, seed, estimator
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any, Optional
 
 import ml_collections
+from etils import epath
 
 from qkd_jax.distill import get_objective
 from qkd_jax.run.config_schema import build_objective, group_spec, phase_names
 from qkd_jax.train.optim import GroupSpec
+from qkd_jax.train.paths import as_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +34,7 @@ class PhasePlan:
     name: str
     kind: str  # 'teacher' | 'calibrate' | 'student'
     seed: int
-    directory: pathlib.Path
+    directory: epath.Path
     from_teacher_checkpoint: bool  # a 'teacher' phase read from config.teacher_checkpoint
     init_from: str
     teacher_from: str
@@ -69,7 +70,7 @@ def phase_seed(config: ml_collections.ConfigDict, name: str) -> int:
     return (int(config.seed) * 1009 + index) % (2**31)
 
 
-def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path, name: str,
+def make_plan(config: ml_collections.ConfigDict, workdir: epath.Path, name: str,
               steps_per_epoch: int) -> PhasePlan:
     """Resolves phase `name` (`steps_per_epoch` from the opened training split)."""
     ph, q = config.phases[name], config.quant
@@ -84,7 +85,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: pathlib.Path, name: st
         name=name,
         kind=ph.kind,
         seed=phase_seed(config, name),
-        directory=pathlib.Path(config.teacher_checkpoint) if from_checkpoint else workdir / name,
+        directory=as_path(config.teacher_checkpoint) if from_checkpoint else as_path(workdir) / name,
         from_teacher_checkpoint=from_checkpoint,
         init_from=ph.init_from,
         teacher_from=ph.teacher_from,

@@ -6,25 +6,30 @@ Each check raises with one message naming the problem and the fix: batch sizes t
 split over the devices (`ConfigError`), a `teacher_checkpoint` that is not a finished teacher
 phase (`TeacherCheckpointError`), a workdir that cannot be written (`WorkdirNotWritableError`),
 and a disk obviously too small for the checkpoints kept (`InsufficientDiskSpaceError`).
+
+A workdir in a bucket (gs://, `train/paths.py`) needs gcsfs and google-cloud-storage installed
+(checked first, `WorkdirNotWritableError` naming the packages), is probed by writing and
+deleting one object in it, and has no free space to check.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import pathlib
 import shutil
-import tempfile
+import uuid
 from typing import Iterable, Optional
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from qkd_jax.run import build
 from qkd_jax.run.config_schema import ConfigError
 from qkd_jax.run.context import RunContext
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.rerun import recorded_meta
+from qkd_jax.train.paths import is_remote, missing_gcs_clients
 
 
 class TeacherCheckpointError(FileNotFoundError):
@@ -72,21 +77,47 @@ def check_teacher_checkpoint(plan: PhasePlan) -> None:
             f"first (rerun its command).")
 
 
-def _existing_ancestor(path: pathlib.Path) -> pathlib.Path:
+def _existing_ancestor(path: epath.Path) -> epath.Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
 
 
-def check_writable(workdir: pathlib.Path) -> None:
-    """The workdir, or the nearest existing directory above it, accepts a new file."""
+def check_bucket_clients(paths: Iterable[epath.Path]) -> None:
+    """A gs:// workdir or teacher_checkpoint needs gcsfs and google-cloud-storage installed."""
+    buckets = [str(p) for p in paths if os.fspath(p).startswith("gs://")]
+    missing = missing_gcs_clients() if buckets else []
+    if missing:
+        raise WorkdirNotWritableError(
+            f"{buckets[0]} is in Google Cloud Storage, which needs {', '.join(missing)}: pip install "
+            f"{' '.join(missing)} (and credentials: gcloud auth application-default login, or the VM's "
+            f"service account), or use a local directory.")
+
+
+def _probe(directory: epath.Path) -> None:
+    """Writes and deletes one file (an object, in a bucket) in `directory`."""
+    probe = directory / f".qkd_write_test_{uuid.uuid4().hex}"
+    probe.write_text("")
+    probe.unlink()
+
+
+def check_writable(workdir: epath.Path) -> None:
+    """The workdir, or the nearest existing directory above it, accepts a new file; a workdir
+    in a bucket accepts a new object under its prefix (buckets have no directories to create)."""
+    if is_remote(workdir):
+        try:
+            _probe(workdir)
+        except Exception as err:  # noqa: BLE001  (gcsfs / gfile raise many types: auth, permission, no bucket)
+            raise WorkdirNotWritableError(
+                f"--workdir={workdir}: cannot write there ({type(err).__name__}: {str(err)[:200]}); check "
+                f"the bucket name, the credentials and the write permission, or choose another "
+                f"--workdir.") from None
+        return
     target = _existing_ancestor(workdir)
     if not target.is_dir():
         raise WorkdirNotWritableError(f"--workdir={workdir}: {target} is not a directory; choose another --workdir.")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".qkd_write_test_", dir=target)
-        os.close(fd)
-        os.unlink(probe)
+        _probe(target)
     except OSError as err:
         raise WorkdirNotWritableError(
             f"--workdir={workdir}: cannot write in {target} ({err.strerror or err}); choose a writable "
@@ -101,7 +132,7 @@ def _variables_bytes(net: build.Network, config) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(kept))
 
 
-def _has_steps(directory: pathlib.Path) -> bool:
+def _has_steps(directory: epath.Path) -> bool:
     """Whether a phase directory holds checkpoint steps (by name only: the workdir is not locked yet)."""
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
@@ -125,9 +156,12 @@ def checkpoint_bytes_needed(ctx: RunContext, plans: Iterable[PhasePlan]) -> int:
     return total
 
 
-def check_disk_space(workdir: pathlib.Path, needed: int, free: Optional[int] = None) -> None:
-    """Fails when the free space (default: shutil.disk_usage) is below `needed` bytes."""
-    free = shutil.disk_usage(_existing_ancestor(workdir)).free if free is None else free
+def check_disk_space(workdir: epath.Path, needed: int, free: Optional[int] = None) -> None:
+    """Fails when the free space (default: shutil.disk_usage) is below `needed` bytes; a bucket
+    has no free space to check."""
+    if free is None and is_remote(workdir):
+        return
+    free = shutil.disk_usage(os.fspath(_existing_ancestor(workdir))).free if free is None else free
     if free < needed:
         raise InsufficientDiskSpaceError(
             f"--workdir={workdir}: {free / 2**20:.1f} MiB free, but the checkpoints this run keeps need at "
@@ -138,6 +172,7 @@ def check_disk_space(workdir: pathlib.Path, needed: int, free: Optional[int] = N
 def check_run(ctx: RunContext, plans: dict[str, PhasePlan]) -> None:
     """All the checks above, in order; called before the workdir is created."""
     check_batch_sizes(plans.values(), ctx.config.dataset.eval_batch_size, ctx.mesh.devices.size)
+    check_bucket_clients([ctx.workdir, *(p.directory for p in plans.values() if p.from_teacher_checkpoint)])
     for plan in plans.values():
         if plan.from_teacher_checkpoint:
             check_teacher_checkpoint(plan)

@@ -8,12 +8,11 @@ as a setting change, not as an unreadable checkpoint.
 
 from __future__ import annotations
 
-import pathlib
-import shutil
 from typing import Optional
 
 import jax
 import ml_collections
+from etils import epath
 
 from qkd_jax.run.context import console
 from qkd_jax.run.plan import PhasePlan
@@ -27,7 +26,7 @@ class ConfigChangedError(ValueError):
     """The config changes settings of a phase that the workdir already holds checkpoints of."""
 
 
-def recorded_meta(directory: pathlib.Path) -> Optional[dict]:
+def recorded_meta(directory: epath.Path) -> Optional[dict]:
     """The metadata of the newest readable checkpoint in `directory`; None when there is none
     (an unreadable directory is left for the restore to report). Writes and cleans up nothing."""
     if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
@@ -82,7 +81,7 @@ def _ways_out(plan: PhasePlan) -> str:
             f"or use a new --workdir.")
 
 
-def _message(workdir: pathlib.Path, changes: dict[tuple, list[str]], stale: list[str], first: PhasePlan) -> str:
+def _message(workdir: epath.Path, changes: dict[tuple, list[str]], stale: list[str], first: PhasePlan) -> str:
     lines = [format_change(*change) + ("" if len(phases) == 1 and change[0].startswith("phases.")
                                         else f"  (phases {', '.join(phases)})")
              for change, phases in changes.items()] + stale
@@ -93,7 +92,7 @@ def _message(workdir: pathlib.Path, changes: dict[tuple, list[str]], stale: list
             + "\nNothing was run or written. " + _ways_out(first))
 
 
-def check_rerun(config: ml_collections.ConfigDict, plans: dict[str, PhasePlan], workdir: pathlib.Path) -> list[str]:
+def check_rerun(config: ml_collections.ConfigDict, plans: dict[str, PhasePlan], workdir: epath.Path) -> list[str]:
     """Raises ConfigChangedError when a checkpointed phase (not retrained) was trained with other
     settings; returns the phases whose checkpoints are to be deleted (config.retrain_from).
     A teacher read from config.teacher_checkpoint is always checked, on the model settings only."""
@@ -121,15 +120,15 @@ def check_rerun(config: ml_collections.ConfigDict, plans: dict[str, PhasePlan], 
     return retrain
 
 
-def delete_phases(plans: dict[str, PhasePlan], names: list[str], workdir: pathlib.Path) -> None:
+def delete_phases(plans: dict[str, PhasePlan], names: list[str], workdir: epath.Path) -> None:
     """Deletes the checkpoints of `names` inside `workdir` (never another run's teacher_checkpoint)."""
     if jax.process_index() == 0:
         for name in names:
             plan = plans[name]
-            inside = plan.directory.absolute().parent == workdir.absolute()
+            inside = plan.directory.parent == workdir  # both as_path'ed (absolute, or URIs)
             if inside and not plan.from_teacher_checkpoint and plan.directory.is_dir():
                 console(f"[{name}] retrain_from={names[0]}: deleting {plan.directory}")
-                shutil.rmtree(plan.directory)
+                plan.directory.rmtree()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -84,6 +84,16 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     if start < total:
         console(f"[{name}] compiling the train step (the first step) ...")
     last_saved = start  # the step of the newest checkpoint of this phase
+
+    def save_checkpoint(done: int) -> None:
+        """An unfinished checkpoint at step `done`, after checking the loss and parameters."""
+        nonlocal last_saved
+        check_finite(jax.device_get(metrics), name, done, advice)
+        check_finite({"params": all_finite(state.params)}, name, done, advice)
+        ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history,
+                                              warnings=monitor.warnings), data_state=iterator.get_state())
+        last_saved = done
+
     for step in range(start, total):
         epoch = step // spe
         if plan.hessian and step % spe == 0 and epoch > 0 and epoch % plan.hessian.every_epochs == 0:
@@ -111,17 +121,10 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
             history.append(eval_record(done // spe, ev))
             console(f"[{name}] epoch {done // spe}: eval top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}%")
         if done != total and (done % plan.checkpoint_every_steps == 0 or epoch_end):
-            check_finite(jax.device_get(metrics), name, done, advice)
-            check_finite({"params": all_finite(state.params)}, name, done, advice)
-            ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history,
-                                                  warnings=monitor.warnings), data_state=iterator.get_state())
-            last_saved = done
+            save_checkpoint(done)
         if stop_requested() and done != total:  # SIGTERM/SIGINT: checkpoint here and stop (run/interrupt.py)
             if last_saved != done:
-                check_finite(jax.device_get(metrics), name, done, advice)
-                check_finite({"params": all_finite(state.params)}, name, done, advice)
-                ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=False, eval_history=history,
-                                                      warnings=monitor.warnings), data_state=iterator.get_state())
+                save_checkpoint(done)
             raise Interrupted(stop_requested(), name, done, total)
     if metrics is not None:
         check_finite(jax.device_get(metrics), name, total, advice)

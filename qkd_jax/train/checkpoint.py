@@ -6,6 +6,10 @@ directories are ignored and cleaned up). On restore the newest checkpoint is tri
 is unreadable the previous one is used, with a warning; if none can be read the run stops with
 `CorruptCheckpointError` rather than silently starting over.
 
+The directory may be local or in a bucket (`gs://bucket/run/<phase>`): orbax takes an
+`etils.epath.Path` and writes gs:// arrays with TensorStore's own GCS driver. On GCS the
+finalising rename is not atomic; orbax then marks a finished step with a commit file instead.
+
 A frozen teacher is not stored in student checkpoints: the teacher phase's checkpoint is the
 reference. A trainable teacher (QKD co-studying) is stored with the student.
 """
@@ -14,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import pathlib
 from typing import Any, Optional
 
 import flax
@@ -23,6 +26,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qkd_jax.train.paths import PathLike, as_path
 from qkd_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -99,7 +103,7 @@ def _abstract(tree: Any, mesh: Optional[Mesh]) -> Any:
     return jax.tree.map(to_struct, tree)
 
 
-def read_arrays(step_dir: str | pathlib.Path, keys: Optional[tuple[str, ...]] = None) -> dict:
+def read_arrays(step_dir: PathLike, keys: Optional[tuple[str, ...]] = None) -> dict:
     """The arrays of one checkpoint step's train state as NumPy, without a template.
 
     `keys` picks top-level entries (e.g. ('params', 'batch_stats')); missing ones are skipped.
@@ -107,7 +111,7 @@ def read_arrays(step_dir: str | pathlib.Path, keys: Optional[tuple[str, ...]] = 
     """
     import numpy as np
 
-    path = pathlib.Path(step_dir).absolute() / "state"
+    path = as_path(step_dir) / "state"
     with ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(path).item_metadata.tree
         wanted = {k: tree[k] for k in (keys or tuple(tree)) if k in tree}
@@ -124,10 +128,10 @@ def _drop_read_only_note(record: logging.LogRecord) -> bool:
 class PhaseCheckpointer:
     """Saves and restores one phase's checkpoints under `directory`."""
 
-    def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2, read_only: bool = False):
+    def __init__(self, directory: PathLike, *, max_to_keep: int = 2, read_only: bool = False):
         """`read_only`: for reading another run's (or a not yet locked workdir's) checkpoints:
         creates, deletes and cleans up nothing (a writer's unfinished temporary directory stays)."""
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = as_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else max_to_keep,
             create=not read_only,

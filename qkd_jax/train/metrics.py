@@ -3,18 +3,28 @@
 Only process 0 writes. Every record carries the phase and the step. A resumed phase first drops
 its records after the step it resumes from (`drop_after`), so metrics.jsonl holds each step once.
 TensorBoard events are flushed with every record, so a killed run leaves them readable.
+
+The workdir is an `etils.epath.Path` (`train/paths.py`). Locally metrics.jsonl is appended to
+and rewritten through a temporary file and an atomic rename. An object store (gs://) has
+neither append nor rename: there the writer keeps the file's lines and rewrites the whole
+object with every record (one object write is atomic on GCS: a reader sees the old or the new
+file, never a part), at a cost that grows with the file. TensorBoard events on a bucket need
+tensorboardX's own writer for the scheme (gs:// needs `google-cloud-storage`); without it the
+run goes on without TensorBoard and says so once.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 import time
 from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+
+from qkd_jax.train.paths import PathLike, as_path, has_module, is_remote
 
 
 def _to_python(value: Any) -> Any:
@@ -28,17 +38,37 @@ def _to_python(value: Any) -> Any:
 class MetricsWriter:
     """Appends metric records to `workdir/metrics.jsonl` and TensorBoard events under `workdir/tb`."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True):
-        self.workdir = pathlib.Path(workdir)
+    def __init__(self, workdir: PathLike, *, tensorboard: bool = True):
+        self.workdir = as_path(workdir)
         self.active = jax.process_index() == 0
+        self.remote = is_remote(self.workdir)
         self._tb = None
+        self._jsonl = None
+        self._lines: list[str] = []  # the file's lines, kept when the file is rewritten per record
         if self.active:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+            self._open_jsonl()
             if tensorboard:
-                from tensorboardX import SummaryWriter  # light, no TensorFlow needed
+                self._tb = _tensorboard_writer(self.workdir / "tb")
 
-                self._tb = SummaryWriter(str(self.workdir / "tb"))
+    @property
+    def path(self):
+        return self.workdir / "metrics.jsonl"
+
+    def _open_jsonl(self) -> None:
+        if self.remote:  # no append on an object store: keep the lines, rewrite the object
+            text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+            self._lines = text.splitlines(keepends=True)
+        else:
+            self._jsonl = self.path.open("a", encoding="utf-8")
+
+    def _append(self, line: str) -> None:
+        if self.remote:
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines), encoding="utf-8")
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
 
     def write(self, phase: str, step: int, kind: str, values: Mapping[str, Any]) -> None:
         """Records `values` (scalars) of `kind` ('train', 'eval', ...) at `step` of `phase`."""
@@ -46,8 +76,7 @@ class MetricsWriter:
             return
         clean = {k: _to_python(v) for k, v in values.items()}
         record = {"time": time.time(), "phase": phase, "step": int(step), "kind": kind, **clean}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._append(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in clean.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -60,10 +89,13 @@ class MetricsWriter:
         a phase that restarts from scratch wrote before). Returns how many were removed."""
         if not self.active:
             return 0
-        path = self.workdir / "metrics.jsonl"
-        self._jsonl.close()
+        path = self.path
+        if self._jsonl is not None:
+            self._jsonl.close()
+        lines = self._lines if self.remote else (
+            path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else [])
         kept, dropped = [], 0
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        for line in lines:
             try:
                 record = json.loads(line)
                 stale = record.get("phase") == phase and int(record.get("step", -1)) > step
@@ -73,18 +105,46 @@ class MetricsWriter:
                 dropped += 1
             else:
                 kept.append(line if line.endswith("\n") else line + "\n")
-        if dropped:
+        if dropped and self.remote:
+            self._lines = kept
+            path.write_text("".join(kept), encoding="utf-8")  # one object write: atomic
+        elif dropped:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(path)
-        self._jsonl = open(path, "a", encoding="utf-8")
+            tmp.replace(path)  # atomic rename on a local filesystem
+        if not self.remote:
+            self._jsonl = path.open("a", encoding="utf-8")
         return dropped
 
     def close(self) -> None:
         if self.active:
-            self._jsonl.close()
+            if self._jsonl is not None:
+                self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+# The client library tensorboardX's writer needs per bucket scheme, (module, pip package)
+# (tensorboardX/record_writer.py).
+_TB_CLIENTS = {"gs": ("google.cloud.storage", "google-cloud-storage"), "s3": ("boto3", "boto3")}
+
+
+def _tensorboard_writer(directory):
+    """A tensorboardX SummaryWriter for `directory`, or None, with a one-line notice, for a
+    bucket scheme tensorboardX cannot write here (its client library missing, or no writer for
+    the scheme): the run goes on with metrics.jsonl only."""
+    from tensorboardX import SummaryWriter  # light, no TensorFlow needed
+
+    text = os.fspath(directory)
+    if is_remote(text):
+        scheme = text.split("://", 1)[0]
+        client = _TB_CLIENTS.get(scheme)
+        if client is None or not has_module(client[0]):
+            need = f"install {client[1]}" if client else f"tensorboardX has no writer for {scheme}://"
+            print(f"qkd_jax: note: no TensorBoard events in {text} ({need}, or set "
+                  f"--config.tensorboard=False to silence this); metrics.jsonl is written.", flush=True)
+            return None
+    return SummaryWriter(text)
 
 
 def format_duration(seconds: float) -> str:

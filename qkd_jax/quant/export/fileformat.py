@@ -54,11 +54,12 @@ import hashlib
 import io
 import json
 import math
-import pathlib
+import os
 import warnings
 from typing import Any, Mapping, Optional
 
 import numpy as np
+from etils import epath
 
 from qkd_jax.quant.export import codes as qcodes
 from qkd_jax.quant.export.packing import PACKING, UNPACKED, packed_nbytes, unpack_codes
@@ -381,29 +382,35 @@ class IntegerExport:
                     "checksums": {k: array_checksum(self.arrays[k]) for k in keys}}
         return IntegerExport(manifest, self.arrays)
 
-    def save(self, path: str | pathlib.Path, *, sidecar: bool = True) -> pathlib.Path:
+    def save(self, path: str | os.PathLike, *, sidecar: bool = True) -> epath.Path:
         """Writes the .npz archive (and <name>.json with the manifest), the manifest carrying
-        the checksum of every array (`with_checksums`). Returns the archive path."""
+        the checksum of every array (`with_checksums`). Returns the archive path.
+
+        `path` may be local (written to a temporary file, then renamed: atomic) or a bucket URI
+        such as gs://bucket/w2a2.npz (one object write, which is atomic on GCS)."""
         self.validate()
         stored = self.with_checksums().validate()
-        path = pathlib.Path(path)
+        path = epath.Path(path)
         compact = json.dumps(stored.manifest, separators=(",", ":"))
         payload = {**self.arrays, MANIFEST_KEY: np.frombuffer(compact.encode("utf-8"), np.uint8)}
         buffer = io.BytesIO()
         np.savez(buffer, **payload)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(path)
+        if "://" in os.fspath(path):  # an object store: no rename, but each object write is atomic
+            path.write_bytes(buffer.getvalue())
+        else:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(buffer.getvalue())
+            tmp.replace(path)
         if sidecar:
             path.with_suffix(".json").write_text(stored.manifest_json() + "\n")
         return path
 
     @classmethod
-    def load(cls, path: str | pathlib.Path) -> "IntegerExport":
+    def load(cls, path: str | os.PathLike) -> "IntegerExport":
         """Reads and validates an archive written by `save`; any problem is a ManifestError
         that names the file (FileNotFoundError when there is no file)."""
-        path = pathlib.Path(path)
+        path = epath.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no export file {path}")
         arrays = _read_archive(path)
@@ -425,12 +432,12 @@ class IntegerExport:
         return cls(manifest, arrays)
 
 
-def _read_archive(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_archive(path: epath.Path) -> dict[str, np.ndarray]:
     """Every array of the .npz at `path`; a file numpy cannot read as one (empty, truncated,
     random bytes, a pickle, a damaged member) becomes a ManifestError naming it."""
     try:
-        with open(path, "rb") as f:
-            loaded = np.load(f, allow_pickle=False)
+        with path.open("rb") as f:
+            loaded = np.load(io.BytesIO(f.read()), allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise TypeError("it holds a single array, not an .npz archive")
             with loaded as z:

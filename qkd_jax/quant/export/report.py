@@ -15,10 +15,10 @@ headers and the JSON manifest included).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import numpy as np
+from etils import epath
 
 from qkd_jax.quant.export.fileformat import IntegerExport
 
@@ -117,5 +117,5 @@ def size_report(exported: IntegerExport, file_path: Optional[str] = None) -> Siz
     for module, (fp32, nb) in fp_groups.items():
         rows.append(Row(module, "fp", "float32", fp32, nb))
     ref = exported.manifest["reference"]
-    file_bytes = os.path.getsize(file_path) if file_path is not None else None
+    file_bytes = epath.Path(file_path).stat().length if file_path is not None else None
     return SizeReport(tuple(rows), F32 * ref["params_count"], F32 * ref["batch_stats_count"], file_bytes)

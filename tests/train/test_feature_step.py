@@ -105,7 +105,7 @@ def _probe_state(tx_aux=None):
 
 def test_auxiliary_params_follow_their_own_optimizer_and_state_is_replaced():
     model, s_vars, t_vars, probe, state = _probe_state()
-    x, y = _images()
+    x, _ = _images()
     index = jnp.arange(6, dtype=jnp.int32) + 10
     objective = distill.kd(gamma=0.0, alpha=0.0, beta=2.0, feature=probe)
     assert not objective.needs_labels and objective.needs_teacher

@@ -11,7 +11,7 @@ kernel's second axis). BatchNorm starts at scale 1, bias 0.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -71,7 +71,7 @@ class ConvReg(nn.Module):
 
     target_shape: tuple[int, int, int]  # (tH, tW, tC)
     use_relu: bool = True
-    axis_name: Optional[str] = None
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

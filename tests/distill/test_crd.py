@@ -54,7 +54,7 @@ def test_two_steps_equal_torch():
         index = jnp.asarray(index, jnp.int32)
         key = jax.random.key(10 + step)
 
-        def loss_fn(p, f):
+        def loss_fn(p, f, state=state, feats_t=feats_t, key=key, index=index):
             return crit.loss(p, state, [f], feats_t, rng=key, index=index)
 
         (value, new_state), (g_p, g_f) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(params, feats_s[0])
@@ -150,7 +150,9 @@ def test_replicas_keep_identical_banks():
     def run(fs, ft, idx, key):
         return crit.loss(params, state, [fs], [ft], rng=key, index=idx, axis_name="d")
 
-    shard = lambda x: x.reshape(r, per, *x.shape[1:])  # noqa: E731
+    def shard(x):
+        return x.reshape(r, per, *x.shape[1:])
+
     values, new = jax.pmap(run, axis_name="d", devices=jax.devices()[:r])(
         shard(feats_s[0]), shard(feats_t[0]), shard(index), keys)
 

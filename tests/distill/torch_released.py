@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def t(x) -> torch.Tensor:
     """A float64 leaf tensor (gradients recorded) from an array."""
     return torch.tensor(np.asarray(x, np.float64), requires_grad=True)
@@ -60,8 +59,8 @@ class ConvReg(nn.Module):
 
     def __init__(self, s_shape, t_shape):
         super().__init__()
-        s_N, s_C, s_H, s_W = s_shape
-        t_N, t_C, t_H, t_W = t_shape
+        _, s_C, s_H, s_W = s_shape
+        _, t_C, t_H, t_W = t_shape
         if s_H == 2 * t_H:
             self.conv = nn.Conv2d(s_C, t_C, kernel_size=3, stride=2, padding=1)
         elif s_H * 2 == t_H:

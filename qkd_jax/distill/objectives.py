@@ -27,6 +27,7 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from qkd_jax.distill.feature_kd import FeatureKD, get_feature
 from qkd_jax.distill.losses import _check_static_range, cross_entropy, kl_divergence
 
 Array = jax.Array
@@ -109,19 +110,35 @@ def _check_inputs(
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """A weighted sum of `Term`s; call it as `objective(student_logits, teacher_logits, labels, mask=...)`."""
+    """A weighted sum of `Term`s; call it as `objective(student_logits, teacher_logits, labels, mask=...)`.
+
+    With a `feature` criterion (`qkd_jax.distill.feature_kd`) the train step also records both
+    networks' features and adds `beta * feature.loss(...)` (reported under the criterion's
+    name); calling the objective itself computes the logit terms only.
+    """
 
     terms: tuple[Term, ...]
     name: str = "objective"
+    feature: Optional[FeatureKD] = None
+    beta: float = 0.0
     trains_teacher: bool = dataclasses.field(default=False, init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "terms", tuple(self.terms))
-        if not self.terms:
+        if not self.terms and self.feature is None:
             raise ValueError(f"objective {self.name!r} has no terms (all weights zero?).")
         names = [t.name for t in self.terms]
-        if len(set(names)) != len(names):
-            raise ValueError(f"objective {self.name!r}: term names must be unique, got {names}.")
+        if self.feature is not None:
+            if not math.isfinite(float(self.beta)) or self.beta == 0:
+                raise ValueError(f"objective {self.name!r}: a feature criterion needs a finite beta != 0, got {self.beta!r}.")
+            names.append(self.feature.name)
+        elif self.beta != 0:
+            raise ValueError(
+                f"objective {self.name!r}: beta={self.beta!r} weighs a feature loss but no feature criterion "
+                f"was given; pass feature=... (see qkd_jax.distill.feature_kd.FEATURE_METHODS)."
+            )
+        if len(set(names)) != len(names) or "loss" in names:
+            raise ValueError(f"objective {self.name!r}: term names must be unique and not 'loss', got {names}.")
 
     @property
     def needs_labels(self) -> bool:
@@ -129,7 +146,7 @@ class Objective:
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t.needs_teacher for t in self.terms)
+        return self.feature is not None or any(t.needs_teacher for t in self.terms)
 
     def __call__(
         self,
@@ -214,11 +231,24 @@ def task(label_smoothing: float = 0.0) -> Objective:
     return Objective((ce_term(1.0, label_smoothing),), name="task")
 
 
-def kd(gamma: float = 1.0, alpha: float = 1.0, temperature: float = 4.0, label_smoothing: float = 0.0) -> Objective:
-    """`gamma * CE(y, s) + alpha * KL_T(s, sg(t))`; zero-weight terms are dropped (so e.g. alpha=0
-    gives `needs_teacher=False`)."""
+def kd(
+    gamma: float = 1.0,
+    alpha: float = 1.0,
+    temperature: float = 4.0,
+    label_smoothing: float = 0.0,
+    beta: float = 0.0,
+    feature: Union[FeatureKD, str, None] = None,
+) -> Objective:
+    """`gamma * CE(y, s) + alpha * KL_T(s, sg(t)) + beta * L_feature`, the released
+    `--kd_gamma/--kd_alpha/--kd_beta` loss; `feature` is a criterion or its name
+    (`get_feature`). Zero-weight terms are dropped (so e.g. alpha=0 and beta=0 give
+    `needs_teacher=False`); with gamma=0 labels are never read."""
+    if isinstance(feature, str):
+        feature = get_feature(feature)
+    if beta == 0:
+        feature = None
     terms = [ce_term(gamma, label_smoothing), kl_term(alpha, temperature)]
-    return Objective(tuple(t for t in terms if t.weight != 0), name="kd")
+    return Objective(tuple(t for t in terms if t.weight != 0), name="kd", feature=feature, beta=float(beta))
 
 
 def self_study(label_smoothing: float = 0.0) -> Objective:

@@ -11,7 +11,8 @@ The directory may be local or in a bucket (`gs://bucket/run/<phase>`): orbax tak
 finalising rename is not atomic; orbax then marks a finished step with a commit file instead.
 
 A frozen teacher is not stored in student checkpoints: the teacher phase's checkpoint is the
-reference. A trainable teacher (QKD co-studying) is stored with the student.
+reference. A trainable teacher (QKD co-studying) and a feature criterion's auxiliary parts
+(their params, optimizer state and e.g. CRD's memory banks) are stored with the student.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ def state_to_tree(state: TrainState) -> dict:
             "batch_stats": state.teacher.batch_stats,
             "opt_state": flax.serialization.to_state_dict(state.teacher.opt_state),
         }
+    if state.aux is not None:
+        tree["aux"] = {
+            "params": state.aux.params,
+            "state": state.aux.state,
+            "opt_state": flax.serialization.to_state_dict(state.aux.opt_state),
+        }
     return tree
 
 
@@ -82,6 +89,19 @@ def tree_to_state(template: TrainState, tree: dict) -> TrainState:
             batch_stats=t["batch_stats"],
             opt_state=flax.serialization.from_state_dict(teacher.opt_state, t["opt_state"]),
         )
+    aux = template.aux
+    if aux is not None:
+        if "aux" not in tree:
+            raise ValueError(
+                "the checkpoint holds no auxiliary feature-distillation parts but the phase trains some; "
+                "it was written by a phase without a feature criterion: use a new workdir or retrain_from."
+            )
+        a = tree["aux"]
+        aux = aux.replace(
+            params=a["params"],
+            state=a["state"],
+            opt_state=flax.serialization.from_state_dict(aux.opt_state, a["opt_state"]),
+        )
     return template.replace(
         step=tree["step"],
         params=tree["params"],
@@ -90,6 +110,7 @@ def tree_to_state(template: TrainState, tree: dict) -> TrainState:
         opt_state=flax.serialization.from_state_dict(template.opt_state, tree["opt_state"]),
         rng=tree["rng"],
         teacher=teacher,
+        aux=aux,
     )
 
 

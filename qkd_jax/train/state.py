@@ -41,6 +41,18 @@ class TeacherState:
 
 
 @flax.struct.dataclass
+class AuxState:
+    """Auxiliary parts of a feature-distillation criterion (qkd_jax.distill.feature_kd):
+    `params` trained by their own optimizer `tx`, `state` updated by the criterion (e.g. CRD's
+    memory banks, moved with momentum, never by the optimizer)."""
+
+    params: Any
+    state: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
+
+
+@flax.struct.dataclass
 class TrainState:
     """Student state plus the (optional) teacher. `step` counts optimizer updates."""
 
@@ -51,6 +63,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw uint32 key data (jax.random.key_data), so checkpoints store plain arrays
     teacher: Optional[TeacherState] = None
+    aux: Optional[AuxState] = None
     apply_fn: Callable = flax.struct.field(pytree_node=False, default=None)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False, default=None)
 
@@ -76,6 +89,8 @@ def create_train_state(
     teacher_apply_fn: Optional[Callable] = None,
     teacher_variables: Optional[Variables] = None,
     teacher_tx: Optional[optax.GradientTransformation] = None,
+    aux_variables: Optional[Variables] = None,
+    aux_tx: Optional[optax.GradientTransformation] = None,
 ) -> TrainState:
     """Builds a TrainState from flax variables.
 
@@ -87,6 +102,8 @@ def create_train_state(
       rng: base key (typed or raw); the step folds in the step number (and the replica index).
       teacher_apply_fn, teacher_variables: the teacher, if the objective needs one.
       teacher_tx: give it to train the teacher online (QKD co-studying); None freezes it.
+      aux_variables, aux_tx: a feature criterion's auxiliary `{'params', 'state'}` and the
+        optimizer of its params (`qkd_jax.distill.feature_kd.init_feature_aux`).
     """
     unknown = set(variables) - set(KEPT_COLLECTIONS) - {"perturbations", "intermediates"}
     if unknown:
@@ -109,6 +126,13 @@ def create_train_state(
         )
     elif teacher_tx is not None:
         raise ValueError("teacher_tx given without teacher variables")
+    aux = None
+    if aux_variables is not None:
+        if aux_tx is None:
+            raise ValueError("aux_variables given without aux_tx (the optimizer of their params)")
+        aux_params = _collection(aux_variables, "params")
+        aux = AuxState(params=aux_params, state=_collection(aux_variables, "state"),
+                       opt_state=aux_tx.init(aux_params), tx=aux_tx)
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
         params=params,
@@ -117,6 +141,7 @@ def create_train_state(
         opt_state=tx.init(params),
         rng=jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
         teacher=teacher,
+        aux=aux,
         apply_fn=apply_fn,
         tx=tx,
     )

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qkd_jax.models.features import read_features
+from qkd_jax.models.layers import FEATURES
 from qkd_jax.train.state import TeacherState, TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -46,9 +48,22 @@ def _forward(apply_fn: Callable, variables: dict, images: jax.Array, *, train: b
     return apply_fn(variables, images, train=False), variables.get("batch_stats", {})
 
 
-def _frozen_teacher_logits(teacher: TeacherState, images: jax.Array) -> jax.Array:
-    logits = teacher.apply_fn(teacher.variables(), images, train=False)
-    return jax.lax.stop_gradient(logits)
+def _forward_features(apply_fn: Callable, variables: dict, images: jax.Array, *, rng: jax.Array,
+                      preact: bool):
+    """A train-mode forward that also records the distillation features: (logits, batch_stats, features)."""
+    logits, mutated = apply_fn(
+        variables, images, train=True, mutable=["batch_stats", FEATURES], rngs={"dropout": rng}
+    )
+    return logits, mutated.get("batch_stats", {}), read_features(mutated, preact)
+
+
+def _frozen_teacher(teacher: TeacherState, images: jax.Array, feature: Any):
+    """The frozen teacher's logits (and features when a feature criterion reads them), no gradient."""
+    if feature is None:
+        return jax.lax.stop_gradient(teacher.apply_fn(teacher.variables(), images, train=False)), None
+    logits, state = teacher.apply_fn(teacher.variables(), images, train=False, mutable=[FEATURES])
+    feats = read_features(state, feature.preact)
+    return jax.lax.stop_gradient(logits), [jax.lax.stop_gradient(f) for f in feats]
 
 
 def _apply_updates(params, grads, opt_state, tx: optax.GradientTransformation):
@@ -66,6 +81,11 @@ def train_step(
     returning `(student_loss + teacher_loss, aux)` whose stop-gradients route each part to its
     own network; both networks then run in train mode and are updated with their own optimizer.
     A frozen teacher runs in inference mode and is never differentiated.
+
+    With a feature criterion (`objective.feature`, qkd_jax.distill.feature_kd) both networks'
+    features are recorded, `objective.beta * feature.loss(...)` is added, the criterion's
+    auxiliary params (`state.aux`) are updated by their own optimizer and its auxiliary state
+    (e.g. CRD's memory banks) is replaced by the one the criterion returns.
     """
     images = batch["image"]
     labels = batch.get("label")
@@ -80,13 +100,29 @@ def train_step(
     needs_teacher = getattr(objective, "needs_teacher", teacher is not None)
     if needs_teacher and teacher is None:
         raise ValueError("the objective needs a teacher but the train state has none")
-    frozen_logits = None
+    feature = getattr(objective, "feature", None)
+    if feature is not None and co_study:
+        raise ValueError("a feature criterion needs a frozen teacher; co-studying trains the teacher")
+    index = batch.get("index")
+    if feature is not None and feature.needs_index and index is None:
+        raise ValueError(
+            f"feature criterion {feature.name!r} needs each example's dataset index but the batch "
+            f"has no 'index'; load the training split with indices (data.with_index=True)."
+        )
+    frozen_logits = t_feats = None
     if needs_teacher and not co_study:
-        frozen_logits = _frozen_teacher_logits(teacher, images)
+        frozen_logits, t_feats = _frozen_teacher(teacher, images, feature)
+    aux_state = state.aux.state if state.aux is not None else {}
 
-    def loss_fn(params, teacher_params):
+    def loss_fn(params, teacher_params, aux_params):
         s_vars = {**state.variables(), "params": params}
-        s_logits, s_stats = _forward(state.apply_fn, s_vars, images, train=True, rng=rng)
+        new_aux_state = aux_state
+        if feature is None:
+            s_logits, s_stats = _forward(state.apply_fn, s_vars, images, train=True, rng=rng)
+        else:
+            s_logits, s_stats, s_feats = _forward_features(
+                state.apply_fn, s_vars, images, rng=rng, preact=feature.preact
+            )
         t_stats = None
         t_logits = frozen_logits
         if co_study:
@@ -95,13 +131,31 @@ def train_step(
                 teacher.apply_fn, t_vars, images, train=True, rng=jax.random.fold_in(rng, 1)
             )
         loss, aux = objective(s_logits, t_logits, labels)
-        return loss, (aux, s_stats, t_stats)
+        if feature is not None:
+            f_loss, new_aux_state = feature.loss(
+                aux_params, aux_state, s_feats, t_feats,
+                rng=jax.random.fold_in(rng, 2), index=index, axis_name=axis_name,
+            )
+            aux = {**aux, feature.name: f_loss}
+            loss = loss + objective.beta * f_loss
+            aux["loss"] = loss
+        return loss, (aux, s_stats, t_stats, new_aux_state)
 
     teacher_params = teacher.params if co_study else None
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-    (loss, (aux, s_stats, t_stats)), (s_grads, t_grads) = grad_fn(state.params, teacher_params)
+    aux_params = state.aux.params if state.aux is not None else {}
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
+    (loss, (aux, s_stats, t_stats, new_aux_state)), (s_grads, t_grads, a_grads) = grad_fn(
+        state.params, teacher_params, aux_params
+    )
     s_grads = _pmean(s_grads, axis_name)
     params, opt_state = _apply_updates(state.params, s_grads, state.opt_state, state.tx)
+    new_aux = state.aux
+    if state.aux is not None:
+        a_params, a_opt = _apply_updates(state.aux.params, _pmean(a_grads, axis_name), state.aux.opt_state,
+                                         state.aux.tx)
+        # The criterion makes its state replica-consistent itself (e.g. CRD gathers all replicas'
+        # rows before writing its banks), so no pmean here.
+        new_aux = state.aux.replace(params=a_params, opt_state=a_opt, state=new_aux_state)
     new_teacher = teacher
     if co_study:
         t_grads = _pmean(t_grads, axis_name)
@@ -117,6 +171,7 @@ def train_step(
         opt_state=opt_state,
         batch_stats=_pmean(s_stats, axis_name),
         teacher=new_teacher,
+        aux=new_aux,
     )
     return new_state, metrics
 

@@ -105,11 +105,11 @@ def feature_config(tokens: str = ""):
     """Digits teacher (0 epochs) -> calibrate -> one feature-distillation phase per token of
     `tokens` ('-'-separated baselines of qkd_jax.run.recipes.FEATURE_BASELINES, '' = all), each
     1 epoch of 11 steps (batch 128) from the calibration with the released beta, a checkpoint
-    every 4 steps."""
+    every 3 steps (so a run can be killed in the middle of a phase)."""
     from qkd_jax.run import recipes
 
     names = tokens.split("-") if tokens else list(recipes.FEATURE_BASELINES)
-    c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=4, log_every_steps=1)
+    c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=3, log_every_steps=1)
     phases = [("teacher", c.phases.teacher), ("calibrate", phase("calibrate", init_from="teacher", batch_size=128))]
     for name in names:
         phases.append((name, recipes.feature_phase(

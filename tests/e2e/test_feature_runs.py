@@ -116,9 +116,9 @@ def test_sigkilled_feature_phase_resumes_to_identical_state(tmp_path):
             _kill_group(proc)
     steps = finalized_steps(killed / KILLED)
     assert steps[-1] < TOTAL and not read_meta(killed / KILLED / str(steps[-1]))["completed"]
+    assert "aux" in state_keys(killed / KILLED / str(steps[-1]))  # the criterion's parts are saved
     proc = run_cli(f"feature={KILLED}", killed, timeout=RUN_TIMEOUT)
     assert f"[{KILLED}] resuming from step {steps[-1]} ({killed / KILLED})" in proc.stdout
-    assert "aux" in state_keys(killed / KILLED / str(steps[-1]))  # the criterion's parts are saved
     for phase in ("teacher", "calibrate", KILLED):
         last = finalized_steps(killed / phase)[-1]
         assert last == finalized_steps(reference / phase)[-1]

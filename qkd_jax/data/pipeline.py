@@ -11,8 +11,9 @@ straddle two epochs; `num_epochs` epochs give floor(num_epochs * n / batch_size)
 rest is dropped). Augmentation randomness depends only on (seed, epoch, example index), so it
 is the same whether the example is read by one process or by several, before or after a resume.
 Sharding: see `sharding.py`. Batches are dicts of NumPy arrays: 'image' float32 NHWC
-normalised, 'label' int32 (omitted with `drop_labels`), and for evaluation 'mask' (bool,
-False on padding).
+normalised, 'label' int32 (omitted with `drop_labels`), for training with `with_index` also
+'index' int32 (the example's row in `source`, what CRD's memory banks are keyed by), and for
+evaluation 'mask' (bool, False on padding).
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class _TrainExample:
     """Local stream position -> augmented, normalised example (picklable for worker processes)."""
 
     def __init__(self, source, *, seed, local_batch, global_batch, shard_index, transform,
-                 mean, std, drop_labels):
+                 mean, std, drop_labels, with_index=False):
         self.source, self.seed, self.transform = source, seed, transform
+        self.with_index = with_index
         self.local_batch, self.global_batch, self.shard_index = local_batch, global_batch, shard_index
         self.mean, self.std, self.drop_labels = mean, std, drop_labels
         self.n = len(source)
@@ -67,6 +69,8 @@ class _TrainExample:
         out = {"image": aug.normalize(self.transform(image, rng), self.mean, self.std)}
         if not self.drop_labels:
             out["label"] = np.int32(label)
+        if self.with_index:
+            out["index"] = np.int32(index)
         return out
 
 
@@ -120,6 +124,7 @@ def make_train_loader(
     mean: Sequence[float] = (0.0,),
     std: Sequence[float] = (1.0,),
     drop_labels: bool = False,
+    with_index: bool = False,
     num_threads: int = 4,
     prefetch: int = 4,
     worker_count: int = 0,
@@ -128,7 +133,8 @@ def make_train_loader(
 
     `batch_size` is global; `num_epochs=None` repeats forever; `augment` in `augment.AUGMENTS`;
     `image_size` the output side for 'cifar' crops / 'imagenet' resized crops (default: input
-    size / 224); `mean`/`std` on the 0..1 scale; `seed` in [0, 2**32). `worker_count > 0` adds
+    size / 224); `mean`/`std` on the 0..1 scale; `seed` in [0, 2**32); `with_index` adds each
+    example's source row as 'index' (int32; CRD needs it). `worker_count > 0` adds
     grain worker processes: the same batches, but an iterator state that only restores into a
     loader with the same `worker_count` (outside `absl.app.run` this marks absl flags parsed).
     """
@@ -142,7 +148,8 @@ def make_train_loader(
         length = num_train_batches(len(source), batch_size, num_epochs) * local
     example = _TrainExample(source, seed=seed, local_batch=local, global_batch=batch_size,
                             shard_index=shard_index, transform=aug.train_transform(augment, image_size),
-                            mean=tuple(mean), std=tuple(std), drop_labels=drop_labels)
+                            mean=tuple(mean), std=tuple(std), drop_labels=drop_labels,
+                            with_index=with_index)
     ds = grain.MapDataset.range(length).map(example)
     return _finish(ds, local, num_threads, prefetch, worker_count)
 

@@ -45,16 +45,21 @@ class FeatureKD:
 
     Subclasses set ``name`` and implement :meth:`loss`; those with auxiliary parts also
     implement :meth:`init`. ``preact`` asks the models for pre-activation features;
-    ``needs_index`` asks the batch for each example's dataset index (``batch['index']``).
+    ``needs_index`` asks the batch for each example's dataset index (``batch['index']``);
+    ``needs_dataset_labels`` asks :func:`init_feature_aux` for the labels of the whole training
+    set, passed to :meth:`init` as ``dataset_labels`` (CRD's class-conditional negatives).
     """
 
     name: ClassVar[str] = "feature"
     needs_index: ClassVar[bool] = False
+    needs_dataset_labels: ClassVar[bool] = False
     preact: bool = False
 
-    def init(self, rng: jax.Array, feats_s: Features, feats_t: Features, *, num_examples: int) -> AuxVariables:
-        """The auxiliary variables, sized from one batch's features (none by default)."""
-        del rng, feats_s, feats_t, num_examples
+    def init(self, rng: jax.Array, feats_s: Features, feats_t: Features, *, num_examples: int,
+             dataset_labels: Optional[Array] = None) -> AuxVariables:
+        """The auxiliary variables, sized from one batch's features (none by default).
+        ``dataset_labels`` ((num_examples,) ints) is given only when ``needs_dataset_labels``."""
+        del rng, feats_s, feats_t, num_examples, dataset_labels
         return empty_aux()
 
     def loss(
@@ -181,13 +186,27 @@ def init_feature_aux(
     teacher_variables: dict,
     images: Array,
     num_examples: int,
+    dataset_labels: Optional[Any] = None,
 ) -> AuxVariables:
-    """Sizes and initialises ``feature``'s auxiliary variables from one batch (eval-mode forwards)."""
+    """Sizes and initialises ``feature``'s auxiliary variables from one batch (eval-mode forwards).
+
+    ``dataset_labels``: the (num_examples,) labels of the training set in source order, needed
+    by criteria with ``needs_dataset_labels`` (CRD) and ignored by the others.
+    """
     from qkd_jax.models.features import apply_with_features
+
+    extra: dict[str, Any] = {}
+    if feature.needs_dataset_labels:
+        if dataset_labels is None:
+            raise ValueError(
+                f"feature criterion {feature.name!r} needs the training set's labels; pass "
+                f"dataset_labels=<(num_examples,) labels in source order> to init_feature_aux."
+            )
+        extra["dataset_labels"] = dataset_labels
 
     _, feats_s = apply_with_features(_AsModule(student_apply), student_variables, images, preact=feature.preact)
     _, feats_t = apply_with_features(_AsModule(teacher_apply), teacher_variables, images, preact=feature.preact)
-    aux = feature.init(rng, feats_s, feats_t, num_examples=num_examples)
+    aux = feature.init(rng, feats_s, feats_t, num_examples=num_examples, **extra)
     if set(aux) != {"params", "state"}:
         raise ValueError(f"{type(feature).__name__}.init must return {{'params', 'state'}}, got {sorted(aux)}")
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32) if jnp.issubdtype(jnp.result_type(x), jnp.floating)

@@ -100,6 +100,18 @@ def test_drop_labels_gives_same_images_without_labels():
         np.testing.assert_array_equal(a["image"], b["image"])
 
 
+def test_with_index_emits_the_source_row_of_each_example():
+    plain = list(_train(num_epochs=2))
+    indexed = list(_train(num_epochs=2, with_index=True))
+    for a, b in zip(plain, indexed):
+        assert set(b) == {"image", "label", "index"} and b["index"].dtype == np.int32
+        np.testing.assert_array_equal(b["index"], decode_index(b["image"]))  # the row the image encodes
+        np.testing.assert_array_equal(a["image"], b["image"])  # same stream otherwise
+    shards = [list(_train(num_epochs=1, with_index=True, shard_index=i, shard_count=2)) for i in range(2)]
+    for b in (b for shard in shards for b in shard):
+        np.testing.assert_array_equal(b["index"], decode_index(b["image"]))
+
+
 def test_normalisation_of_train_batch():
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
     batch = next(iter(_train(augment="none", mean=mean, std=std)))

@@ -6,7 +6,8 @@ with the released recipe gamma * CE(y, s) + beta * L_feature (gamma 1, alpha 0; 
 released SQAKD CIFAR scripts, qkd_jax.run.recipes.FEATURE_BASELINES) and the demo's student
 optimizer (the criterion's auxiliary parameters, if any, train in the weights group).
 
-ARG tokens: at (AT), nst (NST), sp (SP), rkd (RKD).
+ARG tokens: at (AT), nst (NST), sp (SP), rkd (RKD), crd (CRD), fitnet (FitNet), cc (CC), vid (VID).
+CRD draws nce_k = 1024 negatives here (released 16384: more than the digits of the other classes).
 
     python -m qkd_jax.main --config=configs/digits_feature_kd.py --workdir=/tmp/qkd_digits_fkd
     python -m qkd_jax.main --config=configs/digits_feature_kd.py:at,rkd --workdir=/tmp/qkd_digits_at_rkd
@@ -22,6 +23,8 @@ import ml_collections
 from qkd_jax.run import recipes
 
 DIGITS_EPOCHS = 12
+# Criterion options that differ from the released defaults on digits (1437 training images).
+DIGITS_OPTIONS = {"crd": {"nce_k": 1024}}
 
 
 def _demo_config() -> ml_collections.ConfigDict:
@@ -49,7 +52,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     for token in parse_tokens(arg):
         ph = recipes.feature_phase(token, epochs=DIGITS_EPOCHS, batch_size=demo.batch_size,
                                    weights=ml_collections.ConfigDict(demo.weights.to_dict()),
-                                   quant_params=ml_collections.ConfigDict(demo.quant_params.to_dict()))
+                                   quant_params=ml_collections.ConfigDict(demo.quant_params.to_dict()),
+                                   options=DIGITS_OPTIONS.get(token))
         ph.eval_every_epochs = demo.eval_every_epochs
         phases.append((token, ph))
     recipes.set_phases(c, phases)

@@ -49,6 +49,10 @@ FEATURE_BASELINES = {
     "nst": ("nst", 50.0),
     "sp": ("similarity", 3000.0),
     "rkd": ("rkd", 1.0),
+    "crd": ("crd", 0.8),
+    "fitnet": ("hint", 100.0),
+    "cc": ("correlation", 0.02),
+    "vid": ("vid", 1.0),
 }
 
 
@@ -213,11 +217,12 @@ def student_phase(variant: Variant, *, epochs: int, batch_size: int, weights: ml
 
 def feature_phase(token: str, *, epochs: int, batch_size: int, weights: ml_collections.ConfigDict,
                   quant_params: ml_collections.ConfigDict, label_smoothing: float = 0.0,
-                  init_from: str = "calibrate") -> ml_collections.ConfigDict:
+                  init_from: str = "calibrate", options: Optional[Mapping] = None) -> ml_collections.ConfigDict:
     """A feature-distillation baseline (FEATURE_BASELINES): kd(gamma=1, alpha=0, beta, feature)
-    from the calibrated student, the FP teacher frozen."""
+    from the calibrated student, the FP teacher frozen; `options` the criterion's
+    (feature_options, default: the released defaults)."""
     feature, beta = FEATURE_BASELINES[token]
-    return phase("student", objective="kd", gamma=1.0, alpha=0.0, beta=beta, feature=feature,
+    return phase("student", feature_options=ml_collections.ConfigDict(dict(options or {})), objective="kd", gamma=1.0, alpha=0.0, beta=beta, feature=feature,
                  label_smoothing=float(label_smoothing), init_from=init_from, teacher_from="teacher",
                  epochs=epochs, batch_size=batch_size, weights=weights, quant_params=quant_params)
 

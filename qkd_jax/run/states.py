@@ -13,7 +13,7 @@ from qkd_jax.run.context import PhaseResult, RunContext
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.record import phase_record
 from qkd_jax.distill.feature_kd import init_feature_aux
-from qkd_jax.run.loaders import train_loader
+from qkd_jax.run.loaders import train_labels, train_loader
 from qkd_jax.train.optim import build_optimizer, group_transform
 from qkd_jax.train.state import TrainState, create_train_state
 
@@ -71,6 +71,7 @@ def feature_aux(ctx: RunContext, plan: PhasePlan, feature, init_vars: dict, net:
         student_apply=net.local_model.apply, student_variables=init_vars,
         teacher_apply=ctx.network("teacher").local_model.apply, teacher_variables=t_vars,
         images=images, num_examples=len(ctx.source(ctx.info.train_split)),
+        dataset_labels=train_labels(ctx) if feature.needs_dataset_labels else None,
     )
 
 

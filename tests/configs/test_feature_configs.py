@@ -18,7 +18,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 # Copied by hand from the released CIFAR/scripts/run_cifar10_resnet20_EWGS+KDs.sh (--distill,
 # --kd_beta; --kd_gamma 1.0 --kd_alpha 0.0 for each) and run_cifar100_vgg13_EWGS+KDs.sh (same).
-RELEASED = {"at": ("attention", 1000.0), "nst": ("nst", 50.0), "sp": ("similarity", 3000.0), "rkd": ("rkd", 1.0)}
+RELEASED = {"at": ("attention", 1000.0), "nst": ("nst", 50.0), "sp": ("similarity", 3000.0), "rkd": ("rkd", 1.0),
+            "crd": ("crd", 0.8), "fitnet": ("hint", 100.0), "cc": ("correlation", 0.02), "vid": ("vid", 1.0)}
 
 
 def _load(name: str, arg: str = ""):

@@ -115,7 +115,8 @@ def feature_config(tokens: str = ""):
         phases.append((name, recipes.feature_phase(
             name, epochs=1, batch_size=128,
             weights=optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch"),
-            quant_params=optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch"))))
+            quant_params=optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch"),
+            options={"nce_k": 1024} if name == "crd" else None)))
     _set_phases(c, phases)
     return c
 

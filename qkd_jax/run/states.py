@@ -8,12 +8,12 @@ from typing import Optional
 import jax
 import optax
 
+from qkd_jax.distill.feature_kd import FeatureKD, init_feature_aux
 from qkd_jax.run import build
 from qkd_jax.run.context import PhaseResult, RunContext
+from qkd_jax.run.loaders import train_labels, train_loader
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.record import phase_record
-from qkd_jax.distill.feature_kd import init_feature_aux
-from qkd_jax.run.loaders import train_labels, train_loader
 from qkd_jax.train.optim import build_optimizer, group_transform
 from qkd_jax.train.state import TrainState, create_train_state
 
@@ -59,7 +59,7 @@ def build_state(ctx: RunContext, plan: PhasePlan, init_vars: dict, net: build.Ne
     )
 
 
-def feature_aux(ctx: RunContext, plan: PhasePlan, feature, init_vars: dict, net: build.Network,
+def feature_aux(ctx: RunContext, plan: PhasePlan, feature: FeatureKD, init_vars: dict, net: build.Network,
                 t_vars: dict) -> dict:
     """The feature criterion's auxiliary variables, sized on one training batch (eval-mode
     forwards of the student and the teacher without a device axis). The batch and the key come

@@ -21,7 +21,7 @@ from qkd_jax.distill.heads import ConvReg
 @dataclasses.dataclass(frozen=True)
 class FitNet(FeatureKD):
     """'hint': :func:`feature_losses.hint` between ``ConvReg(feats_s[hint_layer])`` and
-    ``feats_t[hint_layer]`` (default 2: the first stage's output of a CIFAR ResNet, whose list
+    ``feats_t[hint_layer]`` (default 2: the second stage's output of a CIFAR ResNet, whose list
     starts with the stem). Params: {'regressor'}; state: {'batch_stats'} of its BatchNorm."""
 
     name: ClassVar[str] = "hint"

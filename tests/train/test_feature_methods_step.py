@@ -16,6 +16,7 @@ from qkd_jax import distill
 from qkd_jax.distill import feature_kd
 from qkd_jax.models import get_model
 from qkd_jax.models.features import apply_with_features
+from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
 from qkd_jax.train.state import create_train_state
 from qkd_jax.train.step import train_step
@@ -32,8 +33,8 @@ def _batch(seed=0):
     return {"image": x, "label": jnp.asarray(LABELS)[index], "index": index}
 
 
-def _setup(name, aux_tx=None):
-    model = get_model("resnet20", num_classes=10)
+def _setup(name, aux_tx=None, axis_name=None):
+    model = get_model("resnet20", num_classes=10, axis_name=axis_name)
     x = _batch()["image"]
     s_vars = model.init(jax.random.key(0), x, train=False)
     t_vars = model.init(jax.random.key(1), x, train=False)
@@ -45,7 +46,7 @@ def _setup(name, aux_tx=None):
                                teacher_apply_fn=model.apply, teacher_variables=t_vars, aux_variables=aux,
                                aux_tx=aux_tx or optax.sgd(LR_AUX))
     step = jax.jit(functools.partial(train_step, objective=distill.kd(gamma=0.0, alpha=0.0, beta=BETA, feature=crit),
-                                     axis_name=None))
+                                     axis_name=axis_name))
     return model, s_vars, t_vars, crit, state, step
 
 
@@ -75,6 +76,34 @@ def test_aux_params_take_the_aux_optimizer_step(name):
     assert moved == len(jax.tree.leaves(grads))  # every auxiliary parameter is trained
     for a, b in zip(jax.tree.leaves(new_state.aux.state), jax.tree.leaves(ref_state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hint", "crd"])
+def test_two_replicas_keep_the_aux_parts_of_one_device(name):
+    """shard_map over 2 devices (synchronised BatchNorm) against one device on the whole batch:
+    the FitNet regressor and its BatchNorm statistics take the same step, CRD's banks get the
+    same rows (its negatives, hence Z and the loss, are drawn per replica and differ)."""
+    *_, single, single_step = _setup(name)
+    crit, sharded = _setup(name, axis_name="data")[3:5]
+    mesh = parallel.make_mesh(jax.devices()[:2])
+    sharded_step = parallel.compile_train_step(
+        functools.partial(train_step, objective=distill.kd(gamma=0.0, alpha=0.0, beta=BETA, feature=crit)), mesh,
+        donate=False)
+    batch = _batch()
+    one, _ = single_step(single, batch)
+    two, _ = sharded_step(parallel.replicate(sharded, mesh), parallel.shard_batch(batch, mesh))
+    if name == "hint":
+        pairs = [(one.aux.params, two.aux.params), (one.aux.state, two.aux.state)]
+    else:
+        pairs = [({k: one.aux.state[k] for k in ("memory_s", "memory_t", "labels")},
+                  {k: two.aux.state[k] for k in ("memory_s", "memory_t", "labels")})]
+    for a_tree, b_tree in pairs:
+        for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    if name == "crd":  # the banks moved (rows of the batch only)
+        changed = np.flatnonzero(np.any(np.asarray(two.aux.state["memory_s"]) != np.asarray(sharded.aux.state["memory_s"]),
+                                        axis=1))
+        np.testing.assert_array_equal(changed, np.sort(np.asarray(batch["index"])))
 
 
 @pytest.mark.parametrize("name", ["hint", "crd"])

@@ -113,3 +113,31 @@ def test_digits_baselines_config():
     assert _load("digits_feature_kd", "rkd").phase_order == "teacher,calibrate,rkd"
     with pytest.raises(ValueError, match="invalid config ARG 'xx'"):
         _load("digits_feature_kd", "xx")
+
+
+def test_auxiliary_params_train_like_the_weights_group(tmp_path):
+    """The auxiliary optimizer is the phase's weights group: over three steps it moves a
+    parameter exactly as the model's optimizer moves a weight (not a quantizer parameter)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qkd_jax.run.states import aux_optimizer
+    from qkd_jax.train.optim import build_optimizer
+
+    c = _feature_config()
+    c.phases.sqakd.weights.learning_rate = 0.01  # far from the quant group's 1e-4
+    plan = make_plan(c, tmp_path, "sqakd", steps_per_epoch=3)
+    aux_tx = aux_optimizer(plan, 6)
+    model_tx = build_optimizer(plan.weights, plan.quant_params, steps_per_epoch=3, total_steps=6)
+    start = jnp.asarray([1.0, -2.0, 0.5])
+    aux, model = {"w": start}, {"conv": {"kernel": start}}
+    aux_state, model_state = aux_tx.init(aux), model_tx.init(model)
+    for g in ([0.1, -0.2, 0.3], [0.4, 0.0, -0.1], [-0.3, 0.2, 0.2]):
+        g = jnp.asarray(g)
+        du, aux_state = aux_tx.update({"w": g}, aux_state, aux)
+        dm, model_state = model_tx.update({"conv": {"kernel": g}}, model_state, model)
+        aux = {"w": aux["w"] + du["w"]}
+        model = {"conv": {"kernel": model["conv"]["kernel"] + dm["conv"]["kernel"]}}
+        np.testing.assert_array_equal(aux["w"], model["conv"]["kernel"])
+    # Adam's first step moves each coordinate by about the learning rate (not the quant group's 1e-4).
+    assert np.all(np.abs(np.asarray(aux["w"] - start)) > 5e-3)

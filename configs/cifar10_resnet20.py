@@ -12,6 +12,13 @@ ARG (after the colon; default 'sqakd,w2a2'):
                 CE) -> co_study (100, teacher trained too) -> tutoring (70, frozen co-studied
                 teacher); QKD's CIFAR schedule, this file's student recipe in every phase;
                 settings W2A2, W3A3, W4A4 (docs/method.md section 8).
+  at|nst|sp|rkd|crd|fitnet|cc|vid,wBaB
+                feature-distillation baselines (released CIFAR/scripts/run_cifar10_resnet20_EWGS+KDs.sh):
+                teacher -> calibrate -> student with gamma * CE + beta * L_feature, gamma 1,
+                alpha 0 (no logit KL); AT beta 1000, NST 50, SP 3000, RKD 1, CRD 0.8,
+                FitNet 100, CC 0.02, VID 1
+                (recipes.FEATURE_BASELINES); the script's setting is W2A2. The script
+                passes --use_hessian True: add --config.quant.estimator=hessian for it.
   B in 1..8; paper settings W1A1, W2A2, W4A4. The quantizer is 'interval' (EWGS / SQAKD
   learnable interval), preset 'sqakd_cifar': stem conv, BatchNorms and classifier stay FP.
 Student: Adam 1e-3 with coupled L2 1e-4 (weights) + Adam 1e-5 without decay (quantizer
@@ -32,6 +39,11 @@ QKD from the same teacher:
     python -m qkd_jax.main --config=configs/cifar10_resnet20.py:qkd,$b --workdir=/tmp/c10_r20_qkd_$b \
       --config.teacher_checkpoint=/tmp/c10_r20_fp/teacher
   done
+Feature-distillation baselines from the same teacher:
+  for m in at nst sp rkd crd fitnet cc vid; do
+    python -m qkd_jax.main --config=configs/cifar10_resnet20.py:$m,w2a2 --workdir=/tmp/c10_r20_${m}_w2a2 \
+      --config.teacher_checkpoint=/tmp/c10_r20_fp/teacher
+  done
 or in one run (trains its own teacher first):
   python -m qkd_jax.main --config=configs/cifar10_resnet20.py:sqakd,w2a2 --workdir=/tmp/c10_r20_sqakd_w2a2
 """
@@ -39,10 +51,10 @@ or in one run (trains its own teacher first):
 from qkd_jax.run import recipes as common
 
 # The paper's settings (each is a valid ARG; other bit widths are accepted too).
-VARIANTS = common.CIFAR_VARIANTS
+VARIANTS = common.CIFAR10_RESNET20_VARIANTS
 
 
 def get_config(arg: str = ""):
-    v = common.cifar_variant(arg, VARIANTS)
+    v = common.cifar_variant(arg, VARIANTS, features=True)
     return common.cifar_config(v, dataset="cifar10", model="resnet20", preset="sqakd_cifar", epochs=1200,
                                alpha=1.0)

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from qkd_jax.distill import OBJECTIVES, get_objective
+from qkd_jax.distill.feature_kd import FEATURE_METHODS, get_feature
 from qkd_jax.quant.released_methods import RELEASED_METHODS
 from qkd_jax.train.optim import GroupSpec
 
@@ -81,6 +82,11 @@ def phase(kind: str = "student", **overrides: Any) -> ml_collections.ConfigDict:
         gamma=1.0,
         temperature=4.0,
         label_smoothing=0.0,
+        # Feature distillation (objective 'kd' only): beta * the criterion's loss; `feature` names a
+        # criterion of qkd_jax.distill.FEATURE_METHODS ('' = none), `feature_options` its options.
+        beta=0.0,
+        feature="",
+        feature_options=ml_collections.ConfigDict(),
         init_from="",
         teacher_from="",
         train_teacher=False,
@@ -159,7 +165,8 @@ def _check_keys(cfg: Any, template: Any, prefix: str) -> None:
         raise ConfigError(f"config key '{prefix}{key}' is missing (start configs from base_config())")
     for key in known:
         sub_t = template[key]
-        if isinstance(sub_t, ml_collections.ConfigDict) and key != "phases":
+        # phases and feature_options hold free-form keys, checked by _validate_phases.
+        if isinstance(sub_t, ml_collections.ConfigDict) and key not in ("phases", "feature_options"):
             if not isinstance(cfg[key], (ml_collections.ConfigDict, dict)):
                 _fail(prefix + key, cfg[key], "must be a ConfigDict")
             _check_keys(cfg[key], sub_t, f"{prefix}{key}.")
@@ -169,14 +176,50 @@ def phase_names(config: ml_collections.ConfigDict) -> list[str]:
     return [p.strip() for p in config.phase_order.split(",") if p.strip()]
 
 
+FEATURE_KEYS = ("beta", "feature")
+
+
 def objective_kwargs(name: str, ph: ml_collections.ConfigDict) -> dict:
-    """The phase's objective arguments that the named objective accepts."""
+    """The phase's objective arguments that the named objective accepts (the criterion by name).
+
+    `beta` and `feature` appear only when a feature term is asked for, so phases without one
+    keep the record they had before these keys existed."""
     params = inspect.signature(OBJECTIVES[name]).parameters
-    return {k: ph[k] for k in ("alpha", "gamma", "temperature", "label_smoothing") if k in params}
+    out = {k: ph[k] for k in ("alpha", "gamma", "temperature", "label_smoothing") if k in params}
+    if ph.beta or ph.feature:
+        out.update({k: ph[k] for k in FEATURE_KEYS if k in params})
+    return out
+
+
+def feature_options(ph: ml_collections.ConfigDict) -> dict:
+    """The phase's `feature_options` as a plain dict (lists for sequences)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ph.feature_options.items()}
 
 
 def build_objective(ph: ml_collections.ConfigDict):
-    return get_objective(ph.objective, **objective_kwargs(ph.objective, ph))
+    kwargs = objective_kwargs(ph.objective, ph)
+    if kwargs.get("feature"):
+        kwargs["feature"] = get_feature(ph.feature, **feature_options(ph))
+    return get_objective(ph.objective, **kwargs)
+
+
+def _validate_feature(key: str, ph: ml_collections.ConfigDict) -> None:
+    """beta / feature / feature_options: a named criterion, its options, a non-zero beta."""
+    accepts = "feature" in inspect.signature(OBJECTIVES[ph.objective]).parameters
+    if not isinstance(ph.feature, str):
+        _fail(f"{key}.feature", ph.feature, "must be a criterion name string ('' = none)")
+    if not isinstance(ph.feature_options, (ml_collections.ConfigDict, dict)):
+        _fail(f"{key}.feature_options", ph.feature_options, "must be a dict of the criterion's options")
+    if ph.feature and not accepts:
+        _fail(f"{key}.feature", ph.feature, f"objective {ph.objective!r} takes no feature term; use objective='kd'")
+    if ph.feature and ph.feature not in FEATURE_METHODS:
+        _fail(f"{key}.feature", ph.feature, f"unknown feature criterion; known: {sorted(FEATURE_METHODS)}")
+    if ph.feature and not ph.beta:
+        _fail(f"{key}.beta", ph.beta, f"feature={ph.feature!r} needs a non-zero beta (its loss weight)")
+    if ph.beta and not ph.feature:
+        _fail(f"{key}.beta", ph.beta, "weighs a feature loss but feature is '' (name a criterion or set beta=0)")
+    if len(ph.feature_options) and not ph.feature:
+        _fail(f"{key}.feature_options", dict(ph.feature_options), "given without a feature criterion")
 
 
 def _int_in(key: str, value: Any, lo: int, hi: float = float("inf")) -> None:
@@ -276,6 +319,7 @@ def _validate_phases(config: ml_collections.ConfigDict) -> None:
                 group_spec(ph[opt_key])
             except ValueError as err:
                 raise ConfigError(f"config.{key}.{opt_key}: {err}") from None
+        _validate_feature(key, ph)
         try:
             objective = build_objective(ph)
         except (TypeError, ValueError) as err:

@@ -21,9 +21,10 @@ def _image_size(ctx: RunContext) -> int:
 
 
 def train_loader(ctx: RunContext, batch_size: int, epochs: Optional[int], seed: int, labels: bool,
-                 sharded: bool = True):
+                 sharded: bool = True, with_index: bool = False):
     """Training batches; `sharded=False` gives every process the whole global batch (for work
-    such as calibration and Hessian probes that every process repeats identically)."""
+    such as calibration and Hessian probes that every process repeats identically);
+    `with_index` adds each example's row of the split as 'index' (CRD's memory banks)."""
     return qdata.make_train_loader(
         ctx.source(ctx.info.train_split),
         batch_size=batch_size,
@@ -36,7 +37,17 @@ def train_loader(ctx: RunContext, batch_size: int, epochs: Optional[int], seed: 
         mean=ctx.info.mean,
         std=ctx.info.std,
         drop_labels=not labels,
+        with_index=with_index,
     )
+
+
+def train_labels(ctx: RunContext):
+    """The training split's labels in row order (int32), read once for criteria that sample by
+    class (CRD); reads every record of the split."""
+    import numpy as np
+
+    source = ctx.source(ctx.info.train_split)
+    return np.asarray([int(source[i]["label"]) for i in range(len(source))], np.int32)
 
 
 def eval_batches(ctx: RunContext):

@@ -59,6 +59,9 @@ def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseRes
         plan = plans[name]
         precision = "FP32" if res.kind == "teacher" else f"{q.method} W{q.w_bits}A{q.a_bits}"
         objective = "-" if res.kind == "calibrate" else plan.objective_name
+        feature = getattr(plan.objective, "feature", None)
+        if feature is not None:  # the feature term, e.g. 'kd+attention'
+            objective = f"{objective}+{feature.name}"
         uses_labels = "-" if res.kind == "calibrate" else ("yes" if plan.needs_labels else "no")
         top1 = res.eval.get("top1")
         top5 = res.eval.get("top5")

@@ -63,6 +63,12 @@ class PhasePlan:
     def needs_labels(self) -> bool:
         return self.objective is not None and self.objective.needs_labels
 
+    @property
+    def needs_index(self) -> bool:
+        """The feature criterion reads each example's dataset index (CRD)."""
+        feature = getattr(self.objective, "feature", None)
+        return feature is not None and feature.needs_index
+
 
 def phase_seed(config: ml_collections.ConfigDict, name: str) -> int:
     """The phase's seed: the run seed and the phase's position in phase_order."""

@@ -40,6 +40,21 @@ BITS_RE = re.compile(r"w(\d+)a(\d+)")
 # Objective token -> the student phase's objective name in qkd_jax.distill.OBJECTIVES.
 STUDENT_OBJECTIVE = {"qat": "task", "sqakd": "sqakd"}
 
+# Feature-distillation baselines: ARG token -> (criterion of qkd_jax.distill.FEATURE_METHODS, beta).
+# Source: the released SQAKD scripts CIFAR/scripts/run_cifar10_resnet20_EWGS+KDs.sh and
+# run_cifar100_vgg13_EWGS+KDs.sh (--distill, --kd_beta; both scripts give the same betas), each with
+# --kd_gamma 1.0 --kd_alpha 0.0: gamma * CE(y, s) + beta * L_feature, no logit KL.
+FEATURE_BASELINES = {
+    "at": ("attention", 1000.0),
+    "nst": ("nst", 50.0),
+    "sp": ("similarity", 3000.0),
+    "rkd": ("rkd", 1.0),
+    "crd": ("crd", 0.8),
+    "fitnet": ("hint", 100.0),
+    "cc": ("correlation", 0.02),
+    "vid": ("vid", 1.0),
+}
+
 
 # ----------------------------------------------------------------------------- the ARG string
 
@@ -180,6 +195,9 @@ def student_phase(variant: Variant, *, epochs: int, batch_size: int, weights: ml
     Only the objective's own arguments are set (alpha / temperature for 'sqakd', label smoothing
     for 'qat'); the others keep phase()'s defaults.
     """
+    if variant.objective in FEATURE_BASELINES:
+        return feature_phase(variant.objective, epochs=epochs, batch_size=batch_size, weights=weights,
+                             quant_params=quant_params, label_smoothing=label_smoothing)
     objective = STUDENT_OBJECTIVE[variant.objective]
     sqakd = objective == "sqakd"
     return phase(
@@ -195,6 +213,18 @@ def student_phase(variant: Variant, *, epochs: int, batch_size: int, weights: ml
         weights=weights,
         quant_params=quant_params,
     )
+
+
+def feature_phase(token: str, *, epochs: int, batch_size: int, weights: ml_collections.ConfigDict,
+                  quant_params: ml_collections.ConfigDict, label_smoothing: float = 0.0,
+                  init_from: str = "calibrate", options: Optional[Mapping] = None) -> ml_collections.ConfigDict:
+    """A feature-distillation baseline (FEATURE_BASELINES): kd(gamma=1, alpha=0, beta, feature)
+    from the calibrated student, the FP teacher frozen; `options` the criterion's
+    (feature_options, default: the released defaults)."""
+    feature, beta = FEATURE_BASELINES[token]
+    return phase("student", feature_options=ml_collections.ConfigDict(dict(options or {})), objective="kd", gamma=1.0, alpha=0.0, beta=beta, feature=feature,
+                 label_smoothing=float(label_smoothing), init_from=init_from, teacher_from="teacher",
+                 epochs=epochs, batch_size=batch_size, weights=weights, quant_params=quant_params)
 
 
 def standard_phases(config, variant: Variant, teacher: ml_collections.ConfigDict,
@@ -262,10 +292,14 @@ CIFAR_RECIPES = {
 QKD_CIFAR_EPOCHS = {"self_study": 30, "co_study": 100, "tutoring": 70}
 
 
-def cifar_variant(arg: Optional[str], paper: Sequence[str]) -> Variant:
-    return parse_variant(arg, objectives=("qat", "sqakd", "qkd"), methods=("interval", "qkd"),
+def cifar_variant(arg: Optional[str], paper: Sequence[str], *, features: bool = False) -> Variant:
+    """`features`: also accept the feature-distillation tokens (FEATURE_BASELINES), for the files
+    whose model the released SQAKD EWGS+KDs scripts train."""
+    extra = tuple(FEATURE_BASELINES) if features else ()
+    return parse_variant(arg, objectives=("qat", "sqakd", "qkd", *extra), methods=("interval", "qkd"),
                          default="sqakd,w2a2",
-                         default_method={"qat": "interval", "sqakd": "interval", "qkd": "qkd"}, paper=paper)
+                         default_method={"qat": "interval", "sqakd": "interval", "qkd": "qkd",
+                                         **{t: "interval" for t in extra}}, paper=paper)
 
 
 def cifar_config(variant: Variant, *, dataset: str, model: str, preset: str, epochs: int,
@@ -493,6 +527,9 @@ CIFAR_VARIANTS = (
     "qkd,w3a3",
     "qkd,w4a4",
 )
+# The released EWGS+KDs scripts' settings: CIFAR-10 ResNet-20 at W2A2, CIFAR-100 VGG-13 at W1A1.
+CIFAR10_RESNET20_VARIANTS = CIFAR_VARIANTS + tuple(f"{t},w2a2" for t in FEATURE_BASELINES)
+CIFAR100_VGG13_VARIANTS = CIFAR_VARIANTS + tuple(f"{t},w1a1" for t in FEATURE_BASELINES)
 TINY_IMAGENET_VARIANTS = (
     "fp",
     "qat,pact,w3a3",

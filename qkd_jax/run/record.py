@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 import ml_collections
 
 from qkd_jax.run import build
-from qkd_jax.run.config_schema import objective_kwargs, phase_names
+from qkd_jax.run.config_schema import feature_options, objective_kwargs, phase_names
 from qkd_jax.run.plan import PhasePlan
 
 # The settings that shape the student's variables: an export refuses a config that differs here.
@@ -73,6 +73,8 @@ def phase_record(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str
     if plan.kind != "calibrate":
         record.update({f"{key}.objective": plan.objective_name, f"{key}.epochs": plan.epochs})
         record.update({f"{key}.{k}": v for k, v in objective_kwargs(ph.objective, ph).items()})
+        if ph.feature:
+            record[f"{key}.feature_options"] = feature_options(ph)
     if plan.hessian is not None:  # how the EWGS delta is refreshed (docs/method.md section 5)
         record.update({"quant.hessian_probe": config.quant.hessian_probe,
                        "quant.hessian_loss": config.quant.hessian_loss})

@@ -6,12 +6,15 @@ import dataclasses
 from typing import Optional
 
 import jax
+import optax
 
+from qkd_jax.distill.feature_kd import FeatureKD, init_feature_aux
 from qkd_jax.run import build
 from qkd_jax.run.context import PhaseResult, RunContext
+from qkd_jax.run.loaders import train_labels, train_loader
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.record import phase_record
-from qkd_jax.train.optim import build_optimizer
+from qkd_jax.train.optim import build_optimizer, group_transform
 from qkd_jax.train.state import TrainState, create_train_state
 
 
@@ -38,6 +41,11 @@ def build_state(ctx: RunContext, plan: PhasePlan, init_vars: dict, net: build.Ne
             # An FP teacher has no quantizer parameters: its 'quant' group is empty.
             t_tx = build_optimizer(t_spec, dataclasses.replace(t_spec, weight_decay=0.0),
                                    steps_per_epoch=plan.steps_per_epoch, total_steps=total)
+    aux_vars = aux_tx = None
+    feature = getattr(plan.objective, "feature", None)
+    if feature is not None:
+        aux_vars = feature_aux(ctx, plan, feature, init_vars, net, t_vars)
+        aux_tx = aux_optimizer(plan, total)
     return create_train_state(
         apply_fn=net.train_model.apply,
         variables=init_vars,
@@ -46,7 +54,31 @@ def build_state(ctx: RunContext, plan: PhasePlan, init_vars: dict, net: build.Ne
         teacher_apply_fn=t_net.train_model.apply if t_net else None,
         teacher_variables=t_vars,
         teacher_tx=t_tx,
+        aux_variables=aux_vars,
+        aux_tx=aux_tx,
     )
+
+
+def feature_aux(ctx: RunContext, plan: PhasePlan, feature: FeatureKD, init_vars: dict, net: build.Network,
+                t_vars: dict) -> dict:
+    """The feature criterion's auxiliary variables, sized on one training batch (eval-mode
+    forwards of the student and the teacher without a device axis). The batch and the key come
+    from the phase seed, so a resumed phase builds the same template."""
+    loader = train_loader(ctx, plan.batch_size, None, plan.seed + 104729, labels=False, sharded=False)
+    images = jax.numpy.asarray(next(iter(loader))["image"])
+    return init_feature_aux(
+        feature, jax.random.fold_in(jax.random.key(plan.seed), 1),
+        student_apply=net.local_model.apply, student_variables=init_vars,
+        teacher_apply=ctx.network("teacher").local_model.apply, teacher_variables=t_vars,
+        images=images, num_examples=len(ctx.source(ctx.info.train_split)),
+        dataset_labels=train_labels(ctx) if feature.needs_dataset_labels else None,
+    )
+
+
+def aux_optimizer(plan: PhasePlan, total_steps: int) -> optax.GradientTransformation:
+    """The auxiliary params' optimizer: the phase's weights group (learning rate, schedule,
+    weight decay), as the released code appends them to the model's parameter group."""
+    return group_transform(plan.weights, steps_per_epoch=plan.steps_per_epoch, total_steps=total_steps)
 
 
 def local_state(ctx: RunContext, state: TrainState, net: build.Network) -> TrainState:

@@ -67,7 +67,8 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     spe, total = plan.steps_per_epoch, plan.total_steps
     start = int(jax.device_get(state.step))
     ctx.writer.drop_after(name, start if restored is not None else -1)  # each step once in metrics.jsonl
-    loader = train_loader(ctx, plan.batch_size, plan.epochs, plan.seed, labels=plan.needs_labels)
+    loader = train_loader(ctx, plan.batch_size, plan.epochs, plan.seed, labels=plan.needs_labels,
+                          with_index=plan.needs_index)
     iterator = iter(loader)
     if data_state is not None:
         iterator.set_state(data_state)

@@ -101,9 +101,31 @@ def safety_config():
     return teacher_only(epochs=1, batch_size=64, checkpoint_every_steps=3, log_every_steps=1)
 
 
+def feature_config(tokens: str = ""):
+    """Digits teacher (0 epochs) -> calibrate -> one feature-distillation phase per token of
+    `tokens` ('-'-separated baselines of qkd_jax.run.recipes.FEATURE_BASELINES, '' = all), each
+    1 epoch of 11 steps (batch 128) from the calibration with the released beta, a checkpoint
+    every 3 steps (so a run can be killed in the middle of a phase)."""
+    from qkd_jax.run import recipes
+
+    names = tokens.split("-") if tokens else list(recipes.FEATURE_BASELINES)
+    c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=3, log_every_steps=1)
+    phases = [("teacher", c.phases.teacher), ("calibrate", phase("calibrate", init_from="teacher", batch_size=128))]
+    for name in names:
+        phases.append((name, recipes.feature_phase(
+            name, epochs=1, batch_size=128,
+            weights=optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch"),
+            quant_params=optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch"),
+            options={"nce_k": 1024} if name == "crd" else None)))
+    _set_phases(c, phases)
+    return c
+
+
 def get_config(arg: str = "teacher"):
-    """CLI entry: 'teacher' (teacher_only), 'resume' (resume_config), 'record' (record_config)
-    or 'safety' (safety_config)."""
+    """CLI entry: 'teacher' (teacher_only), 'resume' (resume_config), 'record' (record_config),
+    'safety' (safety_config), or 'feature' / 'feature=TOKENS' (feature_config)."""
+    if arg == "feature" or arg.startswith("feature="):
+        return feature_config(arg.partition("=")[2])
     configs = {"teacher": teacher_only, "resume": resume_config, "record": record_config,
                "safety": safety_config}
     if arg not in configs:

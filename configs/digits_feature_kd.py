@@ -1,0 +1,60 @@
+"""Feature-distillation baselines on the bundled handwritten digits (W2A2, ResNet-20).
+
+The digits demo's teacher and calibration (configs/digits_demo.py), then one student phase per
+baseline named in ARG (comma-separated; default: all of them), each from the same calibration
+with the released recipe gamma * CE(y, s) + beta * L_feature (gamma 1, alpha 0; the betas of the
+released SQAKD CIFAR scripts, qkd_jax.run.recipes.FEATURE_BASELINES) and the demo's student
+optimizer (the criterion's auxiliary parameters, if any, train in the weights group).
+
+ARG tokens: at (AT), nst (NST), sp (SP), rkd (RKD), crd (CRD), fitnet (FitNet), cc (CC), vid (VID).
+CRD draws nce_k = 1024 negatives here (released 16384: more than the digits of the other classes).
+
+    python -m qkd_jax.main --config=configs/digits_feature_kd.py --workdir=/tmp/qkd_digits_fkd
+    python -m qkd_jax.main --config=configs/digits_feature_kd.py:at,rkd --workdir=/tmp/qkd_digits_at_rkd
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from qkd_jax.run import recipes
+
+DIGITS_EPOCHS = 12
+# Criterion options that differ from the released defaults on digits (1437 training images).
+DIGITS_OPTIONS = {"crd": {"nce_k": 1024}}
+
+
+def _demo_config() -> ml_collections.ConfigDict:
+    path = pathlib.Path(__file__).with_name("digits_demo.py")
+    spec = importlib.util.spec_from_file_location("_digits_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def parse_tokens(arg: str) -> list[str]:
+    """The baselines named in ARG ('' = all), in the order given."""
+    tokens = [t.strip() for t in arg.split(",") if t.strip()] if arg else list(recipes.FEATURE_BASELINES)
+    unknown = [t for t in tokens if t not in recipes.FEATURE_BASELINES]
+    if unknown or len(set(tokens)) != len(tokens):
+        raise ValueError(f"invalid config ARG {arg!r}: name each baseline once, from "
+                         f"{sorted(recipes.FEATURE_BASELINES)} (comma-separated)")
+    return tokens
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    c = _demo_config()
+    demo = c.phases.sqakd
+    phases = [("teacher", c.phases.teacher), ("calibrate", c.phases.calibrate)]
+    for token in parse_tokens(arg):
+        ph = recipes.feature_phase(token, epochs=DIGITS_EPOCHS, batch_size=demo.batch_size,
+                                   weights=ml_collections.ConfigDict(demo.weights.to_dict()),
+                                   quant_params=ml_collections.ConfigDict(demo.quant_params.to_dict()),
+                                   options=DIGITS_OPTIONS.get(token))
+        ph.eval_every_epochs = demo.eval_every_epochs
+        phases.append((token, ph))
+    recipes.set_phases(c, phases)
+    return c

@@ -1,0 +1,143 @@
+"""Feature-distillation keys of a phase (beta, feature, feature_options): validation, the objective
+they build, the phase record, and the baseline configs against the released SQAKD scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from qkd_jax.distill.feature_kd import RKD, Attention
+from qkd_jax.run import recipes
+from qkd_jax.run.config_schema import ConfigError, build_objective, validate
+from qkd_jax.run.plan import make_plan
+from qkd_jax.run.record import phase_record
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+# Copied by hand from the released CIFAR/scripts/run_cifar10_resnet20_EWGS+KDs.sh (--distill,
+# --kd_beta; --kd_gamma 1.0 --kd_alpha 0.0 for each) and run_cifar100_vgg13_EWGS+KDs.sh (same).
+RELEASED = {"at": ("attention", 1000.0), "nst": ("nst", 50.0), "sp": ("similarity", 3000.0), "rkd": ("rkd", 1.0),
+            "crd": ("crd", 0.8), "fitnet": ("hint", 100.0), "cc": ("correlation", 0.02), "vid": ("vid", 1.0)}
+
+
+def _load(name: str, arg: str = ""):
+    spec = importlib.util.spec_from_file_location(f"_fcfg_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg or name != "digits_demo" else module.get_config()
+
+
+def _feature_config(**student):
+    """The digits demo with its sqakd phase turned into kd + a feature criterion."""
+    c = _load("digits_demo")
+    ph = c.phases.sqakd
+    ph.objective, ph.gamma, ph.alpha, ph.beta, ph.feature = "kd", 1.0, 0.0, 25.0, "rkd"
+    for key, value in student.items():
+        if key == "feature_options":
+            for k, v in value.items():
+                ph.feature_options[k] = v
+        else:
+            ph[key] = value
+    return c
+
+
+def test_feature_keys_build_the_criterion_with_its_options():
+    c = _feature_config(feature_options={"w_d": 3.0})
+    validate(c)
+    objective = build_objective(c.phases.sqakd)
+    assert objective.feature == RKD(w_d=3.0, w_a=50.0) and objective.beta == 25.0
+    assert objective.needs_teacher and objective.needs_labels
+
+
+@pytest.mark.parametrize("changes, key, message", [
+    ({"feature": "bogus"}, "phases.sqakd.feature", "unknown feature criterion; known: .*'attention'"),
+    ({"beta": 0.0}, "phases.sqakd.beta", "needs a non-zero beta"),
+    ({"feature": ""}, "phases.sqakd.beta", "weighs a feature loss but feature is ''"),
+    ({"objective": "sqakd"}, "phases.sqakd.feature", "objective 'sqakd' takes no feature term; use objective='kd'"),
+    ({"feature_options": {"p": 2.0}}, "phases.sqakd", r"unknown option\(s\) \['p'\]; it accepts"),
+])
+def test_bad_feature_settings_fail_in_one_line_naming_the_key(changes, key, message):
+    with pytest.raises(ConfigError, match=f"config.{key}.*{message}") as err:
+        validate(_feature_config(**changes))
+    assert "\n" not in str(err.value)
+
+
+def test_options_without_a_criterion_fail():
+    c = _feature_config(beta=0.0, feature="", feature_options={"w_d": 1.0})
+    with pytest.raises(ConfigError, match="feature_options.*given without a feature criterion"):
+        validate(c)
+
+
+def test_record_holds_the_feature_term_only_when_set(tmp_path):
+    c = _feature_config(feature_options={"w_a": 7.0})
+    record = phase_record(c, make_plan(c, tmp_path, "sqakd", steps_per_epoch=3))
+    assert record["phases.sqakd.beta"] == 25.0 and record["phases.sqakd.feature"] == "rkd"
+    assert record["phases.sqakd.feature_options"] == {"w_a": 7.0}
+    plain = _load("digits_demo")
+    plain.phases.sqakd.objective = "kd"
+    assert not any("beta" in k or "feature" in k
+                   for k in phase_record(plain, make_plan(plain, tmp_path, "sqakd", steps_per_epoch=3)))
+
+
+def test_recipe_table_is_the_released_scripts():
+    assert recipes.FEATURE_BASELINES == RELEASED
+
+
+@pytest.mark.parametrize("name, arg, bits, epochs", [("cifar10_resnet20", "w2a2", 2, 1200),
+                                                       ("cifar100_vgg13", "w1a1", 1, 720)])
+@pytest.mark.parametrize("token", sorted(RELEASED))
+def test_cifar_baselines_follow_the_released_scripts(name, arg, bits, epochs, token):
+    c = _load(name, f"{token},{arg}")
+    validate(c)
+    qat = _load(name, f"qat,{arg}")
+    assert c.phase_order == "teacher,calibrate,student"
+    ph = c.phases.student
+    criterion, beta = RELEASED[token]
+    assert (ph.objective, ph.gamma, ph.alpha, ph.beta, ph.feature) == ("kd", 1.0, 0.0, beta, criterion)
+    assert (ph.teacher_from, ph.init_from, ph.epochs) == ("teacher", "calibrate", epochs)
+    assert (c.quant.w_bits, c.quant.a_bits, c.quant.method) == (bits, bits, "interval")
+    # The student's optimizers are the EWGS recipe of the file (the scripts change only the loss).
+    assert ph.weights.to_dict() == qat.phases.student.weights.to_dict()
+    assert ph.quant_params.to_dict() == qat.phases.student.quant_params.to_dict()
+
+
+def test_digits_baselines_config():
+    c = _load("digits_feature_kd")
+    validate(c)
+    assert c.phase_order == "teacher,calibrate," + ",".join(RELEASED)
+    at = build_objective(c.phases.at)
+    assert at.feature == Attention() and at.beta == 1000.0
+    assert c.phases.sp.weights.to_dict() == _load("digits_demo").phases.sqakd.weights.to_dict()
+    assert _load("digits_feature_kd", "rkd").phase_order == "teacher,calibrate,rkd"
+    with pytest.raises(ValueError, match="invalid config ARG 'xx'"):
+        _load("digits_feature_kd", "xx")
+
+
+def test_auxiliary_params_train_like_the_weights_group(tmp_path):
+    """The auxiliary optimizer is the phase's weights group: over three steps it moves a
+    parameter exactly as the model's optimizer moves a weight (not a quantizer parameter)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qkd_jax.run.states import aux_optimizer
+    from qkd_jax.train.optim import build_optimizer
+
+    c = _feature_config()
+    c.phases.sqakd.weights.learning_rate = 0.01  # far from the quant group's 1e-4
+    plan = make_plan(c, tmp_path, "sqakd", steps_per_epoch=3)
+    aux_tx = aux_optimizer(plan, 6)
+    model_tx = build_optimizer(plan.weights, plan.quant_params, steps_per_epoch=3, total_steps=6)
+    start = jnp.asarray([1.0, -2.0, 0.5])
+    aux, model = {"w": start}, {"conv": {"kernel": start}}
+    aux_state, model_state = aux_tx.init(aux), model_tx.init(model)
+    for g in ([0.1, -0.2, 0.3], [0.4, 0.0, -0.1], [-0.3, 0.2, 0.2]):
+        g = jnp.asarray(g)
+        du, aux_state = aux_tx.update({"w": g}, aux_state, aux)
+        dm, model_state = model_tx.update({"conv": {"kernel": g}}, model_state, model)
+        aux = {"w": aux["w"] + du["w"]}
+        model = {"conv": {"kernel": model["conv"]["kernel"] + dm["conv"]["kernel"]}}
+        np.testing.assert_array_equal(aux["w"], model["conv"]["kernel"])
+    # Adam's first step moves each coordinate by about the learning rate (not the quant group's 1e-4).
+    assert np.all(np.abs(np.asarray(aux["w"] - start)) > 5e-3)

@@ -32,6 +32,10 @@ Collections a quantized layer uses (paths relative to the layer):
                    full-precision inputs.
     intermediates  'w_hat', 'a_hat' (tuples, flax `sow`): the fake-quantized weights and inputs,
                    recorded only when apply is given mutable=['intermediates'].
+
+Compute dtype (the nn.Conv / nn.Dense field `dtype`, set model-wide by the models' `dtype`): the
+conv / matmul runs in it; params, quantizer parameters, the quantizers and their scales stay
+float32, so w_hat and a_hat land on the same float32 grids in bfloat16 and float32 compute.
 """
 
 from __future__ import annotations
@@ -128,6 +132,11 @@ def _forward(
     """Quantized forward pass shared by QConv and QDense (calibrating when asked to)."""
     if not lp.quantized:
         return op(x, kernel, bias)
+    # Mixed precision: the quantizers, their calibration and their scales see the input in float32
+    # (a bfloat16 x / delta would land on the wrong code of an 8-bit grid); the conv / matmul `op`
+    # then runs in the layer's compute dtype on the integer-valued operands, which bfloat16 holds
+    # exactly for every grid of at most 8 bits (|q| <= 256; docs/method.md, "Mixed precision").
+    x = jnp.asarray(x, jnp.float32)
     placeholders = placeholder_params(lp)
     q: dict[str, Any] = {}
     if placeholders:

@@ -2,6 +2,7 @@
 
     bash benchmarks/accelerator.sh                       # ResNet-18 + MobileNetV2, 224 px, batch 256
     python benchmarks/accelerator.py --tiny --out=t.json # 32 px, batch 4/device, 1 step (CPU smoke run)
+    bash benchmarks/accelerator.sh --models=mobilenet_v2 --depthwise=shifted   # qkd_jax/models/depthwise.py
 
 For ResNet-18 and MobileNetV2 at 224 px and each compute dtype (float32, bfloat16; see
 docs/method.md, "Mixed precision"), three train steps: the FP cross-entropy step ('fp'), plain
@@ -102,12 +103,13 @@ def _allocator_peak_mb() -> Optional[float]:
     return stats["peak_bytes_in_use"] / 2**20 if stats and "peak_bytes_in_use" in stats else None
 
 
-def _networks(model: str, classes: int, dtype: Any):
+def _networks(model: str, classes: int, dtype: Any, depthwise: str = "grouped"):
     """(teacher, W4A4 student): interval quantizers, first and last layer 8-bit, signed inputs declared."""
-    teacher = get_model(model, classes, axis_name="data", dtype=dtype)
+    extra = {"depthwise": depthwise} if model == "mobilenet_v2" else {}
+    teacher = get_model(model, classes, axis_name="data", dtype=dtype, **extra)
     rules = qrules.with_signed_inputs(qrules.first_last_8bit("interval", 4, 4), signed_inputs(model))
     conv, dense = quantized_layers(rules)
-    return teacher, get_model(model, classes, axis_name="data", dtype=dtype, conv=conv, dense=dense)
+    return teacher, get_model(model, classes, axis_name="data", dtype=dtype, conv=conv, dense=dense, **extra)
 
 
 def _variables(teacher, student, size: int) -> tuple[dict, dict]:
@@ -132,11 +134,12 @@ def _time_steps(compiled: Any, state: Any, batch: Any, steps: int) -> float:
 
 
 def bench_model(model: str, dtype_name: str, size: int, batch: int, classes: int, steps: int,
-                peak_override: Optional[float], cases: tuple[str, ...] = CASES) -> list[dict]:
+                peak_override: Optional[float], cases: tuple[str, ...] = CASES,
+                depthwise: str = "grouped") -> list[dict]:
     """The train-step rows (`cases`) of one model and compute dtype."""
     mesh = parallel.make_mesh()
     dtype = jnp.dtype(dtype_name)
-    teacher, student = _networks(model, classes, dtype)
+    teacher, student = _networks(model, classes, dtype, depthwise)
     t_vars, s_vars = _variables(teacher, student, size)
     tx = build_optimizer(GroupSpec(optimizer="sgd", learning_rate=0.01, momentum=0.9, weight_decay=1e-4),
                          GroupSpec(optimizer="adam", learning_rate=1e-5), steps_per_epoch=100, total_steps=100)
@@ -166,7 +169,7 @@ def bench_model(model: str, dtype_name: str, size: int, batch: int, classes: int
         compile_s = time.perf_counter() - t0
         flops = compiled_flops(compiled)
         step_s = _time_steps(compiled, state, b, steps)
-        rows.append(dict(model=model, dtype=dtype_name, case=case, size=size, batch=batch,
+        rows.append(dict(model=model, dtype=dtype_name, case=case, size=size, batch=batch, depthwise=depthwise,
                          compile_s=compile_s, step_s=step_s, images_per_s=batch / step_s, flops=flops,
                          peak_tflops=peak, mfu=(flops / step_s / (peak * 1e12)) if peak else None,
                          compiled_mb=compiled_mb(compiled), peak_mb=_allocator_peak_mb()))
@@ -209,6 +212,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {MODELS}")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, from {DTYPES}")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {CASES}")
+    ap.add_argument("--depthwise", default="grouped", choices=("grouped", "shifted"),
+                    help="MobileNetV2's depthwise convs: XLA grouped convs or sums of shifted products")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=256, help="global batch (divisible by the device count)")
     ap.add_argument("--classes", type=int, default=1000)
@@ -231,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for model in models:
         for dtype in dtypes:
             rows.extend(bench_model(model, dtype, args.size, args.batch, args.classes, args.steps,
-                                    args.peak_tflops, cases))
+                                    args.peak_tflops, cases, args.depthwise))
     device = jax.devices()[0]
     meta = dict(device_kind=device.device_kind, backend=jax.default_backend(), devices=jax.device_count(),
                 jax=jax.__version__, host=platform.processor() or platform.machine(), steps=args.steps)

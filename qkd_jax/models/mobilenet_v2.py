@@ -15,11 +15,13 @@ projection, so the pre-activation features are the same arrays.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from qkd_jax.models.depthwise import depthwise_conv_general_dilated
 from qkd_jax.models.layers import (
     Array,
     BatchNorm,
@@ -79,10 +81,17 @@ class MobileNetV2(nn.Module):
     axis_name: str | None = None
     dropout_rate: float = 0.0
     last_channel: int = 1280
+    # 'grouped': depthwise convs as XLA grouped convs (feature_group_count); 'shifted': as sums of
+    # shifted products (`models.depthwise`, same values and gradients, a faster backward on CPU).
+    depthwise: str = "grouped"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         conv, dense = compute_layers(self)
+        if self.depthwise not in ("grouped", "shifted"):
+            raise ValueError(f"MobileNetV2 depthwise={self.depthwise!r}: use 'grouped' or 'shifted'")
+        if self.depthwise == "shifted":
+            conv = functools.partial(conv, conv_general_dilated=depthwise_conv_general_dilated)
         norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
         x = jnp.asarray(x, self.dtype)
         x = conv_layer(conv, 32, 3, strides=2, name="stem")(x)

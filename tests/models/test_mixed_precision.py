@@ -159,3 +159,20 @@ def test_bf16_quantized_loss_tracks_fp32():
     l32, _, _ = _run(jnp.float32, True, 3, data, variables)
     l16, _, _ = _run(jnp.bfloat16, True, 3, data, variables)
     assert np.all(np.abs(l16 - l32) <= 5e-2 * np.abs(l32))
+
+
+def test_config_compute_dtype_is_validated_and_reaches_the_models():
+    from qkd_jax.run import build
+    from qkd_jax.run.config_schema import ConfigError, base_config, validate
+
+    config = base_config()
+    config.compute_dtype = "float16"
+    with pytest.raises(ConfigError, match="compute_dtype.*bfloat16"):
+        validate(config)
+    config.compute_dtype = "bfloat16"
+    validate(config)
+    assert build.student_network(config).train_model.dtype == jnp.bfloat16
+    assert build.teacher_network(config).local_model.dtype == jnp.bfloat16
+    assert build.student_network(config, jnp.float32).local_model.dtype == jnp.float32
+    del config["compute_dtype"]  # a config.json written before the key existed
+    assert build.compute_dtype(config) == jnp.float32

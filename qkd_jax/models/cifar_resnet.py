@@ -26,7 +26,9 @@ from qkd_jax.models.layers import (
     BatchNorm,
     ModuleDef,
     bind_norm,
+    compute_layers,
     conv_layer,
+    float32_logits,
     global_avg_pool,
     record_feature,
 )
@@ -78,22 +80,23 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        conv, dense = compute_layers(self)
         if (self.depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {self.depth}")
         blocks = (self.depth - 2) // 6
         norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = conv_layer(self.conv, 16, 3, name="stem")(x)
+        x = conv_layer(conv, 16, 3, name="stem")(x)
         x = self.act(norm(name="stem_bn")(x))
         record_feature(self, x)
         for i, (planes, stride) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
             for j in range(blocks):
                 pre = CifarBasicBlock(
-                    planes, stride if j == 0 else 1, self.conv, norm, self.act, name=f"layer{i}_{j}"
+                    planes, stride if j == 0 else 1, conv, norm, self.act, name=f"layer{i}_{j}"
                 ).preactivation(x)
                 x = self.act(pre)
             record_feature(self, x, pre)
         x = global_avg_pool(x)
         record_feature(self, x)
         x = norm(name="head_bn")(x)
-        return self.dense(self.num_classes, use_bias=True, name="classifier")(x)
+        return float32_logits(dense(self.num_classes, use_bias=True, name="classifier")(x))

@@ -33,7 +33,9 @@ from qkd_jax.models.layers import (
     BatchNorm,
     ModuleDef,
     bind_norm,
+    compute_layers,
     conv_layer,
+    float32_logits,
     global_avg_pool,
     max_pool,
     record_feature,
@@ -67,6 +69,7 @@ class CifarVGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        conv, dense = compute_layers(self)
         if self.depth not in CIFAR_VGG_STAGES:
             raise ValueError(f"CIFAR VGG depth must be one of {sorted(CIFAR_VGG_STAGES)}, got {self.depth}")
         norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
@@ -75,7 +78,7 @@ class CifarVGG(nn.Module):
         for i, stage in enumerate(CIFAR_VGG_STAGES[self.depth], start=1):
             for j, features in enumerate(stage, start=1):
                 conv_name, bn_name = cifar_vgg_names(i, j)
-                x = conv_layer(self.conv, features, 3, use_bias=True, name=conv_name)(x)
+                x = conv_layer(conv, features, 3, use_bias=True, name=conv_name)(x)
                 pre = norm(name=bn_name)(x)
                 x = nn.relu(pre)
             record_feature(self, x, pre if i > 1 else None)
@@ -83,4 +86,4 @@ class CifarVGG(nn.Module):
                 x = max_pool(x, 2, 2)
         x = global_avg_pool(x)
         record_feature(self, x)
-        return self.dense(self.num_classes, use_bias=True, name="classifier")(x)
+        return float32_logits(dense(self.num_classes, use_bias=True, name="classifier")(x))

@@ -27,7 +27,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool, record_feature
+from qkd_jax.models.layers import (
+    Array,
+    BatchNorm,
+    ModuleDef,
+    bind_norm,
+    compute_layers,
+    conv_layer,
+    float32_logits,
+    global_avg_pool,
+    record_feature,
+)
 
 #: (expand ratio, kernel, stride, output channels, repeats) of the B0 stages.
 EFFICIENTNET_B0_SETTING: tuple[tuple[int, int, int, int, int], ...] = (
@@ -90,9 +100,10 @@ class EfficientNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        conv, dense = compute_layers(self)
         norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = nn.silu(norm(name="stem_bn")(conv_layer(self.conv, 32, 3, strides=2, name="stem")(x)))
+        x = nn.silu(norm(name="stem_bn")(conv_layer(conv, 32, 3, strides=2, name="stem")(x)))
         record_feature(self, x)
         total = sum(setting[-1] for setting in EFFICIENTNET_B0_SETTING)
         index = 0
@@ -103,7 +114,7 @@ class EfficientNet(nn.Module):
                     k,
                     stride if j == 0 else 1,
                     t,
-                    self.conv,
+                    conv,
                     norm,
                     drop_prob=self.stochastic_depth_prob * index / total,
                     name=f"stage{s}_{j}",
@@ -111,9 +122,9 @@ class EfficientNet(nn.Module):
                 x = block(x, train)
                 index += 1
             record_feature(self, x)
-        x = conv_layer(self.conv, self.last_channel, 1, name="head_conv")(x)
+        x = conv_layer(conv, self.last_channel, 1, name="head_conv")(x)
         x = nn.silu(norm(name="head_bn")(x))
         x = global_avg_pool(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         record_feature(self, x)
-        return self.dense(self.num_classes, use_bias=True, name="classifier")(x)
+        return float32_logits(dense(self.num_classes, use_bias=True, name="classifier")(x))

@@ -49,6 +49,19 @@ def conv_layer(
     )
 
 
+def compute_layers(module: nn.Module) -> tuple[ModuleDef, ModuleDef]:
+    """The model's conv / dense factories computing in ``module.dtype`` (the model's compute dtype:
+    activations, matmuls and convolutions); their parameters stay float32 (``param_dtype``)."""
+    return (functools.partial(module.conv, dtype=module.dtype),
+            functools.partial(module.dense, dtype=module.dtype))
+
+
+def float32_logits(logits: Array) -> Array:
+    """The model's output in float32, whatever its compute dtype: every loss, softmax and metric
+    reads float32 logits (bfloat16 keeps 8 significant bits, too few for a log-softmax)."""
+    return jnp.asarray(logits, jnp.float32)
+
+
 def bind_norm(norm: ModuleDef, train: bool, axis_name: str | None, dtype: Any) -> ModuleDef:
     """The BatchNorm factory for one forward pass: batch statistics (synced over ``axis_name``) in training."""
     return functools.partial(norm, use_running_average=not train, axis_name=axis_name, dtype=dtype)
@@ -103,7 +116,8 @@ def recording_features(module: nn.Module) -> bool:
 
 
 def record_feature(module: nn.Module, value: Array, preact: Array | None = None) -> None:
-    """Append ``value`` and its pre-activation (``value`` itself by default) to FEATURES, in call order."""
+    """Append ``value`` and its pre-activation (``value`` itself by default) to FEATURES, in call order.
+    The features are recorded in float32 (the feature losses compute in float32)."""
     if recording_features(module):
-        module.sow(FEATURES, "post", value)
-        module.sow(FEATURES, "preact", value if preact is None else preact)
+        module.sow(FEATURES, "post", jnp.asarray(value, jnp.float32))
+        module.sow(FEATURES, "preact", jnp.asarray(value if preact is None else preact, jnp.float32))

@@ -15,12 +15,24 @@ projection, so the pre-activation features are the same arrays.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, bind_norm, conv_layer, global_avg_pool, record_feature
+from qkd_jax.models.depthwise import depthwise_conv_general_dilated
+from qkd_jax.models.layers import (
+    Array,
+    BatchNorm,
+    ModuleDef,
+    bind_norm,
+    compute_layers,
+    conv_layer,
+    float32_logits,
+    global_avg_pool,
+    record_feature,
+)
 
 MOBILENET_V2_SETTING: tuple[tuple[int, int, int, int], ...] = (
     (1, 16, 1, 1),
@@ -69,23 +81,31 @@ class MobileNetV2(nn.Module):
     axis_name: str | None = None
     dropout_rate: float = 0.0
     last_channel: int = 1280
+    # 'grouped': depthwise convs as XLA grouped convs (feature_group_count); 'shifted': as sums of
+    # shifted products (`models.depthwise`, same values and gradients, a faster backward on CPU).
+    depthwise: str = "grouped"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        conv, dense = compute_layers(self)
+        if self.depthwise not in ("grouped", "shifted"):
+            raise ValueError(f"MobileNetV2 depthwise={self.depthwise!r}: use 'grouped' or 'shifted'")
+        if self.depthwise == "shifted":
+            conv = functools.partial(conv, conv_general_dilated=depthwise_conv_general_dilated)
         norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = conv_layer(self.conv, 32, 3, strides=2, name="stem")(x)
+        x = conv_layer(conv, 32, 3, strides=2, name="stem")(x)
         x = nn.relu6(norm(name="stem_bn")(x))
         record_feature(self, x)
         k = 0
         for t, c, n, s in MOBILENET_V2_SETTING:
             for i in range(n):
                 k += 1
-                x = InvertedResidual(c, s if i == 0 else 1, t, self.conv, norm, name=f"block{k}")(x)
+                x = InvertedResidual(c, s if i == 0 else 1, t, conv, norm, name=f"block{k}")(x)
             record_feature(self, x)
-        x = conv_layer(self.conv, self.last_channel, 1, name="head_conv")(x)
+        x = conv_layer(conv, self.last_channel, 1, name="head_conv")(x)
         x = nn.relu6(norm(name="head_bn")(x))
         x = global_avg_pool(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         record_feature(self, x)
-        return self.dense(self.num_classes, use_bias=True, name="classifier")(x)
+        return float32_logits(dense(self.num_classes, use_bias=True, name="classifier")(x))

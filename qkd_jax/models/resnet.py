@@ -25,7 +25,9 @@ from qkd_jax.models.layers import (
     BatchNorm,
     ModuleDef,
     bind_norm,
+    compute_layers,
     conv_layer,
+    float32_logits,
     global_avg_pool,
     max_pool,
     record_feature,
@@ -101,9 +103,10 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        conv, dense = compute_layers(self)
         norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = conv_layer(self.conv, 64, 7, strides=2, name="stem")(x)
+        x = conv_layer(conv, 64, 7, strides=2, name="stem")(x)
         x = nn.relu(norm(name="stem_bn")(x))
         record_feature(self, x)
         x = max_pool(x, 3, 2, padding=1)
@@ -111,9 +114,9 @@ class ResNet(nn.Module):
             planes = 64 * 2 ** (i - 1)
             for j in range(blocks):
                 strides = 2 if (i > 1 and j == 0) else 1
-                pre = self.block_cls(planes, strides, self.conv, norm, name=f"layer{i}_{j}").preactivation(x)
+                pre = self.block_cls(planes, strides, conv, norm, name=f"layer{i}_{j}").preactivation(x)
                 x = nn.relu(pre)
             record_feature(self, x, pre)
         x = global_avg_pool(x)
         record_feature(self, x)
-        return self.dense(self.num_classes, use_bias=True, name="classifier")(x)
+        return float32_logits(dense(self.num_classes, use_bias=True, name="classifier")(x))

@@ -27,7 +27,9 @@ from qkd_jax.models.layers import (
     BatchNorm,
     ModuleDef,
     bind_norm,
+    compute_layers,
     conv_layer,
+    float32_logits,
     global_avg_pool,
     max_pool,
     record_feature,
@@ -92,18 +94,19 @@ class ShuffleNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        conv, dense = compute_layers(self)
         norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
         x = jnp.asarray(x, self.dtype)
-        x = conv_layer(self.conv, self.widths[0], 3, strides=2, name="stem")(x)
+        x = conv_layer(conv, self.widths[0], 3, strides=2, name="stem")(x)
         x = nn.relu(norm(name="stem_bn")(x))
         record_feature(self, x)
         x = max_pool(x, 3, 2, padding=1)
         for s, (features, repeats) in enumerate(zip(self.widths[1:4], self.repeats), start=2):
             for j in range(repeats):
-                x = ShuffleUnit(features, 2 if j == 0 else 1, self.conv, norm, name=f"stage{s}_{j}")(x)
+                x = ShuffleUnit(features, 2 if j == 0 else 1, conv, norm, name=f"stage{s}_{j}")(x)
             record_feature(self, x)
-        x = conv_layer(self.conv, self.widths[4], 1, name="conv5")(x)
+        x = conv_layer(conv, self.widths[4], 1, name="conv5")(x)
         x = nn.relu(norm(name="conv5_bn")(x))
         x = global_avg_pool(x)
         record_feature(self, x)
-        return self.dense(self.num_classes, use_bias=True, name="classifier")(x)
+        return float32_logits(dense(self.num_classes, use_bias=True, name="classifier")(x))

@@ -22,7 +22,17 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from qkd_jax.models.layers import Array, BatchNorm, ModuleDef, conv_layer, global_avg_pool, max_pool, record_feature
+from qkd_jax.models.layers import (
+    Array,
+    BatchNorm,
+    ModuleDef,
+    compute_layers,
+    conv_layer,
+    float32_logits,
+    global_avg_pool,
+    max_pool,
+    record_feature,
+)
 
 #: (squeeze, expand1x1, expand3x3) of fire2..fire9; a max pool precedes fire2, fire5 and fire9.
 FIRE_SETTING: tuple[tuple[int, int, int], ...] = (
@@ -71,18 +81,19 @@ class SqueezeNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        conv, _ = compute_layers(self)
         x = jnp.asarray(x, self.dtype)
-        x = nn.relu(conv_layer(self.conv, 96, 7, strides=2, padding=0, use_bias=True, name="stem")(x))
+        x = nn.relu(conv_layer(conv, 96, 7, strides=2, padding=0, use_bias=True, name="stem")(x))
         record_feature(self, x)
         last = len(FIRE_SETTING) + 1
         for k, setting in enumerate(FIRE_SETTING, start=2):
             if k in _POOL_BEFORE:
                 x = max_pool(x, 3, 2, ceil_mode=True)
-            pre = Fire(*setting, conv=self.conv, name=f"fire{k}").preactivation(x)
+            pre = Fire(*setting, conv=conv, name=f"fire{k}").preactivation(x)
             x = nn.relu(pre)
             if k + 1 in _POOL_BEFORE or k == last:
                 record_feature(self, x, pre)
         record_feature(self, global_avg_pool(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = conv_layer(self.conv, self.num_classes, 1, use_bias=True, name="classifier")(x)
-        return global_avg_pool(nn.relu(x))
+        x = conv_layer(conv, self.num_classes, 1, use_bias=True, name="classifier")(x)
+        return float32_logits(global_avg_pool(nn.relu(x)))

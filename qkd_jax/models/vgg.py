@@ -28,7 +28,9 @@ from qkd_jax.models.layers import (
     ModuleDef,
     adaptive_avg_pool,
     bind_norm,
+    compute_layers,
     conv_layer,
+    float32_logits,
     max_pool,
     record_feature,
 )
@@ -52,12 +54,13 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
+        conv, dense = compute_layers(self)
         norm = bind_norm(self.norm, train, self.axis_name, self.dtype)
         x = jnp.asarray(x, self.dtype)
         for i, stage in enumerate(self.stages, start=1):
             for j, features in enumerate(stage, start=1):
                 conv_name, bn_name = cifar_vgg_names(i, j)
-                x = conv_layer(self.conv, features, 3, use_bias=True, name=conv_name)(x)
+                x = conv_layer(conv, features, 3, use_bias=True, name=conv_name)(x)
                 pre = norm(name=bn_name)(x)
                 x = nn.relu(pre)
             record_feature(self, x, pre if i > 1 else None)
@@ -65,7 +68,7 @@ class VGG(nn.Module):
         x = adaptive_avg_pool(x, (7, 7))
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)  # torch flatten order
         for name in ("fc1", "fc2"):
-            x = nn.relu(self.dense(4096, use_bias=True, name=name)(x))
+            x = nn.relu(dense(4096, use_bias=True, name=name)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         record_feature(self, x)
-        return self.dense(self.num_classes, use_bias=True, name="classifier")(x)
+        return float32_logits(dense(self.num_classes, use_bias=True, name="classifier")(x))

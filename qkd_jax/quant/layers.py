@@ -32,6 +32,10 @@ Collections a quantized layer uses (paths relative to the layer):
                    full-precision inputs.
     intermediates  'w_hat', 'a_hat' (tuples, flax `sow`): the fake-quantized weights and inputs,
                    recorded only when apply is given mutable=['intermediates'].
+
+Compute dtype (the nn.Conv / nn.Dense field `dtype`, set model-wide by the models' `dtype`): the
+conv / matmul runs in it; params, quantizer parameters, the quantizers and their scales stay
+float32, so w_hat and a_hat land on the same float32 grids in bfloat16 and float32 compute.
 """
 
 from __future__ import annotations
@@ -128,6 +132,11 @@ def _forward(
     """Quantized forward pass shared by QConv and QDense (calibrating when asked to)."""
     if not lp.quantized:
         return op(x, kernel, bias)
+    # Mixed precision: the quantizers, their calibration and their scales see the input in float32
+    # (a bfloat16 x / delta would land on the wrong code of an 8-bit grid); the conv / matmul `op`
+    # then runs in the layer's compute dtype on the integer-valued operands, which bfloat16 holds
+    # exactly for every grid of at most 8 bits (|q| <= 256; docs/method.md, "Mixed precision").
+    x = jnp.asarray(x, jnp.float32)
     placeholders = placeholder_params(lp)
     q: dict[str, Any] = {}
     if placeholders:
@@ -141,6 +150,9 @@ def _forward(
             # clips nothing, so it needs no declaration)
             module.put_variable(CALIBRATION_COLLECTION, calib.INPUT_MIN,
                                 jnp.min(jax.lax.stop_gradient(x)).astype(jnp.float32))
+    # The float output without bias, computed once: the dead-layer flag compares with it and
+    # the output scale with it plus the bias.
+    y_fp = op(x, kernel, None) if calibrating else None
     w_hat = kernel
     if lp.w_bits is not None:
         w_hat = quantize_weight(lp, kernel, q, _delta(module, "w"), _hook(module, "w_q")).astype(kernel.dtype)
@@ -154,16 +166,16 @@ def _forward(
         q_w = integer_valued(w_hat, s_w).astype(w_hat.dtype)
         y = op(integer_valued(a_hat, s_a), q_w, None)
         if calibrating:
-            module.put_variable(CALIBRATION_COLLECTION, calib.DEAD, calib.dead_output(y, op(x, kernel, None)))
+            module.put_variable(CALIBRATION_COLLECTION, calib.DEAD, calib.dead_output(y, y_fp))
         y = add_bias(y * combined_scale(s_a, s_w).astype(y.dtype), bias)
     else:
         y = op(a_hat, w_hat, bias)
         if calibrating:
             module.put_variable(CALIBRATION_COLLECTION, calib.DEAD,
-                                calib.dead_output(op(a_hat, w_hat, None), op(x, kernel, None)))
+                                calib.dead_output(op(a_hat, w_hat, None), y_fp))
     if lp.output_scale:
         if calibrating:
-            q["output_scale"] = calib.output_scale(op(x, kernel, bias), y)
+            q["output_scale"] = calib.output_scale(add_bias(y_fp, bias), y)
         y = y * jnp.abs(q["output_scale"]).astype(y.dtype)
     if calibrating and q:
         module.put_variable(CALIBRATION_COLLECTION, QUANT, q)

@@ -36,7 +36,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qkd_jax.quant.methods import GridSpec, QuantMethod, register
+from qkd_jax.quant.methods import GridSpec, QuantMethod, _f32, register
 from qkd_jax.quant.positive import positive_width
 from qkd_jax.quant.precision import LayerPrecision
 from qkd_jax.quant.released_quantizers import (
@@ -90,7 +90,8 @@ def _dorefa_w(lp: LayerPrecision, w, q, delta=0.0, hook=None):
     return dorefa_signed(w, _bits(lp.w_bits, "w_bits"), delta, hook)
 
 
-def _dorefa_weight_scale(lp: LayerPrecision, q, w_hat) -> jax.Array:
+def _released_weight_scale(lp: LayerPrecision, q, w_hat) -> jax.Array:
+    """The released DoReFa weight scale 2 / (2^b - 1), a float32 constant (PACT and DoReFa records)."""
     return _const(dorefa_scale(_bits(lp.w_bits, "w_bits")))
 
 
@@ -100,20 +101,27 @@ def _pact_x(lp: LayerPrecision, x, q, delta=0.0, hook=None):
     return pact_signed(x, _bits(lp.a_bits, "a_bits"), delta, hook)
 
 
-PACT_RELEASED = register(QuantMethod(
-    name="pact_released",
-    weight_params={},
-    input_params={},
-    quantize_weight=_dorefa_w,
-    quantize_input=_pact_x,
-    calibrate_weight=_no_params,
-    calibrate_input=_no_params,
-    weight_grid=_signed_grid,
-    input_grid=_signed_grid,
-    weight_scale=_dorefa_weight_scale,
-    input_scale=lambda lp, q: _const(pact_scale(_bits(lp.a_bits, "a_bits"))),
-    input_sign="always",
-))
+def _dorefa_weight_record(name: str, quantize_input, input_scale) -> QuantMethod:
+    """A released record with DoReFa weights, no learnable parameters and the signed grids; the
+    PACT and DoReFa records differ only in their input quantizer and its scale."""
+    return register(QuantMethod(
+        name=name,
+        weight_params={},
+        input_params={},
+        quantize_weight=_dorefa_w,
+        quantize_input=quantize_input,
+        calibrate_weight=_no_params,
+        calibrate_input=_no_params,
+        weight_grid=_signed_grid,
+        input_grid=_signed_grid,
+        weight_scale=_released_weight_scale,
+        input_scale=input_scale,
+        input_sign="always",
+    ))
+
+
+PACT_RELEASED = _dorefa_weight_record(
+    "pact_released", _pact_x, lambda lp, q: _const(pact_scale(_bits(lp.a_bits, "a_bits"))))
 
 
 def _lsq_init(x: jax.Array, bits: int, name: str) -> jax.Array:
@@ -129,10 +137,6 @@ def _lsq_w(lp: LayerPrecision, w, q, delta=0.0, hook=None):
 def _lsq_x(lp: LayerPrecision, x, q, delta=0.0, hook=None):
     _full_range_unsupported(lp)
     return lsq_signed(x, q["a_released_step"], _bits(lp.a_bits, "a_bits"), delta, hook)
-
-
-def _f32(x) -> jax.Array:
-    return jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
 
 
 LSQ_RELEASED = register(QuantMethod(
@@ -157,20 +161,8 @@ def _dorefa_x(lp: LayerPrecision, x, q, delta=0.0, hook=None):
     return dorefa_signed(x, _bits(lp.a_bits, "a_bits"), delta, hook)
 
 
-DOREFA_RELEASED = register(QuantMethod(
-    name="dorefa_released",
-    weight_params={},
-    input_params={},
-    quantize_weight=_dorefa_w,
-    quantize_input=_dorefa_x,
-    calibrate_weight=_no_params,
-    calibrate_input=_no_params,
-    weight_grid=_signed_grid,
-    input_grid=_signed_grid,
-    weight_scale=_dorefa_weight_scale,
-    input_scale=lambda lp, q: _const(dorefa_scale(_bits(lp.a_bits, "a_bits"))),
-    input_sign="always",
-))
+DOREFA_RELEASED = _dorefa_weight_record(
+    "dorefa_released", _dorefa_x, lambda lp, q: _const(dorefa_scale(_bits(lp.a_bits, "a_bits"))))
 
 
 def full_range_transforms(lp: LayerPrecision) -> LayerPrecision:

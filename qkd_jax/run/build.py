@@ -71,9 +71,16 @@ def student_rules(config: ml_collections.ConfigDict) -> qrules.RuleSet:
     return qrules.with_signed_inputs(rules, signed_inputs(config.model.name))
 
 
-def _network(config: ml_collections.ConfigDict, **layer_kwargs: Any) -> Network:
+def compute_dtype(config: ml_collections.ConfigDict) -> Any:
+    """The models' compute dtype (config.compute_dtype; float32 for a config written before the
+    key existed): activations, convolutions and matmuls. Parameters stay float32."""
+    return jnp.dtype(config.get("compute_dtype", "float32"))
+
+
+def _network(config: ml_collections.ConfigDict, dtype: Any = None, **layer_kwargs: Any) -> Network:
+    dtype = compute_dtype(config) if dtype is None else dtype
     build = lambda axis: get_model(  # noqa: E731
-        config.model.name, num_classes(config), axis_name=axis, **layer_kwargs
+        config.model.name, num_classes(config), axis_name=axis, dtype=dtype, **layer_kwargs
     )
     return Network(train_model=build(DATA_AXIS), local_model=build(None))
 
@@ -82,9 +89,11 @@ def teacher_network(config: ml_collections.ConfigDict) -> Network:
     return _network(config)
 
 
-def student_network(config: ml_collections.ConfigDict) -> Network:
+def student_network(config: ml_collections.ConfigDict, dtype: Any = None) -> Network:
+    """The quantized student, computing in `dtype` (default: the config's compute dtype; the
+    integer export passes float32, the precision its integer inference is checked against)."""
     conv, dense = quantized_layers(student_rules(config))
-    return _network(config, conv=conv, dense=dense)
+    return _network(config, dtype, conv=conv, dense=dense)
 
 
 def init_variables(model: nn.Module, config: ml_collections.ConfigDict, key: jax.Array) -> dict:

@@ -27,6 +27,10 @@ from qkd_jax.distill.feature_kd import FEATURE_METHODS, get_feature
 from qkd_jax.quant.released_methods import RELEASED_METHODS
 from qkd_jax.train.optim import GroupSpec
 
+#: config.compute_dtype values: the dtype of activations, convolutions and matmuls; parameters,
+#: optimizer state, BatchNorm statistics, quantizers and losses stay float32 (docs/method.md,
+#: "Mixed precision").
+COMPUTE_DTYPES = ("float32", "bfloat16")
 #: quant.variant values: the library's quantizers or the released SQAKD Tiny-ImageNet ones.
 QUANT_VARIANTS = ("textbook", "released")
 
@@ -134,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
             variant="textbook",
         )
     )
+    # 'bfloat16': mixed precision on GPU/TPU (bfloat16 activations and convolutions, float32
+    # parameters, optimizer state, BatchNorm statistics, quantizers and losses).
+    c.compute_dtype = "float32"
     c.teacher_checkpoint = ""
     # Rerun in a workdir with changed settings: delete this phase's checkpoints and every later
     # phase's, and train them again ("" = refuse changed settings; see run/rerun.py).
@@ -238,6 +245,9 @@ def validate(config: ml_collections.ConfigDict, *, known_models: Iterable[str] =
         _fail("model.name", config.model.name, f"unknown model; known: {known_models}")
     if known_datasets and config.dataset.name not in known_datasets:
         _fail("dataset.name", config.dataset.name, f"unknown dataset; known: {known_datasets}")
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        _fail("compute_dtype", config.compute_dtype, f"must be one of {COMPUTE_DTYPES} "
+              "('bfloat16' for mixed precision on GPU/TPU)")
     _int_in("model.num_classes", config.model.num_classes, 0)
     _int_in("dataset.image_size", config.dataset.image_size, 0)
     _int_in("dataset.eval_batch_size", config.dataset.eval_batch_size, 1)

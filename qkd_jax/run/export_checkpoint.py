@@ -150,7 +150,7 @@ def export_checkpoint(workdir: PathLike, phase: str, *, step: Optional[int] = No
         raise FullPrecisionModelError(
             f"checkpoint {directory}/{step} holds no quantizer parameters: it is a full-precision model")
     try:
-        model = build.student_network(config).local_model
+        model = build.student_network(config, jnp.float32).local_model
         input_shape = build.input_shape(config)
         expected = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, *input_shape), jnp.float32), train=False),
                                   jax.random.key(0))
@@ -172,4 +172,4 @@ def load_model(exported: IntegerExport) -> nn.Module:
     text = exported.manifest.get("config")
     if not text:
         raise ExportError("this export carries no config: pass the flax model explicitly")
-    return build.student_network(ml_collections.ConfigDict(json.loads(text))).local_model
+    return build.student_network(ml_collections.ConfigDict(json.loads(text)), jnp.float32).local_model

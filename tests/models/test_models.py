@@ -23,7 +23,8 @@ from qkd_jax.models import copy_teacher_to_student, get_model, image_size, list_
 from qkd_jax.models.cifar_resnet import CifarBasicBlock
 from qkd_jax.models.layers import BatchNorm
 
-CONV_KWARGS = {"strides", "padding", "use_bias", "feature_group_count", "name"}
+# `dtype`: the model's compute dtype, bound into the factories by `layers.compute_layers`.
+CONV_KWARGS = {"strides", "padding", "use_bias", "feature_group_count", "name", "dtype"}
 
 
 def small_size(name: str) -> int:
@@ -149,7 +150,7 @@ def test_every_conv_and_dense_goes_through_the_factories(name: str) -> None:
         return nn.Conv(features, kernel_size, **kwargs)
 
     def dense(features: int, **kwargs: Any) -> nn.Module:
-        assert set(kwargs) <= {"use_bias", "name"} and "name" in kwargs, kwargs
+        assert set(kwargs) <= {"use_bias", "name", "dtype"} and "name" in kwargs, kwargs
         denses.append(kwargs["name"])
         return nn.Dense(features, **kwargs)
 

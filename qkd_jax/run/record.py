@@ -63,7 +63,11 @@ def phase_record(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str
     # The phase's seed comes from the run seed and the phase's position in phase_order.
     position = phase_names(config).index(plan.name)
     record: dict[str, Any] = {"seed": config.seed, f"{key}.position_in_phase_order": position,
-                              "compute_dtype": config.compute_dtype, **model_record(config)}
+                              **model_record(config)}
+    # Recorded only when not the default, so that workdirs written before the key existed
+    # (float32 by definition) still rerun; a float32 record vs bfloat16 now is still a change.
+    if config.get("compute_dtype", "float32") != "float32":
+        record["compute_dtype"] = config.compute_dtype
     record.update({f"{key}.kind": plan.kind, f"{key}.batch_size": plan.batch_size})
     record.update(_group(f"{key}.weights", ph.weights))
     record.update(_group(f"{key}.quant_params", ph.quant_params))

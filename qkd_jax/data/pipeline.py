@@ -1,7 +1,8 @@
 """grain pipelines: deterministic, sharded, resumable training and evaluation batches.
 
-Both loaders are `grain.MapDataset`s of whole local batches turned into `grain.IterDataset`s,
-so an iterator's state is the index of its next batch: `state = it.get_state()` and, in a fresh
+Both loaders are `BatchLoader`s: a `grain.MapDataset` of whole local batches read from batch k
+on by a `grain.IterDataset` (threads, or worker processes), so an iterator's state is the index
+of its next batch: `state = it.get_state()` and, in a fresh
 process, `it = iter(make_train_loader(<same arguments>)); it.set_state(state)` continue with
 exactly the batches the first iterator would have produced.
 
@@ -18,8 +19,8 @@ normalised (or uint8 NHWC with `image_dtype='uint8'`, normalised later on the ac
 `jpeg=True` (ImageNet sources opened with `get_source(..., encoded=True)`, records holding the
 JPEG bytes) decodes each image at the smallest DCT scale its crop needs (`jpeg_augment.py`).
 
-The iterator's state is `{'next_index': k}` whatever `worker_count` is, so a run may resume
-with a different number of worker processes.
+The state is `{'next_index': k}` whatever `worker_count` is, so a run may resume with a
+different number of worker processes.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ import pathlib
 
 import ml_collections
 
+from qkd_jax.run.config_schema import base_config
+
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """`get_config(ARG)` of a config .py file (`PATH[:ARG]`), or the ConfigDict of a config.json."""
@@ -16,7 +18,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if not file.is_file():
         raise FileNotFoundError(f"--config: no file {file}")
     if file.suffix == ".json":
-        return ml_collections.ConfigDict(json.loads(file.read_text()))
+        values = json.loads(file.read_text())
+        # A config.json written before `data` existed ran with the defaults (host decode, no workers).
+        values.setdefault("data", base_config().data.to_dict())
+        return ml_collections.ConfigDict(values)
     module_spec = importlib.util.spec_from_file_location(f"_qkd_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

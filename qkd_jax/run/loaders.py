@@ -32,7 +32,7 @@ def jpeg_path(ctx: RunContext) -> bool:
             and _augment(ctx) == "imagenet")
 
 
-def preprocess(ctx: RunContext) -> Optional[Callable]:
+def preprocess(ctx: RunContext) -> Callable | None:
     """The device normalisation for the uint8 batches of `train_loader(..., uint8=True)` and
     `eval_batches`, or None when they are already normalised on the host."""
     if not jpeg_path(ctx):
@@ -41,10 +41,11 @@ def preprocess(ctx: RunContext) -> Optional[Callable]:
 
 
 def train_loader(ctx: RunContext, batch_size: int, epochs: Optional[int], seed: int, labels: bool,
-                 sharded: bool = True, uint8: bool = False):
+                 sharded: bool = True, uint8: bool = False, workers: bool = True):
     """Training batches; `sharded=False` gives every process the whole global batch (for work
     such as calibration and Hessian probes that every process repeats identically). `uint8`:
-    uint8 images when `preprocess(ctx)` is not None (the step normalises them)."""
+    uint8 images when `preprocess(ctx)` is not None (the step normalises them). `workers=False`
+    reads in threads whatever `data.num_workers` says (a few batches: no worker start-up)."""
     jpeg = jpeg_path(ctx)
     return qdata.make_train_loader(
         ctx.source(ctx.info.train_split, encoded=jpeg),
@@ -58,7 +59,7 @@ def train_loader(ctx: RunContext, batch_size: int, epochs: Optional[int], seed: 
         mean=ctx.info.mean,
         std=ctx.info.std,
         drop_labels=not labels,
-        worker_count=ctx.config.data.num_workers,
+        worker_count=ctx.config.data.num_workers if workers else 0,
         image_dtype="uint8" if uint8 and jpeg else "float32",
         jpeg=jpeg,
     )

@@ -144,7 +144,7 @@ def _refresh_deltas(ctx: RunContext, plan: PhasePlan, state: TrainState, net: bu
     """Recomputes every layer's EWGS delta from Hessian traces on a few training batches."""
     name, h = plan.name, plan.hessian
     loader = train_loader(ctx, h.batch_size, None, plan.seed + 7919 * epoch, labels=h.objective.needs_labels,
-                          sharded=False)
+                          sharded=False, workers=False)
     it = iter(loader)
     batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(h.batches)]
     t0 = time.perf_counter()

@@ -10,7 +10,12 @@ from qkd_jax.data.pipeline import (
     num_train_batches,
 )
 from qkd_jax.data.sharding import process_shard
-from qkd_jax.data.sources import ENCODED, DatasetNotPreparedError, get_source, preparation_hint
+from qkd_jax.data.sources import (
+    ENCODED,
+    DatasetNotPreparedError,
+    get_source,
+    preparation_hint,
+)
 
 __all__ = [
     "AUGMENTS", "DATASETS", "ENCODED", "DatasetInfo", "DatasetNotPreparedError", "dataset_info",

@@ -4,10 +4,14 @@ Same semantics as `augment.imagenet_train` / `augment.imagenet_eval` (the crop b
 `augment.sample_crop_box` with the same generator draws, then a bilinear antialiased resize and a
 flip drawn as `rng.random() < 0.5`), but:
 
-- the image size is read from the JPEG header (`PIL.Image.open` parses only the header);
-- when the crop is larger than the output, `Image.draft` asks libjpeg for a DCT-scaled decode
-  (1/2, 1/4 or 1/8 per side, the largest reduction that keeps the crop at least the output
-  size on both sides), and the box is mapped onto that smaller image;
+- the image size and colour space are read from the JPEG header (`simplejpeg.decode_jpeg_header`);
+- the JPEG is decoded by TurboJPEG (`simplejpeg`, libjpeg-turbo with the accurate IDCT and fancy
+  upsampling, bit-identical to Pillow's full decode but straight into an RGB array); when the crop
+  is at least twice the output on both sides it is decoded at 1/2, 1/4 or 1/8 scale per side (the
+  largest reduction that keeps the crop at least the output size) and the box is mapped onto that
+  smaller image at exactly 1/d. The other libjpeg-turbo scales M/8 (M = 3, 5, 6, 7) have no SIMD
+  IDCT and cost more than the full decode (benchmarks/jpeg_decode_scales.py). CMYK/YCCK JPEGs,
+  whose RGB conversion TurboJPEG does differently, and anything it cannot read go through Pillow;
 - the result stays uint8 (normalise on the accelerator: `device_normalize.normalize`).
 
 The DCT-scaled decode averages 2x2 .. 8x8 blocks before the bilinear filter, so the output is
@@ -44,32 +48,79 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     return height, width
 
 
-def _decode_box_resized(data: bytes, box: aug.Box, out_h: int, out_w: int) -> Image:
-    """The region `box` (top, left, h, w; full-resolution pixels) resized to (out_h, out_w), uint8 RGB."""
-    top, left, h, w = box
+# Colour spaces TurboJPEG decodes to RGB the way Pillow does; CMYK/YCCK go through Pillow.
+_TURBO_SPACES = ("YCbCr", "Gray", "RGB")
+
+
+def _reduction(full_h: int, full_w: int, crop_h: float, crop_w: float, out_h: int, out_w: int) -> int:
+    """Largest DCT reduction d in (8, 4, 2, 1) keeping the crop >= the output on both sides.
+
+    Only 1/2, 1/4 and 1/8 (libjpeg's SIMD scaled IDCTs): M/8 scales with M = 5..7 measured
+    slower than a full decode (benchmarks/jpeg_decode_scales.py).
+    """
+    for d in (8, 4, 2):
+        if crop_w / d >= out_w and crop_h / d >= out_h and full_w >= d and full_h >= d:
+            return d
+    return 1
+
+
+def _pillow_reduced(data: bytes, d: int) -> np.ndarray:
+    """Pillow decode at 1/d scale (draft), RGB: the path for what TurboJPEG does not decode."""
     with _open(data) as im:
         full_w, full_h = im.size
-        # Ask for the smallest decode in which the crop still covers the output on both sides;
-        # draft picks the largest DCT reduction whose size is >= the requested size.
-        want = (min(full_w, math.ceil(full_w * out_w / w)), min(full_h, math.ceil(full_h * out_h / h)))
-        im.draft("RGB", want)
+        im.draft("RGB", (math.ceil(full_w / d), math.ceil(full_h / d)))
         if im.mode != "RGB":
             im = im.convert("RGB")
-        dw, dh = im.size
-        sx, sy = dw / full_w, dh / full_h
-        pil_box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        from PIL import Image as PILImage
+        return np.asarray(im)
 
-        return np.asarray(im.resize((out_w, out_h), PILImage.BILINEAR, box=pil_box))
+
+def _decode_reduced(data: bytes, full_h: int, full_w: int, d: int, space: str | None) -> tuple[np.ndarray, float]:
+    """RGB uint8 decode at about 1/d scale, and the decoded pixels per full-resolution pixel."""
+    if space in _TURBO_SPACES:
+        import simplejpeg
+
+        image = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=math.ceil(full_h / d),
+                                       min_width=math.ceil(full_w / d))
+    else:
+        image = _pillow_reduced(data, d)
+    # TurboJPEG and libjpeg both give ceil(size / d); the IDCT maps 8 pixels to 8 / d.
+    if image.shape[:2] != (math.ceil(full_h / d), math.ceil(full_w / d)):
+        return image, image.shape[1] / full_w
+    return image, 1.0 / d
+
+
+def _header(data: bytes) -> tuple[int, int, str | None]:
+    """(height, width, colour space) from the JPEG header; colour space None when TurboJPEG refuses it."""
+    import simplejpeg
+
+    try:
+        height, width, space, _ = simplejpeg.decode_jpeg_header(data)
+        return height, width, space
+    except ValueError:  # not a baseline/progressive JPEG TurboJPEG reads: Pillow opens it
+        height, width = jpeg_size(data)
+        return height, width, None
+
+
+def _decode_box_resized(data: bytes, box: aug.Box, out_h: int, out_w: int,
+                        header: tuple[int, int, str | None] | None = None) -> Image:
+    """The region `box` (top, left, h, w; full-resolution pixels) resized to (out_h, out_w), uint8 RGB."""
+    from PIL import Image as PILImage
+
+    top, left, h, w = box
+    full_h, full_w, space = header or _header(data)
+    image, s = _decode_reduced(data, full_h, full_w, _reduction(full_h, full_w, h, w, out_h, out_w), space)
+    dh, dw = image.shape[:2]
+    pil_box = (min(left * s, dw), min(top * s, dh), min((left + w) * s, dw), min((top + h) * s, dh))
+    return np.asarray(PILImage.fromarray(image).resize((out_w, out_h), PILImage.BILINEAR, box=pil_box))
 
 
 def imagenet_train_jpeg(data: Encoded, rng: np.random.Generator, *, size: int) -> Image:
     """Random resized crop to `size` x `size` + flip with probability 1/2, from JPEG bytes (uint8 out)."""
     if isinstance(data, np.ndarray):  # already decoded: the reference geometry
         return aug.imagenet_train(data, rng, size=size)
-    height, width = jpeg_size(data)
-    box = aug.sample_crop_box(height, width, rng)
-    out = _decode_box_resized(data, box, size, size)
+    header = _header(data)
+    box = aug.sample_crop_box(header[0], header[1], rng)
+    out = _decode_box_resized(data, box, size, size, header)
     return aug.flip_lr(out) if rng.random() < 0.5 else out
 
 
@@ -92,18 +143,15 @@ def imagenet_eval_jpeg(data: Encoded, *, size: int) -> Image:
     """`augment.imagenet_eval` (resize short side to round(size*256/224), centre crop) from JPEG bytes."""
     if isinstance(data, np.ndarray):
         return aug.imagenet_eval(data, size=size)
-    height, width = jpeg_size(data)
+    height, width, space = _header(data)
     (ct, cl, rh, rw), _ = eval_box(height, width, size)
-    with _open(data) as im:
-        im.draft("RGB", (min(width, rw), min(height, rh)))
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        dw, dh = im.size
-        sx, sy = dw / rw, dh / rh  # decoded pixels per resized pixel
-        pil_box = (cl * sx, ct * sy, (cl + size) * sx, (ct + size) * sy)
-        from PIL import Image as PILImage
+    fy, fx = height / rh, width / rw  # full-resolution pixels per resized pixel
+    d = _reduction(height, width, size * fy, size * fx, size, size)
+    image, s = _decode_reduced(data, height, width, d, space)
+    from PIL import Image as PILImage
 
-        return np.asarray(im.resize((size, size), PILImage.BILINEAR, box=pil_box))
+    pil_box = (cl * fx * s, ct * fy * s, (cl + size) * fx * s, (ct + size) * fy * s)
+    return np.asarray(PILImage.fromarray(image).resize((size, size), PILImage.BILINEAR, box=pil_box))
 
 
 def train_transform(image_size: int | None = None) -> Callable[[Encoded, np.random.Generator], Image]:

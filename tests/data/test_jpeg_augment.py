@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image, JpegImagePlugin
+from PIL import Image
 
 from qkd_jax.data import augment as aug
 from qkd_jax.data import jpeg_augment as ja
@@ -32,17 +32,20 @@ def _decoded(data: bytes) -> np.ndarray:
 
 @pytest.fixture
 def draft_sizes(monkeypatch):
-    """Records the decoded size after each `draft` call (1 = full resolution)."""
+    """Records the DCT reduction taken by each decode as (d, d) (1 = full resolution).
+
+    Also checks the decode's geometry: ceil(size / d) pixels per side, mapped at exactly 1 / d.
+    """
     seen: list[tuple[int, int]] = []
-    original = JpegImagePlugin.JpegImageFile.draft
+    original = ja._decode_reduced
 
-    def draft(self, mode, size, *args, **kw):
-        before = self.size
-        out = original(self, mode, size, *args, **kw)
-        seen.append((before[0] // self.size[0], before[1] // self.size[1]))
-        return out
+    def decode(data, full_h, full_w, d, space):
+        image, s = original(data, full_h, full_w, d, space)
+        assert image.shape == (-(-full_h // d), -(-full_w // d), 3) and s == 1.0 / d
+        seen.append((d, d))
+        return image, s
 
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    monkeypatch.setattr(ja, "_decode_reduced", decode)
     return seen
 
 
@@ -126,6 +129,29 @@ def test_eval_matches_resize_and_centre_crop(hw, size, max_diff, mean_diff):
         assert fast.shape == ref.shape == (size, size, 3) and fast.dtype == np.uint8
         d = np.abs(ref.astype(np.int16) - fast.astype(np.int16))
         assert d.max() <= max_diff and d.mean() <= mean_diff
+
+
+def test_turbo_decode_is_pillow_decode_bit_for_bit():
+    # TurboJPEG (simplejpeg) and Pillow run the same accurate IDCT and fancy upsampling: a full
+    # decode is the reference decode exactly, for 4:2:0 colour and for greyscale.
+    for image in (_smooth(120, 200, 5), _smooth(120, 200, 6)[..., 1]):
+        data = _jpeg(image, quality=85)
+        image, s = ja._decode_reduced(data, 120, 200, 1, ja._header(data)[2])
+        assert s == 1.0
+        np.testing.assert_array_equal(image, _decoded(data))
+
+
+def test_cmyk_jpeg_goes_through_pillow(draft_sizes):
+    # TurboJPEG's CMYK -> RGB differs from Pillow's: CMYK records keep the Pillow decode.
+    cmyk = np.concatenate([_smooth(96, 128, 7), _smooth(96, 128, 8)[..., :1]], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(cmyk, "CMYK").save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    assert ja._header(data)[2] not in ja._TURBO_SPACES
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    for seed in range(5):
+        ref = aug.imagenet_train(full, np.random.default_rng(seed), size=64)
+        np.testing.assert_array_equal(ja.imagenet_train_jpeg(data, np.random.default_rng(seed), size=64), ref)
 
 
 def test_decoded_records_take_the_reference_geometry():

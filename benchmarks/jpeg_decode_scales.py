@@ -3,8 +3,8 @@
     python benchmarks/jpeg_decode_scales.py --jpeg_dir=bench-data/jpeg --images=300
 
 Why `jpeg_augment` only uses the 1/2, 1/4 and 1/8 reductions: TurboJPEG can decode at any M/8
-(M = 1..8), but only M = 1, 2, 4, 8 have SIMD inverse DCTs; M = 3, 5, 6, 7 run a scalar IDCT and
-cost more than the full decode, more than the smaller resize they leave saves. Prints, per M,
+(M = 1..8), but M = 5, 6, 7 (the ones a 224 px crop from a ~500 px image would take) measured
+slower than the full decode, more than the smaller resize they leave saves. Prints, per M,
 the best of 3 passes of process CPU time per image (TurboJPEG via simplejpeg, accurate IDCT and
 fancy upsampling), and Pillow's full decode for comparison. The JPEGs are those that
 benchmarks/input_pipeline.py writes (run it first, or point --jpeg_dir at any JPEG folder).

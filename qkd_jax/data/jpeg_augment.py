@@ -9,9 +9,10 @@ flip drawn as `rng.random() < 0.5`), but:
   upsampling, bit-identical to Pillow's full decode but straight into an RGB array); when the crop
   is at least twice the output on both sides it is decoded at 1/2, 1/4 or 1/8 scale per side (the
   largest reduction that keeps the crop at least the output size) and the box is mapped onto that
-  smaller image at exactly 1/d. The other libjpeg-turbo scales M/8 (M = 3, 5, 6, 7) have no SIMD
-  IDCT and cost more than the full decode (benchmarks/jpeg_decode_scales.py). CMYK/YCCK JPEGs,
-  whose RGB conversion TurboJPEG does differently, and anything it cannot read go through Pillow;
+  smaller image at exactly 1/d. libjpeg-turbo's other scales M/8 decode slowly (5/8 .. 7/8
+  measured slower than the full decode, benchmarks/jpeg_decode_scales.py) and are not used.
+  CMYK/YCCK JPEGs, whose RGB conversion TurboJPEG does differently, and anything it cannot read go
+  through Pillow;
 - the result stays uint8 (normalise on the accelerator: `device_normalize.normalize`).
 
 The DCT-scaled decode averages 2x2 .. 8x8 blocks before the bilinear filter, so the output is
@@ -55,8 +56,8 @@ _TURBO_SPACES = ("YCbCr", "Gray", "RGB")
 def _reduction(full_h: int, full_w: int, crop_h: float, crop_w: float, out_h: int, out_w: int) -> int:
     """Largest DCT reduction d in (8, 4, 2, 1) keeping the crop >= the output on both sides.
 
-    Only 1/2, 1/4 and 1/8 (libjpeg's SIMD scaled IDCTs): M/8 scales with M = 5..7 measured
-    slower than a full decode (benchmarks/jpeg_decode_scales.py).
+    Only 1/2, 1/4 and 1/8: libjpeg-turbo's M/8 scales with M = 5..7 measured slower than a full
+    decode (benchmarks/jpeg_decode_scales.py).
     """
     for d in (8, 4, 2):
         if crop_w / d >= out_w and crop_h / d >= out_h and full_w >= d and full_h >= d:

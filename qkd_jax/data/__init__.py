@@ -10,10 +10,15 @@ from qkd_jax.data.pipeline import (
     num_train_batches,
 )
 from qkd_jax.data.sharding import process_shard
-from qkd_jax.data.sources import DatasetNotPreparedError, get_source, preparation_hint
+from qkd_jax.data.sources import (
+    ENCODED,
+    DatasetNotPreparedError,
+    get_source,
+    preparation_hint,
+)
 
 __all__ = [
-    "AUGMENTS", "DATASETS", "DatasetInfo", "DatasetNotPreparedError", "dataset_info",
+    "AUGMENTS", "DATASETS", "ENCODED", "DatasetInfo", "DatasetNotPreparedError", "dataset_info",
     "get_source", "make_eval_loader", "make_train_loader", "num_eval_batches",
     "num_train_batches", "preparation_hint", "prepare_digits", "process_shard",
     "resolve_data_dir",

@@ -46,14 +46,24 @@ def _not_prepared(name: str, data_dir: str | None, cause: str) -> DatasetNotPrep
         + preparation_hint(name, data_dir))
 
 
-def get_source(name: str, split: str, data_dir: str | None = None) -> Sequence[dict[str, Any]]:
+# Datasets stored as JPEG bytes that `get_source(..., encoded=True)` can hand over undecoded.
+ENCODED = ("imagenet2012",)
+
+
+def get_source(name: str, split: str, data_dir: str | None = None, *,
+               encoded: bool = False) -> Sequence[dict[str, Any]]:
     """Random-access source (len, [i] -> {'image': uint8 HWC, 'label': int, ...}) of one split.
 
     `name`: 'qkd_digits' (built on first use), 'cifar10', 'cifar100', 'imagenet2012' (tfds
     ArrayRecord, read with `tfds.data_source`, no TensorFlow) or 'tiny_imagenet' (image folder).
     `data_dir`: see `info.resolve_data_dir`. Raises `DatasetNotPreparedError` if absent.
+    `encoded=True` (datasets in `ENCODED`): 'image' is the stored JPEG bytes, undecoded, for
+    `pipeline.make_train_loader(..., jpeg=True)`.
     """
     dataset_info(name)  # validates the name
+    if encoded and name not in ENCODED:
+        raise ValueError(f"dataset {name!r} is not stored as JPEG bytes; encoded=True needs one "
+                         f"of {ENCODED} (use encoded=False)")
     if name == "qkd_digits":
         return digits.digits_source(split, data_dir)
     if name == "tiny_imagenet":
@@ -64,8 +74,9 @@ def get_source(name: str, split: str, data_dir: str | None = None) -> Sequence[d
     import tensorflow_datasets as tfds
 
     try:
+        decoders = {"image": tfds.decode.SkipDecoding()} if encoded else None
         return tfds.data_source(name, split=split, data_dir=resolve_data_dir(data_dir),
-                                download=False)
+                                download=False, decoders=decoders)
     except (KeyError, NotImplementedError, FileNotFoundError, AssertionError) as e:
         # tfds: KeyError "splits is empty" (nothing built), NotImplementedError (built as
         # TFRecord only), FileNotFoundError (files removed).

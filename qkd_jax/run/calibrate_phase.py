@@ -45,7 +45,7 @@ def run_calibrate(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> 
     teacher_vars = {k: v for k, v in ctx.results[plan.init_from].student.items() if jax.tree.leaves(v)}
     variables = copy_teacher_to_student(teacher_vars, template_vars)
     variables = build.set_deltas(dict(variables), plan.delta)
-    loader = train_loader(ctx, plan.batch_size, 1, plan.seed, labels=False, sharded=False)
+    loader = train_loader(ctx, plan.batch_size, 1, plan.seed, labels=False, sharded=False, workers=False)
     batch = next(iter(loader))
     console(f"[{name}] calibrating every quantizer on one batch of {plan.batch_size} "
             f"(compiling the forward pass) ...")

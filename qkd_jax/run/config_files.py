@@ -8,6 +8,7 @@ import json
 
 import ml_collections
 
+from qkd_jax.run.config_schema import base_config
 from qkd_jax.train.paths import as_path
 
 
@@ -18,7 +19,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if not file.is_file():
         raise FileNotFoundError(f"--config: no file {file}")
     if file.suffix == ".json":
-        return ml_collections.ConfigDict(json.loads(file.read_text()))
+        values = json.loads(file.read_text())
+        # A config.json written before `data` existed ran with the defaults (host decode, no workers).
+        values.setdefault("data", base_config().data.to_dict())
+        return ml_collections.ConfigDict(values)
     # A config .py is imported by Python's import system: it must be a local file.
     module_spec = importlib.util.spec_from_file_location(f"_qkd_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)

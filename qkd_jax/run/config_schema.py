@@ -115,6 +115,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.dataset = ml_collections.ConfigDict(
         dict(name="qkd_digits", data_dir="", augment="", image_size=0, eval_batch_size=256)
     )
+    # Input pipeline. num_workers: grain worker processes decoding and augmenting (0 = threads
+    # in the training process); prefetch: batches put on the device ahead of the step (0 =
+    # none); jpeg: for datasets stored as JPEG (imagenet2012), decode each training/eval image
+    # at the smallest DCT scale its crop needs, emit uint8 and normalise on the device
+    # (qkd_jax/data/jpeg_augment.py, device_normalize.py; the ImageNet recipes turn it on).
+    c.data = ml_collections.ConfigDict(dict(num_workers=0, prefetch=2, jpeg=False))
     c.model = ml_collections.ConfigDict(dict(name="resnet20", num_classes=0))
     c.quant = ml_collections.ConfigDict(
         dict(
@@ -251,6 +257,10 @@ def validate(config: ml_collections.ConfigDict, *, known_models: Iterable[str] =
     _int_in("model.num_classes", config.model.num_classes, 0)
     _int_in("dataset.image_size", config.dataset.image_size, 0)
     _int_in("dataset.eval_batch_size", config.dataset.eval_batch_size, 1)
+    _int_in("data.num_workers", config.data.num_workers, 0)
+    _int_in("data.prefetch", config.data.prefetch, 0)
+    if not isinstance(config.data.jpeg, bool):
+        _fail("data.jpeg", config.data.jpeg, "must be True or False")
     q = config.quant
     if known_methods and q.method not in known_methods:
         _fail("quant.method", q.method, f"unknown quantizer method; known: {known_methods}")

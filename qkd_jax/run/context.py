@@ -38,7 +38,7 @@ class RunContext:
     # Compiled eval steps by model, so evaluating every few epochs compiles once per network.
     eval_steps: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     # Opened data sources by split, shared by the loaders and the epoch-length computation.
-    sources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sources: dict[tuple[str, bool], Any] = dataclasses.field(default_factory=dict)
     # The FP teacher and quantized student networks, built on first use, once per run.
     networks: dict[str, build.Network] = dataclasses.field(default_factory=dict)
 
@@ -50,11 +50,14 @@ class RunContext:
     def data_dir(self) -> Optional[str]:
         return self.config.dataset.data_dir or None
 
-    def source(self, split: str):
-        """The dataset's random-access source for `split`, opened once per run."""
-        if split not in self.sources:
-            self.sources[split] = qdata.get_source(self.config.dataset.name, split, self.data_dir)
-        return self.sources[split]
+    def source(self, split: str, encoded: bool = False):
+        """The dataset's random-access source for `split`, opened once per run (`encoded`:
+        records hold the JPEG bytes, see `qkd_jax.data.get_source`)."""
+        key = (split, encoded)
+        if key not in self.sources:
+            self.sources[key] = qdata.get_source(self.config.dataset.name, split, self.data_dir,
+                                                 encoded=encoded)
+        return self.sources[key]
 
     def network(self, kind: str) -> build.Network:
         """The FP network for kind 'teacher', the quantized student otherwise (built once)."""

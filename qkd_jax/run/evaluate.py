@@ -6,8 +6,9 @@ import functools
 
 import jax
 
+from qkd_jax.data.device_prefetch import DevicePrefetch
 from qkd_jax.run.context import RunContext, console
-from qkd_jax.run.loaders import check_batch, eval_batches
+from qkd_jax.run.loaders import check_batch, eval_batches, preprocess
 from qkd_jax.train import parallel
 from qkd_jax.train.step import eval_step
 
@@ -20,14 +21,19 @@ def evaluate(ctx: RunContext, model, variables: dict, phase: str = "") -> dict:
         first = " (compiling the eval step)" if id(model) not in ctx.eval_steps else ""
         console(f"[{phase}] evaluating on the {ctx.info.eval_split} split{first} ...")
     if id(model) not in ctx.eval_steps:  # the model is kept in the value, so its id stays unique
-        fn = parallel.compile_eval_step(functools.partial(eval_step, apply_fn=model.apply), ctx.mesh)
+        fn = parallel.compile_eval_step(
+            functools.partial(eval_step, apply_fn=model.apply, preprocess=preprocess(ctx)), ctx.mesh)
         ctx.eval_steps[id(model)] = (model, fn)
     p_eval = ctx.eval_steps[id(model)][1]
     variables = parallel.replicate(variables, ctx.mesh)
     totals: dict[str, float] = {}
-    for batch in eval_batches(ctx):
-        batch = {k: v for k, v in batch.items() if k in ("image", "label", "mask")}
-        sums = jax.device_get(p_eval(variables, parallel.shard_batch(batch, ctx.mesh)))
+
+    def put(batch):
+        return parallel.shard_batch({k: v for k, v in batch.items() if k in ("image", "label", "mask")},
+                                    ctx.mesh)
+
+    for batch in DevicePrefetch(iter(eval_batches(ctx)), put, ctx.config.data.prefetch):
+        sums = jax.device_get(p_eval(variables, batch))
         for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     count = max(totals.get("count", 0.0), 1.0)

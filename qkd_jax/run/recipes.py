@@ -494,6 +494,9 @@ def imagenet_config(variant: Variant, *, model: str,
     c.quant.hessian_batches = 10
     c.quant.hessian_batch_size = 16
     c.checkpoint_every_steps = 1000
+    # Decode each JPEG at the scale its crop needs, uint8 to the device (README "Input pipeline").
+    c.data.jpeg = True
+    c.data.num_workers = 8
     # The papers start from a pretrained FP model; without `teacher_checkpoint` the teacher is
     # trained here with the torchvision ResNet recipe (SGD 0.1, 90 epochs, /10 at 30 and 60).
     if teacher is None:

@@ -13,13 +13,14 @@ import time
 import jax
 import numpy as np
 
+from qkd_jax.data.device_prefetch import DevicePrefetch
 from qkd_jax.run import build
 from qkd_jax.run.context import PhaseResult, RunContext, console
 from qkd_jax.run.divergence import DivergenceMonitor
 from qkd_jax.run.evaluate import evaluate
 from qkd_jax.run.finite import all_finite, check_finite, checkpoint_advice
 from qkd_jax.run.interrupt import Interrupted, stop_requested
-from qkd_jax.run.loaders import check_batch, train_loader
+from qkd_jax.run.loaders import check_batch, preprocess, train_loader
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.report import eval_record
 from qkd_jax.run.states import build_state, checkpoint_meta, local_state, phase_result
@@ -67,12 +68,14 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     spe, total = plan.steps_per_epoch, plan.total_steps
     start = int(jax.device_get(state.step))
     ctx.writer.drop_after(name, start if restored is not None else -1)  # each step once in metrics.jsonl
-    loader = train_loader(ctx, plan.batch_size, plan.epochs, plan.seed, labels=plan.needs_labels,
+    loader = train_loader(ctx, plan.batch_size, plan.epochs, plan.seed, labels=plan.needs_labels, uint8=True,
                           with_index=plan.needs_index)
-    iterator = iter(loader)
+    iterator = DevicePrefetch(iter(loader), functools.partial(parallel.shard_batch, mesh=ctx.mesh),
+                              ctx.config.data.prefetch)
     if data_state is not None:
         iterator.set_state(data_state)
-    p_step = parallel.compile_train_step(functools.partial(train_step, objective=plan.objective), ctx.mesh)
+    p_step = parallel.compile_train_step(
+        functools.partial(train_step, objective=plan.objective, preprocess=preprocess(ctx)), ctx.mesh)
     progress = ProgressLine(name, total, plan.batch_size, start_step=start)
     lr_args = dict(steps_per_epoch=spe, total_steps=max(total, 1))
     console(f"[{name}] {plan.kind}: objective {plan.objective_name}, {plan.epochs} epochs x {spe} steps, "
@@ -99,8 +102,8 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
         epoch = step // spe
         if plan.hessian and step % spe == 0 and epoch > 0 and epoch % plan.hessian.every_epochs == 0:
             state = _refresh_deltas(ctx, plan, state, net, epoch)
-        batch = next(iterator)
-        state, metrics = p_step(state, parallel.shard_batch(batch, ctx.mesh))
+        batch = next(iterator)  # already on the devices (DevicePrefetch)
+        state, metrics = p_step(state, batch)
         done = step + 1
         if step == start:  # rate and ETA from here: compile time excluded
             jax.block_until_ready(metrics)
@@ -145,7 +148,7 @@ def _refresh_deltas(ctx: RunContext, plan: PhasePlan, state: TrainState, net: bu
     """Recomputes every layer's EWGS delta from Hessian traces on a few training batches."""
     name, h = plan.name, plan.hessian
     loader = train_loader(ctx, h.batch_size, None, plan.seed + 7919 * epoch, labels=h.objective.needs_labels,
-                          sharded=False)
+                          sharded=False, workers=False)
     it = iter(loader)
     batches = [{k: jax.numpy.asarray(v) for k, v in next(it).items()} for _ in range(h.batches)]
     t0 = time.perf_counter()

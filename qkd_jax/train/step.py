@@ -72,7 +72,8 @@ def _apply_updates(params, grads, opt_state, tx: optax.GradientTransformation):
 
 
 def train_step(
-    state: TrainState, batch: Batch, *, objective: Any, axis_name: Optional[str] = "data"
+    state: TrainState, batch: Batch, *, objective: Any, axis_name: Optional[str] = "data",
+    preprocess: Optional[Callable[[jax.Array], jax.Array]] = None,
 ) -> tuple[TrainState, Metrics]:
     """One optimizer update of the student (and of the teacher when it is trainable).
 
@@ -86,8 +87,11 @@ def train_step(
     features are recorded, `objective.beta * feature.loss(...)` is added, the criterion's
     auxiliary params (`state.aux`) are updated by their own optimizer and its auxiliary state
     (e.g. CRD's memory banks) is replaced by the one the criterion returns.
+
+    `preprocess` (e.g. `qkd_jax.data.device_normalize.normalizer`) maps `batch['image']` to the
+    model input on the device (uint8 batches from the host).
     """
-    images = batch["image"]
+    images = batch["image"] if preprocess is None else preprocess(batch["image"])
     labels = batch.get("label")
     if getattr(objective, "needs_labels", False) and labels is None:
         raise ValueError(
@@ -185,14 +189,17 @@ def classification_counts(logits: jax.Array, labels: jax.Array, mask: jax.Array)
 
 
 def eval_step(
-    variables: dict, batch: Batch, *, apply_fn: Callable, axis_name: Optional[str] = "data"
+    variables: dict, batch: Batch, *, apply_fn: Callable, axis_name: Optional[str] = "data",
+    preprocess: Optional[Callable[[jax.Array], jax.Array]] = None,
 ) -> Metrics:
     """Inference-mode evaluation of one batch: summed top-1/top-5 hits, cross-entropy and count.
 
     `batch['mask']` (1 for real examples, 0 for padding) makes padded final batches count each
     example once; divide the sums by 'count' after accumulating over the whole split.
+    `preprocess`: as in `train_step`.
     """
     images, labels = batch["image"], batch["label"]
+    images = images if preprocess is None else preprocess(images)
     mask = batch.get("mask")
     mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     logits = apply_fn(variables, images, train=False)

@@ -159,3 +159,39 @@ def test_worker_processes_give_the_same_batches():
         _assert_same(list(it), plain)
     finally:
         it.close()
+
+
+def test_state_resumes_with_another_worker_count():
+    full = list(_train())
+    it = iter(_train(worker_count=2))
+    try:
+        head = [next(it) for _ in range(3)]
+        state = it.get_state()
+    finally:
+        it.close()
+    assert state == {"next_index": 3}
+    for workers in (0, 1):
+        again = iter(_train(worker_count=workers))
+        again.set_state(state)
+        try:
+            _assert_same(head + list(again), full)
+        finally:
+            again.close()
+
+
+def test_uint8_batches_are_the_unnormalised_geometry():
+    floats = list(_train(num_epochs=1))
+    ints = list(_train(num_epochs=1, image_dtype="uint8"))
+    assert all(b["image"].dtype == np.uint8 for b in ints)
+    for f, i in zip(floats, ints):
+        np.testing.assert_array_equal(f["label"], i["label"])
+        np.testing.assert_array_equal(f["image"], i["image"].astype(np.float32) / np.float32(255))
+
+
+def test_bad_image_dtype_and_jpeg_without_imagenet_are_refused():
+    with pytest.raises(ValueError, match="image_dtype must be one of"):
+        _train(image_dtype="float16")
+    with pytest.raises(ValueError, match="jpeg=True decodes ImageNet-style crops only"):
+        _train(jpeg=True)
+    with pytest.raises(ValueError, match="not a loader state"):
+        iter(_train()).set_state({"foo": 1})

@@ -42,6 +42,7 @@ def _shrink(config, image_size: int = 0):
     config.checkpoint_every_steps = 1000
     config.tensorboard = False
     config.teacher_checkpoint = ""
+    config.data.num_workers = 0  # a few tiny batches: worker start-up would dominate
     for name in config.phase_order.split(","):
         ph = config.phases[name]
         ph.epochs = 1
@@ -102,6 +103,9 @@ def _check(config, results, expected_count: int) -> None:
 def test_paper_config_runs_on_mock_data(spec, image_size, tmp_path):
     config = _shrink(_load(spec), image_size)
     config.dataset.data_dir = str(tmp_path / "no_data")  # mock_data must be what is read
+    # mock_data cannot hand over JPEG bytes (it would need TensorFlow to encode its random
+    # images): the ImageNet JPEG path runs on real JPEGs in tests/e2e/test_jpeg_runner.py.
+    config.data.jpeg = False
     mesh = parallel.make_mesh(jax.devices()[:2])
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_CODE):
         results = loop.run(config, tmp_path / "run", mesh=mesh)

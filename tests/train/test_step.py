@@ -173,3 +173,30 @@ def test_eval_step_counts_against_numpy():
     out8 = sharded(parallel.replicate(state.variables(), mesh), parallel.shard_batch(batch, mesh))
     for key in out:
         np.testing.assert_allclose(float(out8[key]), float(out[key]), rtol=1e-5)
+
+
+def test_preprocess_maps_uint8_images_before_both_networks():
+    # uint8 "images" normalised in the step give the step of the host-normalised batch (to the
+    # float32 rounding of the normalisation: a few ulps in the inputs).
+    from qkd_jax.data import augment
+    from qkd_jax.data.device_normalize import normalizer
+
+    rng = np.random.default_rng(11)
+    raw = rng.integers(0, 256, (16, 6), dtype=np.uint8)
+    labels = jnp.asarray(rng.integers(0, 4, 16), jnp.int32)
+    host = {"image": jnp.asarray(augment.normalize(raw, (0.5,), (0.25,))), "label": labels}
+    device = {"image": jnp.asarray(raw), "label": labels}
+    objective = distill.sqakd()
+    plain = jax.jit(functools.partial(train_step, objective=objective, axis_name=None))
+    pre = jax.jit(functools.partial(train_step, objective=objective, axis_name=None,
+                                    preprocess=normalizer((0.5,), (0.25,))))
+    s1, m1 = plain(_state(), host)
+    s2, m2 = pre(_state(), device)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+    assert _max_diff(s1.params, s2.params) < 1e-6
+    state = _state()
+    e1 = eval_step(state.variables(), host, apply_fn=state.apply_fn, axis_name=None)
+    e2 = eval_step(state.variables(), device, apply_fn=state.apply_fn, axis_name=None,
+                   preprocess=normalizer((0.5,), (0.25,)))
+    for key in e1:
+        np.testing.assert_allclose(float(e2[key]), float(e1[key]), rtol=1e-5)

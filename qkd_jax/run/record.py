@@ -68,6 +68,8 @@ def phase_record(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str
     # (float32 by definition) still rerun; a float32 record vs bfloat16 now is still a change.
     if config.get("compute_dtype", "float32") != "float32":
         record["compute_dtype"] = config.compute_dtype
+    if plan.kind != "calibrate" and config.get("data", {}).get("jpeg", False):
+        record["data.jpeg"] = True  # the JPEG path's pixels differ slightly (docs/method.md section 10)
     record.update({f"{key}.kind": plan.kind, f"{key}.batch_size": plan.batch_size})
     record.update(_group(f"{key}.weights", ph.weights))
     record.update(_group(f"{key}.quant_params", ph.quant_params))

@@ -178,6 +178,13 @@ def phase_names(config: ml_collections.ConfigDict) -> list[str]:
 
 FEATURE_KEYS = ("beta", "feature")
 
+# Criteria whose released training needs a phase the runner does not have yet (docs/method.md 7).
+NEEDS_INIT_PHASE = {
+    "factor": "needs a paraphraser trained on the teacher first, a phase the runner does not have yet; "
+              "use qkd_jax.distill.factor directly (train the paraphraser, put it in the aux state) or "
+              "another criterion",
+}
+
 
 def objective_kwargs(name: str, ph: ml_collections.ConfigDict) -> dict:
     """The phase's objective arguments that the named objective accepts (the criterion by name).
@@ -214,6 +221,8 @@ def _validate_feature(key: str, ph: ml_collections.ConfigDict) -> None:
         _fail(f"{key}.feature", ph.feature, f"objective {ph.objective!r} takes no feature term; use objective='kd'")
     if ph.feature and ph.feature not in FEATURE_METHODS:
         _fail(f"{key}.feature", ph.feature, f"unknown feature criterion; known: {sorted(FEATURE_METHODS)}")
+    if ph.feature in NEEDS_INIT_PHASE:
+        _fail(f"{key}.feature", ph.feature, NEEDS_INIT_PHASE[ph.feature])
     if ph.feature and not ph.beta:
         _fail(f"{key}.beta", ph.beta, f"feature={ph.feature!r} needs a non-zero beta (its loss weight)")
     if ph.beta and not ph.feature:

@@ -57,6 +57,7 @@ def test_feature_keys_build_the_criterion_with_its_options():
     ({"feature": ""}, "phases.sqakd.beta", "weighs a feature loss but feature is ''"),
     ({"objective": "sqakd"}, "phases.sqakd.feature", "objective 'sqakd' takes no feature term; use objective='kd'"),
     ({"feature_options": {"p": 2.0}}, "phases.sqakd", r"unknown option\(s\) \['p'\]; it accepts"),
+    ({"feature": "factor"}, "phases.sqakd.feature", "needs a paraphraser trained on the teacher first"),
 ])
 def test_bad_feature_settings_fail_in_one_line_naming_the_key(changes, key, message):
     with pytest.raises(ConfigError, match=f"config.{key}.*{message}") as err:

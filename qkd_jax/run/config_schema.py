@@ -10,6 +10,9 @@ A run is an ordered list of phases (`phase_order`), each a ConfigDict in `phases
               'calibrate' copy the teacher into the quantized student and initialise every
                           quantizer parameter from one batch (no training);
               'student'   train the quantized student with `objective`.
+              'paraphraser' Factor Transfer's paraphraser trained on the frozen teacher's
+                          feats[-2] (MSE reconstruction; `teacher_from`, `weights`, `epochs`).
+  aux_from    the 'paraphraser' phase whose trained paraphraser a feature='factor' phase uses.
   init_from   the phase whose final student variables start this phase.
   teacher_from the phase whose network is the teacher: a 'teacher' phase, or a 'student' phase
               with train_teacher=True (QKD tutoring uses the co-studied teacher).
@@ -30,7 +33,7 @@ from qkd_jax.train.optim import GroupSpec
 #: quant.variant values: the library's quantizers or the released SQAKD Tiny-ImageNet ones.
 QUANT_VARIANTS = ("textbook", "released")
 
-PHASE_KINDS = ("teacher", "calibrate", "student")
+PHASE_KINDS = ("teacher", "calibrate", "student", "paraphraser")
 ESTIMATORS = ("ste", "ewgs", "hessian")
 # How quant.estimator='hessian' takes its traces (docs/method.md section 5): each layer probed on its
 # own (released EWGS code) or one joint probe; the cross-entropy with labels (released) or the phase's loss.
@@ -87,6 +90,7 @@ def phase(kind: str = "student", **overrides: Any) -> ml_collections.ConfigDict:
         beta=0.0,
         feature="",
         feature_options=ml_collections.ConfigDict(),
+        aux_from="",  # feature='factor': the 'paraphraser' phase whose paraphraser it freezes
         init_from="",
         teacher_from="",
         train_teacher=False,
@@ -178,13 +182,6 @@ def phase_names(config: ml_collections.ConfigDict) -> list[str]:
 
 FEATURE_KEYS = ("beta", "feature")
 
-# Criteria whose released training needs a phase the runner does not have yet (docs/method.md 7).
-NEEDS_INIT_PHASE = {
-    "factor": "needs a paraphraser trained on the teacher first, a phase the runner does not have yet; "
-              "use qkd_jax.distill.factor directly (train the paraphraser, put it in the aux state) or "
-              "another criterion",
-}
-
 
 def objective_kwargs(name: str, ph: ml_collections.ConfigDict) -> dict:
     """The phase's objective arguments that the named objective accepts (the criterion by name).
@@ -210,6 +207,19 @@ def build_objective(ph: ml_collections.ConfigDict):
     return get_objective(ph.objective, **kwargs)
 
 
+def _validate_aux_from(key: str, ph: ml_collections.ConfigDict, seen: dict) -> None:
+    """feature='factor' needs aux_from naming an earlier 'paraphraser' phase; nothing else takes it."""
+    if ph.feature == "factor" and ph.kind == "student":
+        if not ph.aux_from or ph.aux_from not in seen or seen[ph.aux_from].kind != "paraphraser":
+            _fail(f"{key}.aux_from", ph.aux_from, "feature='factor' needs aux_from naming an earlier "
+                  "'paraphraser' phase (its trained paraphraser)")
+        if seen[ph.aux_from].teacher_from != ph.teacher_from:
+            _fail(f"{key}.aux_from", ph.aux_from, f"the paraphraser was trained on teacher "
+                  f"{seen[ph.aux_from].teacher_from!r}, this phase distils from {ph.teacher_from!r}")
+    elif ph.aux_from:
+        _fail(f"{key}.aux_from", ph.aux_from, "only a student phase with feature='factor' takes it")
+
+
 def _validate_feature(key: str, ph: ml_collections.ConfigDict) -> None:
     """beta / feature / feature_options: a named criterion, its options, a non-zero beta."""
     accepts = "feature" in inspect.signature(OBJECTIVES[ph.objective]).parameters
@@ -221,8 +231,6 @@ def _validate_feature(key: str, ph: ml_collections.ConfigDict) -> None:
         _fail(f"{key}.feature", ph.feature, f"objective {ph.objective!r} takes no feature term; use objective='kd'")
     if ph.feature and ph.feature not in FEATURE_METHODS:
         _fail(f"{key}.feature", ph.feature, f"unknown feature criterion; known: {sorted(FEATURE_METHODS)}")
-    if ph.feature in NEEDS_INIT_PHASE:
-        _fail(f"{key}.feature", ph.feature, NEEDS_INIT_PHASE[ph.feature])
     if ph.feature and not ph.beta:
         _fail(f"{key}.beta", ph.beta, f"feature={ph.feature!r} needs a non-zero beta (its loss weight)")
     if ph.beta and not ph.feature:
@@ -347,6 +355,11 @@ def _validate_phases(config: ml_collections.ConfigDict) -> None:
                 _fail(key, ph.kind, "a teacher phase takes no init_from/teacher_from/train_teacher")
             if objective.needs_teacher:
                 _fail(f"{key}.objective", ph.objective, "a teacher phase trains with labels only")
+        elif ph.kind == "paraphraser":
+            if ph.init_from or ph.train_teacher or ph.feature:
+                _fail(key, ph.kind, "a paraphraser phase takes no init_from/train_teacher/feature")
+            if not ph.teacher_from or seen[ph.teacher_from].kind != "teacher":
+                _fail(f"{key}.teacher_from", ph.teacher_from, "a paraphraser phase needs a 'teacher' phase")
         elif ph.kind == "calibrate":
             if not ph.init_from or seen[ph.init_from].kind != "teacher":
                 _fail(f"{key}.init_from", ph.init_from, "a calibrate phase starts from a 'teacher' phase")
@@ -361,4 +374,5 @@ def _validate_phases(config: ml_collections.ConfigDict) -> None:
             if ph.train_teacher != (ph.objective == "co_study"):
                 _fail(f"{key}.train_teacher", ph.train_teacher,
                       "train_teacher=True goes with objective='co_study' and only with it")
+        _validate_aux_from(key, ph, seen)
         seen[name] = ph

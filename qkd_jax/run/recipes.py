@@ -56,6 +56,38 @@ FEATURE_BASELINES = {
 }
 
 
+# Factor Transfer: beta 200 (run_cifar10_resnet20_EWGS+KDs.sh, 'EWGS+FT'). It needs a paraphraser
+# phase first (paraphraser_phase), so it is not in FEATURE_BASELINES (one student phase each).
+FT_BASELINE = ("factor", 200.0)
+# Released CIFAR/utils_distill.py `init`: SGD lr 0.01 (CIFAR ResNets; other models: the model lr),
+# momentum 0.9 and weight decay 1e-4 (train_quant.py defaults, the scripts set neither), a
+# constant learning rate, init_epochs = 30.
+PARAPHRASER_EPOCHS = 30
+
+
+def paraphraser_optimizer(learning_rate: float = 0.01) -> ml_collections.ConfigDict:
+    """The released paraphraser optimizer (torch SGD, coupled weight decay, constant lr)."""
+    return optimizer_config(optimizer="sgd", learning_rate=learning_rate, schedule="constant", momentum=0.9,
+                            weight_decay=1e-4, decay="coupled")
+
+
+def paraphraser_phase(*, epochs: int = PARAPHRASER_EPOCHS, batch_size: int,
+                      learning_rate: float = 0.01) -> ml_collections.ConfigDict:
+    """FT's first phase: the paraphraser trained on the FP teacher's feats[-2]."""
+    return phase("paraphraser", teacher_from="teacher", epochs=epochs, batch_size=batch_size,
+                 weights=paraphraser_optimizer(learning_rate))
+
+
+def ft_phase(*, paraphraser: str, epochs: int, batch_size: int, weights: ml_collections.ConfigDict,
+             quant_params: ml_collections.ConfigDict, init_from: str = "calibrate") -> ml_collections.ConfigDict:
+    """FT's student phase: kd(gamma=1, alpha=0, beta=200, feature='factor'), the paraphraser of
+    phase `paraphraser` frozen."""
+    feature, beta = FT_BASELINE
+    return phase("student", objective="kd", gamma=1.0, alpha=0.0, beta=beta, feature=feature, aux_from=paraphraser,
+                 init_from=init_from, teacher_from="teacher", epochs=epochs, batch_size=batch_size,
+                 weights=weights, quant_params=quant_params)
+
+
 # ----------------------------------------------------------------------------- the ARG string
 
 

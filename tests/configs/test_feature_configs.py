@@ -10,7 +10,7 @@ import pytest
 
 from qkd_jax.distill.feature_kd import RKD, Attention
 from qkd_jax.run import recipes
-from qkd_jax.run.config_schema import ConfigError, build_objective, validate
+from qkd_jax.run.config_schema import ConfigError, build_objective, phase_names, validate
 from qkd_jax.run.plan import make_plan
 from qkd_jax.run.record import phase_record
 
@@ -57,7 +57,8 @@ def test_feature_keys_build_the_criterion_with_its_options():
     ({"feature": ""}, "phases.sqakd.beta", "weighs a feature loss but feature is ''"),
     ({"objective": "sqakd"}, "phases.sqakd.feature", "objective 'sqakd' takes no feature term; use objective='kd'"),
     ({"feature_options": {"p": 2.0}}, "phases.sqakd", r"unknown option\(s\) \['p'\]; it accepts"),
-    ({"feature": "factor"}, "phases.sqakd.feature", "needs a paraphraser trained on the teacher first"),
+    ({"feature": "factor"}, "phases.sqakd.aux_from", "needs aux_from naming an earlier 'paraphraser' phase"),
+    ({"aux_from": "teacher"}, "phases.sqakd.aux_from", "only a student phase with feature='factor' takes it"),
 ])
 def test_bad_feature_settings_fail_in_one_line_naming_the_key(changes, key, message):
     with pytest.raises(ConfigError, match=f"config.{key}.*{message}") as err:
@@ -142,3 +143,28 @@ def test_auxiliary_params_train_like_the_weights_group(tmp_path):
         np.testing.assert_array_equal(aux["w"], model["conv"]["kernel"])
     # Adam's first step moves each coordinate by about the learning rate (not the quant group's 1e-4).
     assert np.all(np.abs(np.asarray(aux["w"] - start)) > 5e-3)
+
+
+def test_digits_ft_token_adds_the_paraphraser_phase_with_the_released_settings():
+    c = _load("digits_feature_kd", "ft")
+    validate(c)
+    assert list(phase_names(c)) == ["teacher", "calibrate", "ft_paraphraser", "ft"]
+    para, ft = c.phases.ft_paraphraser, c.phases.ft
+    assert para.kind == "paraphraser" and para.teacher_from == "teacher"
+    # released utils_distill.init: SGD lr 0.01 (CIFAR ResNets), momentum 0.9, weight decay 1e-4, constant lr
+    w = para.weights
+    assert (w.optimizer, w.learning_rate, w.momentum, w.weight_decay, w.schedule) == ("sgd", 0.01, 0.9, 1e-4,
+                                                                                   "constant")
+    assert (ft.feature, ft.beta, ft.gamma, ft.alpha, ft.aux_from) == ("factor", 200.0, 1.0, 0.0, "ft_paraphraser")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"teacher_from": ""}, "phases.ft_paraphraser.teacher_from.*needs a 'teacher' phase"),
+    ({"init_from": "calibrate"}, "phases.ft_paraphraser.*takes no init_from/train_teacher/feature"),
+])
+def test_bad_paraphraser_phase_fails(changes, message):
+    c = _load("digits_feature_kd", "ft")
+    for key, value in changes.items():
+        c.phases.ft_paraphraser[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c)

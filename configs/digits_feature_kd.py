@@ -8,7 +8,10 @@ optimizer (the criterion's auxiliary parameters, if any, train in the weights gr
 
 ARG tokens: at (AT), nst (NST), sp (SP), rkd (RKD), crd (CRD), fitnet (FitNet), cc (CC), vid (VID),
 ft (FT: a phase 'ft_paraphraser' training the paraphraser on the teacher, PARAPHRASER_EPOCHS here,
-released 30 on CIFAR, then the student phase 'ft' with beta 200; not in the default list).
+released 30 on CIFAR, then the student phase 'ft' with beta 200; not in the default list),
+fsp (FSP: a phase 'fsp_init' training all but the classifier on the FSP losses, FSP_INIT_EPOCHS
+here, released 30, SGD at the student's learning rate, then the student phase 'fsp' with plain
+CE; not in the default list).
 CRD draws nce_k = 1024 negatives here (released 16384: more than the digits of the other classes).
 
     python -m qkd_jax.main --config=configs/digits_feature_kd.py --workdir=/tmp/qkd_digits_fkd
@@ -26,7 +29,8 @@ from qkd_jax.run import recipes
 
 DIGITS_EPOCHS = 12
 PARAPHRASER_EPOCHS = 3  # released init_epochs 30 against 1200 student epochs; scaled down on digits
-TOKENS = (*recipes.FEATURE_BASELINES, "ft")
+FSP_INIT_EPOCHS = 3  # released init_epochs 30; scaled down on digits
+TOKENS = (*recipes.FEATURE_BASELINES, "ft", "fsp")
 # Criterion options that differ from the released defaults on digits (1437 training images).
 DIGITS_OPTIONS = {"crd": {"nce_k": 1024}}
 
@@ -61,6 +65,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                                                        batch_size=demo.batch_size)))
             ph = recipes.ft_phase(paraphraser="ft_paraphraser", epochs=DIGITS_EPOCHS, batch_size=demo.batch_size,
                                   weights=weights, quant_params=quant_params)
+            ph.eval_every_epochs = demo.eval_every_epochs
+            phases.append((token, ph))
+            continue
+        if token == "fsp":
+            phases.append(("fsp_init", recipes.fsp_init_phase(epochs=FSP_INIT_EPOCHS, batch_size=demo.batch_size,
+                                                              learning_rate=demo.weights.learning_rate)))
+            ph = recipes.phase("student", objective="task", init_from="fsp_init", epochs=DIGITS_EPOCHS,
+                               batch_size=demo.batch_size, weights=weights, quant_params=quant_params)
             ph.eval_every_epochs = demo.eval_every_epochs
             phases.append((token, ph))
             continue

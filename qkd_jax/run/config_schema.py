@@ -91,6 +91,9 @@ def phase(kind: str = "student", **overrides: Any) -> ml_collections.ConfigDict:
         feature="",
         feature_options=ml_collections.ConfigDict(),
         aux_from="",  # feature='factor': the 'paraphraser' phase whose paraphraser it freezes
+        # Comma-separated top-level parameter subtrees that get no update, weight decay included
+        # (FSP's initialisation phase: 'classifier').
+        freeze="",
         init_from="",
         teacher_from="",
         train_teacher=False,
@@ -337,6 +340,9 @@ def _validate_phases(config: ml_collections.ConfigDict) -> None:
             except ValueError as err:
                 raise ConfigError(f"config.{key}.{opt_key}: {err}") from None
         _validate_feature(key, ph)
+        if not isinstance(ph.freeze, str) or (ph.freeze and ph.kind != "student"):
+            _fail(f"{key}.freeze", ph.freeze, "must be a comma-separated string of top-level parameter names "
+                  "('' = none), on a student phase only")
         try:
             objective = build_objective(ph)
         except (TypeError, ValueError) as err:

@@ -39,6 +39,7 @@ class PhasePlan:
     init_from: str
     teacher_from: str
     aux_from: str  # feature='factor': the paraphraser phase
+    freeze: tuple[str, ...]  # top-level parameter subtrees with zero updates (train/freeze.py)
     train_teacher: bool
     objective_name: str
     objective: Any  # a distill objective; None for calibrate phases
@@ -97,6 +98,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: epath.Path, name: str,
         init_from=ph.init_from,
         teacher_from=ph.teacher_from,
         aux_from=ph.aux_from,
+        freeze=tuple(n.strip() for n in ph.freeze.split(",") if n.strip()),
         train_teacher=bool(ph.train_teacher),
         objective_name=ph.objective,
         objective=None if ph.kind == "calibrate" else build_objective(ph),

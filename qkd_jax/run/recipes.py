@@ -88,6 +88,24 @@ def ft_phase(*, paraphraser: str, epochs: int, batch_size: int, weights: ml_coll
                  weights=weights, quant_params=quant_params)
 
 
+# FSP: released CIFAR/utils_distill.py `init` trains the student's feature modules (all but the
+# classifier, quantizers included) on the unweighted sum of FSP losses over feat[:-1] for
+# init_epochs = 30 with SGD (the model lr, momentum 0.9, weight decay 1e-4); the main phase's
+# feature term is 0 (`get_loss_kd`), so it trains gamma * CE (gamma 1, alpha 0) alone.
+FSP_INIT_EPOCHS = 30
+
+
+def fsp_init_phase(*, epochs: int = FSP_INIT_EPOCHS, batch_size: int, learning_rate: float,
+                   init_from: str = "calibrate") -> ml_collections.ConfigDict:
+    """FSP's first phase: kd(gamma=0, alpha=0, beta=1, feature='fsp'), the classifier frozen."""
+    def sgd():
+        return optimizer_config(optimizer="sgd", learning_rate=learning_rate, schedule="constant", momentum=0.9,
+                                weight_decay=1e-4, decay="coupled")
+    return phase("student", objective="kd", gamma=0.0, alpha=0.0, beta=1.0, feature="fsp", freeze="classifier",
+                 init_from=init_from, teacher_from="teacher", epochs=epochs, batch_size=batch_size,
+                 weights=sgd(), quant_params=sgd())
+
+
 # ----------------------------------------------------------------------------- the ARG string
 
 

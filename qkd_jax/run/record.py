@@ -82,6 +82,8 @@ def phase_record(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str
         record[f"{key}.teacher_from"] = plan.teacher_from
     if plan.aux_from:
         record[f"{key}.aux_from"] = plan.aux_from
+    if plan.freeze:
+        record[f"{key}.freeze"] = ",".join(plan.freeze)
     if plan.kind == "student":
         record.update({f"{key}.teacher_from": plan.teacher_from, f"{key}.train_teacher": plan.train_teacher})
         if plan.train_teacher:

@@ -14,6 +14,7 @@ from qkd_jax.run.context import PhaseResult, RunContext
 from qkd_jax.run.loaders import train_labels, train_loader
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.record import phase_record
+from qkd_jax.train.freeze import freeze_top_level
 from qkd_jax.train.optim import build_optimizer, group_transform
 from qkd_jax.train.state import TrainState, create_train_state
 
@@ -32,6 +33,11 @@ def build_state(ctx: RunContext, plan: PhasePlan, init_vars: dict, net: build.Ne
     total = max(1, plan.steps_per_epoch * plan.epochs)
     tx = build_optimizer(plan.weights, plan.quant_params, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
                          quant_decay=plan.quant_decay)
+    if plan.freeze:
+        try:
+            tx = freeze_top_level(tx, init_vars["params"], plan.freeze)
+        except ValueError as err:
+            raise ValueError(f"phases.{plan.name}.freeze={','.join(plan.freeze)!r}: {err}") from None
     t_net = t_vars = t_tx = None
     if plan.teacher_from:
         t_net = ctx.network("teacher")

@@ -168,3 +168,24 @@ def test_bad_paraphraser_phase_fails(changes, message):
         c.phases.ft_paraphraser[key] = value
     with pytest.raises(ConfigError, match=message):
         validate(c)
+
+
+def test_digits_fsp_token_adds_the_init_phase_with_the_classifier_frozen():
+    c = _load("digits_feature_kd", "fsp")
+    validate(c)
+    assert list(phase_names(c)) == ["teacher", "calibrate", "fsp_init", "fsp"]
+    init, main = c.phases.fsp_init, c.phases.fsp
+    assert (init.objective, init.gamma, init.alpha, init.beta, init.feature, init.freeze) == (
+        "kd", 0.0, 0.0, 1.0, "fsp", "classifier")
+    assert init.weights.optimizer == init.quant_params.optimizer == "sgd"
+    assert (main.objective, main.init_from, main.feature) == ("task", "fsp_init", "")
+    plan = make_plan(c, pathlib.Path("/tmp/unused"), "fsp_init", steps_per_epoch=3)
+    assert plan.freeze == ("classifier",)
+    assert phase_record(c, plan)["phases.fsp_init.freeze"] == "classifier"
+
+
+def test_freeze_on_a_non_student_phase_fails():
+    c = _load("digits_feature_kd", "fsp")
+    c.phases.calibrate.freeze = "classifier"
+    with pytest.raises(ConfigError, match="phases.calibrate.freeze.*on a student phase only"):
+        validate(c)

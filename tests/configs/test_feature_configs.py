@@ -189,3 +189,25 @@ def test_freeze_on_a_non_student_phase_fails():
     c.phases.calibrate.freeze = "classifier"
     with pytest.raises(ConfigError, match="phases.calibrate.freeze.*on a student phase only"):
         validate(c)
+
+
+@pytest.mark.parametrize("name, lr, wd, ft_lr", [("cifar10_resnet20", 1e-3, 1e-4, 0.01),
+                                                  ("cifar100_vgg13", 5e-4, 5e-4, 5e-4)])
+def test_cifar_ft_and_fsp_tokens_follow_the_released_init(name, lr, wd, ft_lr):
+    """Released init: SGD, momentum 0.9, args.weight_decay, 30 epochs; lr 0.01 for FT on CIFAR
+    ResNets, else args.lr_m (the student's weight lr)."""
+    ft = _load(name, "ft,w2a2")
+    validate(ft)
+    assert list(phase_names(ft)) == ["teacher", "calibrate", "paraphraser", "student"]
+    w = ft.phases.paraphraser.weights
+    assert (w.optimizer, w.learning_rate, w.momentum, w.weight_decay, ft.phases.paraphraser.epochs) == (
+        "sgd", ft_lr, 0.9, wd, 30)
+    assert (ft.phases.student.feature, ft.phases.student.beta, ft.phases.student.aux_from) == (
+        "factor", 200.0, "paraphraser")
+    fsp = _load(name, "fsp,w2a2")
+    validate(fsp)
+    assert list(phase_names(fsp)) == ["teacher", "calibrate", "fsp_init", "student"]
+    init = fsp.phases.fsp_init
+    assert (init.weights.learning_rate, init.weights.weight_decay, init.epochs, init.freeze) == (lr, wd, 30,
+                                                                                                "classifier")
+    assert (fsp.phases.student.objective, fsp.phases.student.init_from) == ("task", "fsp_init")

@@ -10,7 +10,12 @@ import pytest
 
 from qkd_jax.distill.feature_kd import RKD, Attention
 from qkd_jax.run import recipes
-from qkd_jax.run.config_schema import ConfigError, build_objective, phase_names, validate
+from qkd_jax.run.config_schema import (
+    ConfigError,
+    build_objective,
+    phase_names,
+    validate,
+)
 from qkd_jax.run.plan import make_plan
 from qkd_jax.run.record import phase_record
 

@@ -1,6 +1,8 @@
 """Factor Transfer through the CLI on digits: `--config=tests/e2e/helpers.py:ft` runs teacher
 (0 epochs) -> calibrate -> 'ft_paraphraser' (11 steps) -> 'ft' (feature='factor', 11 steps) on
-one CPU device. The paraphraser phase trains (its weights move, its MSE is logged every step);
+one CPU device. A second run of the phases up to the paraphraser is SIGKILLed after two of its
+mid-phase checkpoints and resumed: its final paraphraser state equals the uninterrupted run's
+bit for bit. The paraphraser phase trains (its weights move, its MSE is logged every step);
 the student phase holds exactly that paraphraser, frozen, in its auxiliary state from start to
 end, and logs the factor term whose beta-weighted sum with the CE is the loss."""
 
@@ -8,12 +10,27 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
 
 from qkd_jax.run import recipes
-from tests.e2e.helpers import read_metrics, read_state, run_cli
+from tests.e2e.helpers import (
+    REPO,
+    assert_trees_identical,
+    cli_command,
+    finalized_steps,
+    read_meta,
+    read_metrics,
+    read_state,
+    run_cli,
+    subprocess_env,
+    tail,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +76,33 @@ def _flat(tree, prefix=""):
         else:
             out[f"{prefix}{k}"] = np.asarray(v)
     return out
+
+
+PARAPHRASER_ONLY = "--config.phase_order=teacher,calibrate,ft_paraphraser"
+
+
+def test_sigkilled_paraphraser_phase_resumes_to_identical_state(ft_run, tmp_path):
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cli_command("ft", killed, PARAPHRASER_ONLY), cwd=REPO, env=subprocess_env(1),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while len([s for s in finalized_steps(killed / "ft_paraphraser") if 0 < s < TOTAL]) < 2:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no two mid-phase paraphraser checkpoints ({proc.poll()}):\n{tail(log)}")
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    steps = finalized_steps(killed / "ft_paraphraser")
+    assert steps[-1] < TOTAL and not read_meta(killed / "ft_paraphraser" / str(steps[-1]))["completed"]
+    out = run_cli("ft", killed, PARAPHRASER_ONLY, timeout=600)
+    assert f"[ft_paraphraser] resuming from step {steps[-1]}" in out.stdout
+    assert finalized_steps(killed / "ft_paraphraser")[-1] == TOTAL
+    # Every array: paraphraser weights, SGD momentum, step, rng.
+    assert_trees_identical(read_state(killed / "ft_paraphraser" / str(TOTAL)),
+                           read_state(ft_run / "ft_paraphraser" / str(TOTAL)))

@@ -5,8 +5,8 @@ Released kaiqi123/SQAKD CIFAR/utils_distill.py ``init`` ('factor'): the teacher 
 by SGD (momentum, weight decay; lr 0.01 for CIFAR ResNets), here the phase's `weights` group.
 Checkpointed every epoch (and on SIGTERM/SIGINT) and resumed like the other phases; its result's
 ``student`` holds ``{'params': paraphraser}``, which a feature='factor' phase (``aux_from``)
-freezes in its auxiliary state. Runs on one device (jit, no data parallelism): the paraphraser
-is small and this phase is short.
+freezes in its auxiliary state. Runs on one device of one process (jit, no data parallelism;
+several processes are refused): the paraphraser is small and this phase is short.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ def _initial_state(ctx: RunContext, plan: PhasePlan, t_vars: dict) -> TrainState
 
 def run_paraphraser(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> PhaseResult:
     name = plan.name
+    if jax.process_count() > 1:
+        raise NotImplementedError(f"phases.{name}: the paraphraser phase runs in one process only (no data "
+                                  f"parallelism); train it in a single-process run and reuse its workdir.")
     t_vars = teacher_variables(ctx, plan.teacher_from)
     state = _initial_state(ctx, plan, t_vars)
     restored = ckpt.restore(state, mesh=None)

@@ -19,6 +19,11 @@ ARG (after the colon; default 'sqakd,w2a2'):
                 FitNet 100, CC 0.02, VID 1
                 (recipes.FEATURE_BASELINES); the script's setting is W2A2. The script
                 passes --use_hessian True: add --config.quant.estimator=hessian for it.
+  ft|fsp,wBaB   the two-phase baselines (released utils_distill.init, 30 epochs, SGD lr 0.01 (the released value for CIFAR ResNets),
+                momentum 0.9, the student's weight decay, constant): 'ft' trains a 'paraphraser'
+                phase on the teacher's feats[-2], then the student with FT beta 200 and that
+                paraphraser frozen (aux_from); 'fsp' trains 'fsp_init' (FSP losses only, the
+                classifier frozen), then the student with plain CE (docs/method.md section 7).
   B in 1..8; paper settings W1A1, W2A2, W4A4. The quantizer is 'interval' (EWGS / SQAKD
   learnable interval), preset 'sqakd_cifar': stem conv, BatchNorms and classifier stay FP.
 Student: Adam 1e-3 with coupled L2 1e-4 (weights) + Adam 1e-5 without decay (quantizer

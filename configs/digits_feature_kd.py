@@ -6,7 +6,12 @@ with the released recipe gamma * CE(y, s) + beta * L_feature (gamma 1, alpha 0; 
 released SQAKD CIFAR scripts, qkd_jax.run.recipes.FEATURE_BASELINES) and the demo's student
 optimizer (the criterion's auxiliary parameters, if any, train in the weights group).
 
-ARG tokens: at (AT), nst (NST), sp (SP), rkd (RKD), crd (CRD), fitnet (FitNet), cc (CC), vid (VID).
+ARG tokens: at (AT), nst (NST), sp (SP), rkd (RKD), crd (CRD), fitnet (FitNet), cc (CC), vid (VID),
+ft (FT: a phase 'ft_paraphraser' training the paraphraser on the teacher, PARAPHRASER_EPOCHS here,
+released 30 on CIFAR, then the student phase 'ft' with beta 200; not in the default list),
+fsp (FSP: a phase 'fsp_init' training all but the classifier on the FSP losses, FSP_INIT_EPOCHS
+here, released 30, SGD at the student's learning rate, then the student phase 'fsp' with plain
+CE; not in the default list).
 CRD draws nce_k = 1024 negatives here (released 16384: more than the digits of the other classes).
 
     python -m qkd_jax.main --config=configs/digits_feature_kd.py --workdir=/tmp/qkd_digits_fkd
@@ -23,6 +28,9 @@ import ml_collections
 from qkd_jax.run import recipes
 
 DIGITS_EPOCHS = 12
+PARAPHRASER_EPOCHS = 3  # released init_epochs 30 against 1200 student epochs; scaled down on digits
+FSP_INIT_EPOCHS = 3  # released init_epochs 30; scaled down on digits
+TOKENS = (*recipes.FEATURE_BASELINES, "ft", "fsp")
 # Criterion options that differ from the released defaults on digits (1437 training images).
 DIGITS_OPTIONS = {"crd": {"nce_k": 1024}}
 
@@ -38,10 +46,10 @@ def _demo_config() -> ml_collections.ConfigDict:
 def parse_tokens(arg: str) -> list[str]:
     """The baselines named in ARG ('' = all), in the order given."""
     tokens = [t.strip() for t in arg.split(",") if t.strip()] if arg else list(recipes.FEATURE_BASELINES)
-    unknown = [t for t in tokens if t not in recipes.FEATURE_BASELINES]
+    unknown = [t for t in tokens if t not in TOKENS]
     if unknown or len(set(tokens)) != len(tokens):
         raise ValueError(f"invalid config ARG {arg!r}: name each baseline once, from "
-                         f"{sorted(recipes.FEATURE_BASELINES)} (comma-separated)")
+                         f"{sorted(TOKENS)} (comma-separated)")
     return tokens
 
 
@@ -50,6 +58,24 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     demo = c.phases.sqakd
     phases = [("teacher", c.phases.teacher), ("calibrate", c.phases.calibrate)]
     for token in parse_tokens(arg):
+        weights = ml_collections.ConfigDict(demo.weights.to_dict())
+        quant_params = ml_collections.ConfigDict(demo.quant_params.to_dict())
+        if token == "ft":
+            phases.append(("ft_paraphraser", recipes.paraphraser_phase(epochs=PARAPHRASER_EPOCHS,
+                                                                       batch_size=demo.batch_size)))
+            ph = recipes.ft_phase(paraphraser="ft_paraphraser", epochs=DIGITS_EPOCHS, batch_size=demo.batch_size,
+                                  weights=weights, quant_params=quant_params)
+            ph.eval_every_epochs = demo.eval_every_epochs
+            phases.append((token, ph))
+            continue
+        if token == "fsp":
+            phases.append(("fsp_init", recipes.fsp_init_phase(epochs=FSP_INIT_EPOCHS, batch_size=demo.batch_size,
+                                                              learning_rate=demo.weights.learning_rate)))
+            ph = recipes.phase("student", objective="task", init_from="fsp_init", epochs=DIGITS_EPOCHS,
+                               batch_size=demo.batch_size, weights=weights, quant_params=quant_params)
+            ph.eval_every_epochs = demo.eval_every_epochs
+            phases.append((token, ph))
+            continue
         ph = recipes.feature_phase(token, epochs=DIGITS_EPOCHS, batch_size=demo.batch_size,
                                    weights=ml_collections.ConfigDict(demo.weights.to_dict()),
                                    quant_params=ml_collections.ConfigDict(demo.quant_params.to_dict()),

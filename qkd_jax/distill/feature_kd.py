@@ -92,6 +92,19 @@ def _stages(feats: Features) -> Features:
 
 
 @dataclasses.dataclass(frozen=True)
+class FSP(FeatureKD):
+    """FSP (Yim et al.): the sum of :func:`feature_losses.fsp` over ``feats[:-1]`` (stem and
+    stages). Released, this loss trains only in FSP's initialisation phase (``utils_distill.init``);
+    the main phase is plain CE."""
+
+    name: ClassVar[str] = "fsp"
+
+    def loss(self, params, state, feats_s, feats_t, *, rng, index=None, axis_name=None):
+        self._check_lengths(feats_s, feats_t, 3)
+        return sum(fl.fsp(feats_s[:-1], feats_t[:-1])), state
+
+
+@dataclasses.dataclass(frozen=True)
 class Attention(FeatureKD):
     """AT (Zagoruyko & Komodakis): sum over stage outputs of :func:`feature_losses.attention`."""
 
@@ -152,7 +165,7 @@ class PKT(FeatureKD):
 
 #: Feature criteria by the released ``--distill`` name.
 FEATURE_METHODS: dict[str, Callable[..., FeatureKD]] = {
-    cls.name: cls for cls in (Attention, NST, Similarity, RKD, PKT)
+    cls.name: cls for cls in (Attention, NST, Similarity, RKD, PKT, FSP)
 }
 
 

@@ -111,3 +111,82 @@ class VIDRegressor(nn.Module):
         x = nn.relu(nn.Conv(self.mid, (1, 1), use_bias=False, kernel_init=torch_kernel_init(), name="conv0")(x))
         x = nn.relu(nn.Conv(self.mid, (1, 1), use_bias=False, kernel_init=torch_kernel_init(), name="conv1")(x))
         return nn.Conv(self.out, (1, 1), use_bias=False, kernel_init=torch_kernel_init(), name="conv2")(x)
+
+
+def _conv3(features: int, in_features: int, name: str) -> nn.Conv:
+    """torch ``nn.Conv2d(in, out, 3, 1, 1)`` with its default init."""
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), kernel_init=torch_kernel_init(),
+                   bias_init=torch_bias_init(9 * in_features), name=name)
+
+
+def _conv_transpose3(features: int, name: str) -> nn.ConvTranspose:
+    """torch ``nn.ConvTranspose2d(in, out, 3, 1, 1)`` with its default init (fan_in = out * 9);
+    stride 1 with torch padding 1 pads the input by k - 1 - p = 1."""
+    return nn.ConvTranspose(features, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
+                            kernel_init=torch_kernel_init(in_axis=-1, out_axis=-2),
+                            bias_init=torch_bias_init(9 * features), name=name)
+
+
+class FactorEncoder(nn.Module):
+    """Three 3x3 same-padding convolutions in -> in -> out -> out, each followed (when ``use_bn``)
+    by BatchNorm in training mode and LeakyReLU(0.1): the released ``Paraphraser.encoder``
+    (``use_bn=False``) and ``Translator.encoder`` (``use_bn=True``)."""
+
+    out_channels: int
+    use_bn: bool
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_c = x.shape[-1]
+        for i, (c_in, c_out) in enumerate(((in_c, in_c), (in_c, self.out_channels),
+                                           (self.out_channels, self.out_channels))):
+            x = _conv3(c_out, c_in, f"conv{i}")(x)
+            if self.use_bn:
+                x = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                                 axis_name=self.axis_name, name=f"bn{i}")(x)
+            x = nn.leaky_relu(x, 0.1)
+        return x
+
+
+def factor_channels(t_channels: int, rate: float = 0.5) -> int:
+    """The factor's channel count, ``int(t_channels * rate)`` as released (rate k = 0.5)."""
+    out = int(t_channels * rate)
+    if out < 1:
+        raise ValueError(f"factor rate {rate} leaves no channel of the teacher's {t_channels}; use a larger rate.")
+    return out
+
+
+class Paraphraser(nn.Module):
+    """Factor Transfer's paraphraser (released ``Paraphraser(t_shape)``, k = 0.5, no BatchNorm):
+    an encoder to ``int(C * rate)`` channels and a decoder of three 3x3 stride-1 transposed
+    convolutions back to C, each followed by LeakyReLU(0.1). ``is_factor=True`` returns the
+    factor only; otherwise (factor, reconstruction)."""
+
+    rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x: Array, is_factor: bool = False) -> Array | tuple[Array, Array]:
+        in_c = x.shape[-1]
+        out_c = factor_channels(in_c, self.rate)
+        factor = FactorEncoder(out_c, use_bn=False, name="encoder")(x)
+        if is_factor:
+            return factor
+        rec = factor
+        for i, c in enumerate((out_c, in_c, in_c)):
+            rec = nn.leaky_relu(_conv_transpose3(c, f"deconv{i}")(rec), 0.1)
+        return factor, rec
+
+
+class Translator(nn.Module):
+    """Factor Transfer's translator (released ``Translator(s_shape, t_shape)``, k = 0.5, with
+    BatchNorm in training mode): the student's map -> ``int(t_channels * rate)`` channels."""
+
+    t_channels: int
+    rate: float = 0.5
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return FactorEncoder(factor_channels(self.t_channels, self.rate), use_bn=True,
+                             axis_name=self.axis_name, name="encoder")(x)

@@ -10,6 +10,9 @@ A run is an ordered list of phases (`phase_order`), each a ConfigDict in `phases
               'calibrate' copy the teacher into the quantized student and initialise every
                           quantizer parameter from one batch (no training);
               'student'   train the quantized student with `objective`.
+              'paraphraser' Factor Transfer's paraphraser trained on the frozen teacher's
+                          feats[-2] (MSE reconstruction; `teacher_from`, `weights`, `epochs`).
+  aux_from    the 'paraphraser' phase whose trained paraphraser a feature='factor' phase uses.
   init_from   the phase whose final student variables start this phase.
   teacher_from the phase whose network is the teacher: a 'teacher' phase, or a 'student' phase
               with train_teacher=True (QKD tutoring uses the co-studied teacher).
@@ -34,7 +37,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 #: quant.variant values: the library's quantizers or the released SQAKD Tiny-ImageNet ones.
 QUANT_VARIANTS = ("textbook", "released")
 
-PHASE_KINDS = ("teacher", "calibrate", "student")
+PHASE_KINDS = ("teacher", "calibrate", "student", "paraphraser")
 ESTIMATORS = ("ste", "ewgs", "hessian")
 # How quant.estimator='hessian' takes its traces (docs/method.md section 5): each layer probed on its
 # own (released EWGS code) or one joint probe; the cross-entropy with labels (released) or the phase's loss.
@@ -91,6 +94,10 @@ def phase(kind: str = "student", **overrides: Any) -> ml_collections.ConfigDict:
         beta=0.0,
         feature="",
         feature_options=ml_collections.ConfigDict(),
+        aux_from="",  # feature='factor': the 'paraphraser' phase whose paraphraser it freezes
+        # Comma-separated top-level parameter subtrees that get no update, weight decay included
+        # (FSP's initialisation phase: 'classifier').
+        freeze="",
         init_from="",
         teacher_from="",
         train_teacher=False,
@@ -214,6 +221,19 @@ def build_objective(ph: ml_collections.ConfigDict):
     if kwargs.get("feature"):
         kwargs["feature"] = get_feature(ph.feature, **feature_options(ph))
     return get_objective(ph.objective, **kwargs)
+
+
+def _validate_aux_from(key: str, ph: ml_collections.ConfigDict, seen: dict) -> None:
+    """feature='factor' needs aux_from naming an earlier 'paraphraser' phase; nothing else takes it."""
+    if ph.feature == "factor" and ph.kind == "student":
+        if not ph.aux_from or ph.aux_from not in seen or seen[ph.aux_from].kind != "paraphraser":
+            _fail(f"{key}.aux_from", ph.aux_from, "feature='factor' needs aux_from naming an earlier "
+                  "'paraphraser' phase (its trained paraphraser)")
+        if seen[ph.aux_from].teacher_from != ph.teacher_from:
+            _fail(f"{key}.aux_from", ph.aux_from, f"the paraphraser was trained on teacher "
+                  f"{seen[ph.aux_from].teacher_from!r}, this phase distils from {ph.teacher_from!r}")
+    elif ph.aux_from:
+        _fail(f"{key}.aux_from", ph.aux_from, "only a student phase with feature='factor' takes it")
 
 
 def _validate_feature(key: str, ph: ml_collections.ConfigDict) -> None:
@@ -340,6 +360,9 @@ def _validate_phases(config: ml_collections.ConfigDict) -> None:
             except ValueError as err:
                 raise ConfigError(f"config.{key}.{opt_key}: {err}") from None
         _validate_feature(key, ph)
+        if not isinstance(ph.freeze, str) or (ph.freeze and ph.kind != "student"):
+            _fail(f"{key}.freeze", ph.freeze, "must be a comma-separated string of top-level parameter names "
+                  "('' = none), on a student phase only")
         try:
             objective = build_objective(ph)
         except (TypeError, ValueError) as err:
@@ -358,6 +381,11 @@ def _validate_phases(config: ml_collections.ConfigDict) -> None:
                 _fail(key, ph.kind, "a teacher phase takes no init_from/teacher_from/train_teacher")
             if objective.needs_teacher:
                 _fail(f"{key}.objective", ph.objective, "a teacher phase trains with labels only")
+        elif ph.kind == "paraphraser":
+            if ph.init_from or ph.train_teacher or ph.feature:
+                _fail(key, ph.kind, "a paraphraser phase takes no init_from/train_teacher/feature")
+            if not ph.teacher_from or seen[ph.teacher_from].kind != "teacher":
+                _fail(f"{key}.teacher_from", ph.teacher_from, "a paraphraser phase needs a 'teacher' phase")
         elif ph.kind == "calibrate":
             if not ph.init_from or seen[ph.init_from].kind != "teacher":
                 _fail(f"{key}.init_from", ph.init_from, "a calibrate phase starts from a 'teacher' phase")
@@ -372,4 +400,5 @@ def _validate_phases(config: ml_collections.ConfigDict) -> None:
             if ph.train_teacher != (ph.objective == "co_study"):
                 _fail(f"{key}.train_teacher", ph.train_teacher,
                       "train_teacher=True goes with objective='co_study' and only with it")
+        _validate_aux_from(key, ph, seen)
         seen[name] = ph

@@ -19,6 +19,7 @@ from qkd_jax.run.context import PhaseResult, RunContext
 from qkd_jax.run.interrupt import Interrupted, handle_signals, stop_requested
 from qkd_jax.run.loaders import steps_per_epoch
 from qkd_jax.run.lock import WorkdirLock
+from qkd_jax.run.paraphraser_phase import run_paraphraser
 from qkd_jax.run.plan import PhasePlan, make_plan
 from qkd_jax.run.preflight import check_run
 from qkd_jax.run.record import phase_settings
@@ -57,12 +58,14 @@ def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseRes
     rows = [("phase", "kind", "objective", "precision", "labels", "top1 %", "top5 %", *SUMMARY_HEADERS)]
     for name, res in results.items():
         plan = plans[name]
-        precision = "FP32" if res.kind == "teacher" else f"{q.method} W{q.w_bits}A{q.a_bits}"
+        precision = "FP32" if res.kind in ("teacher", "paraphraser") else f"{q.method} W{q.w_bits}A{q.a_bits}"
         objective = "-" if res.kind == "calibrate" else plan.objective_name
         feature = getattr(plan.objective, "feature", None)
         if feature is not None:  # the feature term, e.g. 'kd+attention'
             objective = f"{objective}+{feature.name}"
         uses_labels = "-" if res.kind == "calibrate" else ("yes" if plan.needs_labels else "no")
+        if res.kind == "paraphraser":  # MSE reconstruction of the teacher's feats[-2], no labels
+            objective, uses_labels = "mse", "no"
         top1 = res.eval.get("top1")
         top5 = res.eval.get("top5")
         rows.append((name, res.kind, objective, precision, uses_labels,
@@ -80,7 +83,8 @@ def run_phase(ctx: RunContext, plan: PhasePlan) -> PhaseResult:
         raise Interrupted(stop_requested(), plan.name)
     ckpt = PhaseCheckpointer(plan.directory, max_to_keep=plan.keep_checkpoints)
     try:
-        result = run_calibrate(ctx, plan, ckpt) if plan.kind == "calibrate" else run_training(ctx, plan, ckpt)
+        runner = {"calibrate": run_calibrate, "paraphraser": run_paraphraser}.get(plan.kind, run_training)
+        result = runner(ctx, plan, ckpt)
     finally:
         ckpt.close()
     ctx.results[plan.name] = result

@@ -32,12 +32,14 @@ class PhasePlan:
     """One phase, resolved. `total_steps = steps_per_epoch * epochs` (0 for calibrate phases)."""
 
     name: str
-    kind: str  # 'teacher' | 'calibrate' | 'student'
+    kind: str  # 'teacher' | 'calibrate' | 'student' | 'paraphraser'
     seed: int
     directory: epath.Path
     from_teacher_checkpoint: bool  # a 'teacher' phase read from config.teacher_checkpoint
     init_from: str
     teacher_from: str
+    aux_from: str  # feature='factor': the paraphraser phase
+    freeze: tuple[str, ...]  # top-level parameter subtrees with zero updates (train/freeze.py)
     train_teacher: bool
     objective_name: str
     objective: Any  # a distill objective; None for calibrate phases
@@ -95,6 +97,8 @@ def make_plan(config: ml_collections.ConfigDict, workdir: epath.Path, name: str,
         from_teacher_checkpoint=from_checkpoint,
         init_from=ph.init_from,
         teacher_from=ph.teacher_from,
+        aux_from=ph.aux_from,
+        freeze=tuple(n.strip() for n in ph.freeze.split(",") if n.strip()),
         train_teacher=bool(ph.train_teacher),
         objective_name=ph.objective,
         objective=None if ph.kind == "calibrate" else build_objective(ph),

@@ -56,6 +56,80 @@ FEATURE_BASELINES = {
 }
 
 
+# Factor Transfer: beta 200 (run_cifar10_resnet20_EWGS+KDs.sh, 'EWGS+FT'). It needs a paraphraser
+# phase first (paraphraser_phase), so it is not in FEATURE_BASELINES (one student phase each).
+FT_BASELINE = ("factor", 200.0)
+# Released CIFAR/utils_distill.py `init`: SGD lr 0.01 (CIFAR ResNets; other models: the model lr),
+# momentum 0.9 and weight decay 1e-4 (train_quant.py defaults, the scripts set neither), a
+# constant learning rate, init_epochs = 30.
+PARAPHRASER_EPOCHS = 30
+
+
+def init_optimizer(learning_rate: float = 0.01, weight_decay: float = 1e-4) -> ml_collections.ConfigDict:
+    """The released `init` optimizer of FT / FSP (torch SGD, momentum 0.9, coupled weight decay
+    args.weight_decay, constant lr)."""
+    return optimizer_config(optimizer="sgd", learning_rate=learning_rate, schedule="constant", momentum=0.9,
+                            weight_decay=weight_decay, decay="coupled")
+
+
+def paraphraser_phase(*, epochs: int = PARAPHRASER_EPOCHS, batch_size: int, learning_rate: float = 0.01,
+                      weight_decay: float = 1e-4) -> ml_collections.ConfigDict:
+    """FT's first phase: the paraphraser trained on the FP teacher's feats[-2]."""
+    return phase("paraphraser", teacher_from="teacher", epochs=epochs, batch_size=batch_size,
+                 weights=init_optimizer(learning_rate, weight_decay))
+
+
+def ft_phase(*, paraphraser: str, epochs: int, batch_size: int, weights: ml_collections.ConfigDict,
+             quant_params: ml_collections.ConfigDict, init_from: str = "calibrate") -> ml_collections.ConfigDict:
+    """FT's student phase: kd(gamma=1, alpha=0, beta=200, feature='factor'), the paraphraser of
+    phase `paraphraser` frozen."""
+    feature, beta = FT_BASELINE
+    return phase("student", objective="kd", gamma=1.0, alpha=0.0, beta=beta, feature=feature, aux_from=paraphraser,
+                 init_from=init_from, teacher_from="teacher", epochs=epochs, batch_size=batch_size,
+                 weights=weights, quant_params=quant_params)
+
+
+# FSP: released CIFAR/utils_distill.py `init` trains the student's feature modules (all but the
+# classifier, quantizers included) on the unweighted sum of FSP losses over feat[:-1] for
+# init_epochs = 30 with SGD (the model lr, momentum 0.9, weight decay 1e-4); the main phase's
+# feature term is 0 (`get_loss_kd`), so it trains gamma * CE (gamma 1, alpha 0) alone.
+FSP_INIT_EPOCHS = 30
+
+
+def fsp_init_phase(*, epochs: int = FSP_INIT_EPOCHS, batch_size: int, learning_rate: float,
+                   weight_decay: float = 1e-4, init_from: str = "calibrate") -> ml_collections.ConfigDict:
+    """FSP's first phase: kd(gamma=0, alpha=0, beta=1, feature='fsp'), the classifier frozen."""
+    return phase("student", objective="kd", gamma=0.0, alpha=0.0, beta=1.0, feature="fsp", freeze="classifier",
+                 init_from=init_from, teacher_from="teacher", epochs=epochs, batch_size=batch_size,
+                 weights=init_optimizer(learning_rate, weight_decay),
+                 quant_params=init_optimizer(learning_rate, weight_decay))
+
+
+# Baselines with an initialisation phase before the student phase (released utils_distill.init).
+TWO_PHASE_BASELINES = ("ft", "fsp")
+# Released init: lr 0.01 for FT on these CIFAR ResNets (and WRNs), else args.lr_m.
+FT_FIXED_LR_MODELS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+                      "resnet8x4", "resnet32x4")
+
+
+def two_phase_baseline(config, token: str, teacher: ml_collections.ConfigDict, *, model: str, epochs: int,
+                       batch_size: int, weights, quant_params, lr_m: float, weight_decay: float) -> None:
+    """teacher -> calibrate -> the init phase -> 'student' for 'ft' / 'fsp'. `weights` /
+    `quant_params` build the student's optimizer groups; `lr_m` / `weight_decay` are the
+    released args.lr_m / args.weight_decay the init optimizer reads."""
+    if token == "ft":
+        lr = 0.01 if model in FT_FIXED_LR_MODELS else lr_m
+        init = ("paraphraser", paraphraser_phase(batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay))
+        student = ft_phase(paraphraser="paraphraser", epochs=epochs, batch_size=batch_size, weights=weights(),
+                           quant_params=quant_params())
+    else:
+        init = ("fsp_init", fsp_init_phase(batch_size=batch_size, learning_rate=lr_m, weight_decay=weight_decay))
+        student = phase("student", objective="task", init_from="fsp_init", epochs=epochs, batch_size=batch_size,
+                        weights=weights(), quant_params=quant_params())
+    set_phases(config, [("teacher", teacher), ("calibrate", calibrate_phase(batch_size=batch_size)), init,
+                        ("student", student)])
+
+
 # ----------------------------------------------------------------------------- the ARG string
 
 
@@ -293,9 +367,9 @@ QKD_CIFAR_EPOCHS = {"self_study": 30, "co_study": 100, "tutoring": 70}
 
 
 def cifar_variant(arg: Optional[str], paper: Sequence[str], *, features: bool = False) -> Variant:
-    """`features`: also accept the feature-distillation tokens (FEATURE_BASELINES), for the files
+    """`features`: also accept the feature-distillation tokens (FEATURE_BASELINES, 'ft', 'fsp'), for the files
     whose model the released SQAKD EWGS+KDs scripts train."""
-    extra = tuple(FEATURE_BASELINES) if features else ()
+    extra = (*FEATURE_BASELINES, *TWO_PHASE_BASELINES) if features else ()
     return parse_variant(arg, objectives=("qat", "sqakd", "qkd", *extra), methods=("interval", "qkd"),
                          default="sqakd,w2a2",
                          default_method={"qat": "interval", "sqakd": "interval", "qkd": "qkd",
@@ -318,6 +392,13 @@ def cifar_config(variant: Variant, *, dataset: str, model: str, preset: str, epo
         qkd_phases(c, teacher, epochs=QKD_CIFAR_EPOCHS, batch_size=r["batch_size"],
                    weights=lambda: adam(r["student_lr"], weight_decay=r["student_wd"]),
                    quant_params=lambda: adam(r["quant_lr"]))
+        return c
+    if variant.objective in TWO_PHASE_BASELINES:
+        set_quant(c, variant)
+        two_phase_baseline(c, variant.objective, teacher, model=model, epochs=epochs, batch_size=r["batch_size"],
+                           weights=lambda: adam(r["student_lr"], weight_decay=r["student_wd"]),
+                           quant_params=lambda: adam(r["quant_lr"]), lr_m=r["student_lr"],
+                           weight_decay=r["student_wd"])
         return c
     student = None
     if variant.objective != "fp":

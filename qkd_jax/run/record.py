@@ -84,6 +84,12 @@ def phase_record(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str
     if plan.hessian is not None:  # how the EWGS delta is refreshed (docs/method.md section 5)
         record.update({"quant.hessian_probe": config.quant.hessian_probe,
                        "quant.hessian_loss": config.quant.hessian_loss})
+    if plan.kind == "paraphraser":
+        record[f"{key}.teacher_from"] = plan.teacher_from
+    if plan.aux_from:
+        record[f"{key}.aux_from"] = plan.aux_from
+    if plan.freeze:
+        record[f"{key}.freeze"] = ",".join(plan.freeze)
     if plan.kind == "student":
         record.update({f"{key}.teacher_from": plan.teacher_from, f"{key}.train_teacher": plan.train_teacher})
         if plan.train_teacher:
@@ -95,7 +101,8 @@ def phase_settings(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[s
     """A phase's entry in summary.json besides its results: precision, objective and its
     weights, epochs, batch size, and the full settings record (`phase_record`)."""
     q = config.quant
-    precision = ({"method": "fp32", "w_bits": None, "a_bits": None, "preset": None} if plan.kind == "teacher"
+    precision = ({"method": "fp32", "w_bits": None, "a_bits": None, "preset": None}
+                 if plan.kind in ("teacher", "paraphraser")
                  else {"method": q.method, "w_bits": q.w_bits, "a_bits": q.a_bits, "preset": q.preset})
     training = plan.kind != "calibrate"
     ph = config.phases[plan.name]

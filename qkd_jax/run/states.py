@@ -14,6 +14,7 @@ from qkd_jax.run.context import PhaseResult, RunContext
 from qkd_jax.run.loaders import train_labels, train_loader
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.record import phase_record
+from qkd_jax.train.freeze import freeze_top_level
 from qkd_jax.train.optim import build_optimizer, group_transform
 from qkd_jax.train.state import TrainState, create_train_state
 
@@ -32,6 +33,11 @@ def build_state(ctx: RunContext, plan: PhasePlan, init_vars: dict, net: build.Ne
     total = max(1, plan.steps_per_epoch * plan.epochs)
     tx = build_optimizer(plan.weights, plan.quant_params, steps_per_epoch=plan.steps_per_epoch, total_steps=total,
                          quant_decay=plan.quant_decay)
+    if plan.freeze:
+        try:
+            tx = freeze_top_level(tx, init_vars["params"], plan.freeze)
+        except ValueError as err:
+            raise ValueError(f"phases.{plan.name}.freeze={','.join(plan.freeze)!r}: {err}") from None
     t_net = t_vars = t_tx = None
     if plan.teacher_from:
         t_net = ctx.network("teacher")
@@ -45,6 +51,8 @@ def build_state(ctx: RunContext, plan: PhasePlan, init_vars: dict, net: build.Ne
     feature = getattr(plan.objective, "feature", None)
     if feature is not None:
         aux_vars = feature_aux(ctx, plan, feature, init_vars, net, t_vars)
+        if plan.aux_from:
+            aux_vars = frozen_paraphraser(ctx, plan, aux_vars)
         aux_tx = aux_optimizer(plan, total)
     return create_train_state(
         apply_fn=net.train_model.apply,
@@ -73,6 +81,17 @@ def feature_aux(ctx: RunContext, plan: PhasePlan, feature: FeatureKD, init_vars:
         images=images, num_examples=len(ctx.source(ctx.info.train_split)),
         dataset_labels=train_labels(ctx) if feature.needs_dataset_labels else None,
     )
+
+
+def frozen_paraphraser(ctx: RunContext, plan: PhasePlan, aux_vars: dict) -> dict:
+    """``aux_vars`` with the paraphraser trained by phase ``plan.aux_from`` in its state."""
+    trained = ctx.results[plan.aux_from].student["params"]
+    template = aux_vars["state"]["paraphraser"]
+    if jax.tree.structure(trained) != jax.tree.structure(template) or any(
+            a.shape != b.shape for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(template))):
+        raise ValueError(f"phases.{plan.name}.aux_from={plan.aux_from!r}: that paraphraser does not fit this "
+                         f"teacher's feats[-2]; retrain it with the same teacher (config.retrain_from).")
+    return {"params": aux_vars["params"], "state": {**aux_vars["state"], "paraphraser": trained}}
 
 
 def aux_optimizer(plan: PhasePlan, total_steps: int) -> optax.GradientTransformation:

@@ -10,7 +10,12 @@ import pytest
 
 from qkd_jax.distill.feature_kd import RKD, Attention
 from qkd_jax.run import recipes
-from qkd_jax.run.config_schema import ConfigError, build_objective, validate
+from qkd_jax.run.config_schema import (
+    ConfigError,
+    build_objective,
+    phase_names,
+    validate,
+)
 from qkd_jax.run.plan import make_plan
 from qkd_jax.run.record import phase_record
 
@@ -57,6 +62,8 @@ def test_feature_keys_build_the_criterion_with_its_options():
     ({"feature": ""}, "phases.sqakd.beta", "weighs a feature loss but feature is ''"),
     ({"objective": "sqakd"}, "phases.sqakd.feature", "objective 'sqakd' takes no feature term; use objective='kd'"),
     ({"feature_options": {"p": 2.0}}, "phases.sqakd", r"unknown option\(s\) \['p'\]; it accepts"),
+    ({"feature": "factor"}, "phases.sqakd.aux_from", "needs aux_from naming an earlier 'paraphraser' phase"),
+    ({"aux_from": "teacher"}, "phases.sqakd.aux_from", "only a student phase with feature='factor' takes it"),
 ])
 def test_bad_feature_settings_fail_in_one_line_naming_the_key(changes, key, message):
     with pytest.raises(ConfigError, match=f"config.{key}.*{message}") as err:
@@ -141,3 +148,71 @@ def test_auxiliary_params_train_like_the_weights_group(tmp_path):
         np.testing.assert_array_equal(aux["w"], model["conv"]["kernel"])
     # Adam's first step moves each coordinate by about the learning rate (not the quant group's 1e-4).
     assert np.all(np.abs(np.asarray(aux["w"] - start)) > 5e-3)
+
+
+def test_digits_ft_token_adds_the_paraphraser_phase_with_the_released_settings():
+    c = _load("digits_feature_kd", "ft")
+    validate(c)
+    assert list(phase_names(c)) == ["teacher", "calibrate", "ft_paraphraser", "ft"]
+    para, ft = c.phases.ft_paraphraser, c.phases.ft
+    assert para.kind == "paraphraser" and para.teacher_from == "teacher"
+    # released utils_distill.init: SGD lr 0.01 (CIFAR ResNets), momentum 0.9, weight decay 1e-4, constant lr
+    w = para.weights
+    assert (w.optimizer, w.learning_rate, w.momentum, w.weight_decay, w.schedule) == ("sgd", 0.01, 0.9, 1e-4,
+                                                                                   "constant")
+    assert (ft.feature, ft.beta, ft.gamma, ft.alpha, ft.aux_from) == ("factor", 200.0, 1.0, 0.0, "ft_paraphraser")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"teacher_from": ""}, "phases.ft_paraphraser.teacher_from.*needs a 'teacher' phase"),
+    ({"init_from": "calibrate"}, "phases.ft_paraphraser.*takes no init_from/train_teacher/feature"),
+])
+def test_bad_paraphraser_phase_fails(changes, message):
+    c = _load("digits_feature_kd", "ft")
+    for key, value in changes.items():
+        c.phases.ft_paraphraser[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate(c)
+
+
+def test_digits_fsp_token_adds_the_init_phase_with_the_classifier_frozen():
+    c = _load("digits_feature_kd", "fsp")
+    validate(c)
+    assert list(phase_names(c)) == ["teacher", "calibrate", "fsp_init", "fsp"]
+    init, main = c.phases.fsp_init, c.phases.fsp
+    assert (init.objective, init.gamma, init.alpha, init.beta, init.feature, init.freeze) == (
+        "kd", 0.0, 0.0, 1.0, "fsp", "classifier")
+    assert init.weights.optimizer == init.quant_params.optimizer == "sgd"
+    assert (main.objective, main.init_from, main.feature) == ("task", "fsp_init", "")
+    plan = make_plan(c, pathlib.Path("/tmp/unused"), "fsp_init", steps_per_epoch=3)
+    assert plan.freeze == ("classifier",)
+    assert phase_record(c, plan)["phases.fsp_init.freeze"] == "classifier"
+
+
+def test_freeze_on_a_non_student_phase_fails():
+    c = _load("digits_feature_kd", "fsp")
+    c.phases.calibrate.freeze = "classifier"
+    with pytest.raises(ConfigError, match="phases.calibrate.freeze.*on a student phase only"):
+        validate(c)
+
+
+@pytest.mark.parametrize("name, lr, wd, ft_lr", [("cifar10_resnet20", 1e-3, 1e-4, 0.01),
+                                                  ("cifar100_vgg13", 5e-4, 5e-4, 5e-4)])
+def test_cifar_ft_and_fsp_tokens_follow_the_released_init(name, lr, wd, ft_lr):
+    """Released init: SGD, momentum 0.9, args.weight_decay, 30 epochs; lr 0.01 for FT on CIFAR
+    ResNets, else args.lr_m (the student's weight lr)."""
+    ft = _load(name, "ft,w2a2")
+    validate(ft)
+    assert list(phase_names(ft)) == ["teacher", "calibrate", "paraphraser", "student"]
+    w = ft.phases.paraphraser.weights
+    assert (w.optimizer, w.learning_rate, w.momentum, w.weight_decay, ft.phases.paraphraser.epochs) == (
+        "sgd", ft_lr, 0.9, wd, 30)
+    assert (ft.phases.student.feature, ft.phases.student.beta, ft.phases.student.aux_from) == (
+        "factor", 200.0, "paraphraser")
+    fsp = _load(name, "fsp,w2a2")
+    validate(fsp)
+    assert list(phase_names(fsp)) == ["teacher", "calibrate", "fsp_init", "student"]
+    init = fsp.phases.fsp_init
+    assert (init.weights.learning_rate, init.weights.weight_decay, init.epochs, init.freeze) == (lr, wd, 30,
+                                                                                                "classifier")
+    assert (fsp.phases.student.objective, fsp.phases.student.init_from) == ("task", "fsp_init")

@@ -1,7 +1,8 @@
 """Hand-written torch (float64, NCHW) versions of the released auxiliary modules, the independent
 reference of the feature-criterion tests, and helpers copying flax weights into them.
 
-Transcribed from kaiqi123/SQAKD CIFAR/models/util.py (ConvReg, LinearEmbed, Embed),
+Transcribed from kaiqi123/SQAKD CIFAR/models/util.py (ConvReg, LinearEmbed, Embed, Paraphraser,
+Translator), CIFAR/distiller_zoo/FT.py,
 CIFAR/distiller_zoo/{FitNet,CC,VID}.py and CIFAR/crd/{criterion,memory}.py.
 """
 
@@ -159,3 +160,54 @@ def contrast_loss(x, n_data, eps=1e-7):
     p_neg = x.narrow(1, 1, m)
     log_d0 = torch.div(p_neg.clone().fill_(m * pn), p_neg.add(m * pn + eps)).log_()
     return -(log_d1.sum(0) + log_d0.view(-1, 1).sum(0)) / bsz
+
+
+class Paraphraser(nn.Module):
+    """Released Paraphraser (k=0.5, use_bn=False)."""
+
+    def __init__(self, t_shape, k=0.5):
+        super().__init__()
+        in_channel = t_shape[1]
+        out_channel = int(t_shape[1] * k)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channel, in_channel, 3, 1, 1), nn.LeakyReLU(0.1),
+            nn.Conv2d(in_channel, out_channel, 3, 1, 1), nn.LeakyReLU(0.1),
+            nn.Conv2d(out_channel, out_channel, 3, 1, 1), nn.LeakyReLU(0.1),
+        )
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(out_channel, out_channel, 3, 1, 1), nn.LeakyReLU(0.1),
+            nn.ConvTranspose2d(out_channel, in_channel, 3, 1, 1), nn.LeakyReLU(0.1),
+            nn.ConvTranspose2d(in_channel, in_channel, 3, 1, 1), nn.LeakyReLU(0.1),
+        )
+
+    def forward(self, f_s, is_factor=False):
+        factor = self.encoder(f_s)
+        if is_factor:
+            return factor
+        return factor, self.decoder(factor)
+
+
+class Translator(nn.Module):
+    """Released Translator (k=0.5, use_bn=True), in training mode."""
+
+    def __init__(self, s_shape, t_shape, k=0.5):
+        super().__init__()
+        in_channel = s_shape[1]
+        out_channel = int(t_shape[1] * k)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(in_channel, in_channel, 3, 1, 1), nn.BatchNorm2d(in_channel), nn.LeakyReLU(0.1),
+            nn.Conv2d(in_channel, out_channel, 3, 1, 1), nn.BatchNorm2d(out_channel), nn.LeakyReLU(0.1),
+            nn.Conv2d(out_channel, out_channel, 3, 1, 1), nn.BatchNorm2d(out_channel), nn.LeakyReLU(0.1),
+        )
+
+    def forward(self, f_s):
+        return self.encoder(f_s)
+
+
+def factor_transfer_loss(f_s, f_t, p1=2, p2=1):
+    """Released FactorTransfer.factor_loss (equal heights)."""
+    def factor(f):
+        return F.normalize(f.pow(p1).mean(1).view(f.size(0), -1))
+    if p2 == 1:
+        return (factor(f_s) - factor(f_t)).abs().mean()
+    return (factor(f_s) - factor(f_t)).pow(p2).mean()

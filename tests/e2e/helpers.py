@@ -121,13 +121,46 @@ def feature_config(tokens: str = ""):
     return c
 
 
+def ft_config():
+    """Digits teacher (0 epochs) -> calibrate -> 'ft_paraphraser' (1 epoch of 11 steps, the
+    released paraphraser optimizer) -> 'ft' (feature='factor', 1 epoch), batch 128."""
+    from qkd_jax.run import recipes
+
+    c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=3, log_every_steps=1)
+    _set_phases(c, [
+        ("teacher", c.phases.teacher), ("calibrate", phase("calibrate", init_from="teacher", batch_size=128)),
+        ("ft_paraphraser", recipes.paraphraser_phase(epochs=1, batch_size=128)),
+        ("ft", recipes.ft_phase(
+            paraphraser="ft_paraphraser", epochs=1, batch_size=128,
+            weights=optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch"),
+            quant_params=optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch"))),
+    ])
+    return c
+
+
+def fsp_config():
+    """Digits teacher (0 epochs) -> calibrate -> 'fsp_init' (11 steps, FSP losses only, the
+    classifier frozen) -> 'fsp' (plain CE, 11 steps), batch 128."""
+    from qkd_jax.run import recipes
+
+    c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=3, log_every_steps=1)
+    _set_phases(c, [
+        ("teacher", c.phases.teacher), ("calibrate", phase("calibrate", init_from="teacher", batch_size=128)),
+        ("fsp_init", recipes.fsp_init_phase(epochs=1, batch_size=128, learning_rate=0.01)),
+        ("fsp", phase("student", objective="task", init_from="fsp_init", epochs=1, batch_size=128,
+                      weights=optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch"),
+                      quant_params=optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch"))),
+    ])
+    return c
+
+
 def get_config(arg: str = "teacher"):
     """CLI entry: 'teacher' (teacher_only), 'resume' (resume_config), 'record' (record_config),
-    'safety' (safety_config), or 'feature' / 'feature=TOKENS' (feature_config)."""
+    'safety' (safety_config), 'ft' (ft_config), 'fsp' (fsp_config), or 'feature' / 'feature=TOKENS' (feature_config)."""
     if arg == "feature" or arg.startswith("feature="):
         return feature_config(arg.partition("=")[2])
     configs = {"teacher": teacher_only, "resume": resume_config, "record": record_config,
-               "safety": safety_config}
+               "safety": safety_config, "ft": ft_config, "fsp": fsp_config}
     if arg not in configs:
         raise ValueError(f"unknown helpers config {arg!r}; use one of {sorted(configs)}")
     return configs[arg]()

@@ -315,8 +315,10 @@ def reading(opts: Options, records: dict, comps: list[dict]) -> list[str]:
     else:
         lines.append("- One seed: no noise estimate, so no test verdicts.")
     means = {a: _mean_std(list(per_seed(records, a).values()))[0] for a in opts.arms if per_seed(records, a)}
-    best = max(means, key=means.get)
-    lines.append(f"- Best mean: {LABEL[best]} {means[best]:.2f}.")
+    top = max(means.values())
+    tied = [LABEL[a] for a, m in means.items() if abs(m - top) < 1e-9]
+    lines.append(f"- Best mean ({top:.2f}): " + (", ".join(tied) if len(tied) > 1 else tied[0])
+                 + (f" (a {len(tied)}-way tie)." if len(tied) > 1 else "."))
     lines.append(f"- Caveats: {opts.epochs} student epoch(s) on 1437 training images, accuracy after the last "
                  "epoch, betas tuned for CIFAR (not for digits); differences of a point or two are within what "
                  "seeds and the schedule change.")

@@ -56,10 +56,17 @@ def compute_layers(module: nn.Module) -> tuple[ModuleDef, ModuleDef]:
             functools.partial(module.dense, dtype=module.dtype))
 
 
+def at_least_float32(x: Array) -> Array:
+    """``x`` promoted to at least float32: bfloat16 becomes float32, float64 stays float64."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def float32_logits(logits: Array) -> Array:
-    """The model's output in float32, whatever its compute dtype: every loss, softmax and metric
-    reads float32 logits (bfloat16 keeps 8 significant bits, too few for a log-softmax)."""
-    return jnp.asarray(logits, jnp.float32)
+    """The model's output in (at least) float32, whatever its compute dtype: every loss, softmax
+    and metric reads float32 logits (bfloat16 keeps 8 significant bits, too few for a
+    log-softmax); a float64 model keeps float64."""
+    return at_least_float32(logits)
 
 
 def bind_norm(norm: ModuleDef, train: bool, axis_name: str | None, dtype: Any) -> ModuleDef:
@@ -119,5 +126,5 @@ def record_feature(module: nn.Module, value: Array, preact: Array | None = None)
     """Append ``value`` and its pre-activation (``value`` itself by default) to FEATURES, in call order.
     The features are recorded in float32 (the feature losses compute in float32)."""
     if recording_features(module):
-        module.sow(FEATURES, "post", jnp.asarray(value, jnp.float32))
-        module.sow(FEATURES, "preact", jnp.asarray(value if preact is None else preact, jnp.float32))
+        module.sow(FEATURES, "post", at_least_float32(value))
+        module.sow(FEATURES, "preact", at_least_float32(value if preact is None else preact))

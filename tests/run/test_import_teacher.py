@@ -34,6 +34,9 @@ MODEL, SIZE, EXAMPLES = "resnet18", 32, 32
 def _config():
     config = _shrink(_load("imagenet_resnet18.py:sqakd,w4a4"), image_size=SIZE)
     config.log_every_steps = 100
+    # mock_data cannot produce JPEG bytes without TensorFlow (the ImageNet recipes' data.jpeg
+    # path reads them); the JPEG path runs on real JPEGs in tests/e2e/test_jpeg_runner.py.
+    config.data.jpeg = False
     return config
 
 

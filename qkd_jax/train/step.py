@@ -111,7 +111,8 @@ def train_step(
     if feature is not None and feature.needs_index and index is None:
         raise ValueError(
             f"feature criterion {feature.name!r} needs each example's dataset index but the batch "
-            f"has no 'index'; load the training split with indices (data.with_index=True)."
+            f"has no 'index'; build the training loader with make_train_loader(..., with_index=True) "
+            f"(the runner does so for such criteria)."
         )
     frozen_logits = t_feats = None
     if needs_teacher and not co_study:

@@ -11,21 +11,12 @@ import math
 import numpy as np
 import pytest
 
-from tests.e2e.helpers import read_metrics, read_state, run_cli
+from tests.e2e.helpers import flat, read_metrics, read_state, run_cli
 
 pytestmark = pytest.mark.slow
 
 TOTAL = 11  # 1437 digits // 128, one epoch
 
-
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +28,14 @@ def fsp_run(tmp_path_factory):
 
 def test_fsp_init_trains_the_features_only_then_plain_ce(fsp_run):
     calib_dir = sorted(p for p in (fsp_run / "calibrate").iterdir() if p.name.isdigit())[-1]
-    before = _flat(read_state(calib_dir)["params"])
-    after = _flat(read_state(fsp_run / "fsp_init" / str(TOTAL))["params"])
+    before = flat(read_state(calib_dir)["params"])
+    after = flat(read_state(fsp_run / "fsp_init" / str(TOTAL))["params"])
     assert before.keys() == after.keys()
-    classifier = [k for k in before if k.startswith("classifier/")]
+    classifier = [k for k in before if k.startswith("['classifier']")]
     assert classifier
     for key in classifier:
         np.testing.assert_array_equal(after[key], before[key])
-    assert any(not np.array_equal(after[k], before[k]) for k in before if k.startswith("layer"))
+    assert any(not np.array_equal(after[k], before[k]) for k in before if k.startswith("['layer"))
 
     records = read_metrics(fsp_run)
     init = [r for r in records if r["phase"] == "fsp_init" and r["kind"] == "train"]

@@ -24,6 +24,7 @@ from tests.e2e.helpers import (
     assert_trees_identical,
     cli_command,
     finalized_steps,
+    flat,
     read_meta,
     read_metrics,
     read_state,
@@ -52,11 +53,11 @@ def test_paraphraser_phase_trains_and_the_student_phase_freezes_it(ft_run):
     trained = read_state(ft_run / "ft_paraphraser" / str(TOTAL))["params"]
     first_ckpt = read_state(ft_run / "ft_paraphraser" / "9")["params"]
     final = read_state(ft_run / "ft" / str(TOTAL))["aux"]["state"]["paraphraser"]
-    leaves = {k: v for k, v in _flat(trained).items()}
-    assert leaves.keys() == _flat(final).keys()
+    leaves = {k: v for k, v in flat(trained).items()}
+    assert leaves.keys() == flat(final).keys()
     for key, value in leaves.items():
-        np.testing.assert_array_equal(_flat(final)[key], value)  # loaded, then never updated
-    assert any(not np.array_equal(v, _flat(first_ckpt)[k]) for k, v in leaves.items())  # trained on
+        np.testing.assert_array_equal(flat(final)[key], value)  # loaded, then never updated
+    assert any(not np.array_equal(v, flat(first_ckpt)[k]) for k, v in leaves.items())  # trained on
 
     ft = [r for r in records if r["phase"] == "ft" and r["kind"] == "train"]
     _, beta = recipes.FT_BASELINE
@@ -67,15 +68,6 @@ def test_paraphraser_phase_trains_and_the_student_phase_freezes_it(ft_run):
     assert summary["ft"]["record"]["phases.ft.aux_from"] == "ft_paraphraser"
     assert summary["ft_paraphraser"]["record"]["phases.ft_paraphraser.kind"] == "paraphraser"
 
-
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
 
 
 PARAPHRASER_ONLY = "--config.phase_order=teacher,calibrate,ft_paraphraser"

@@ -11,7 +11,11 @@ prepared tfds `imagenet2012` under `--data_dir` and reads them back through
 - grain old: decoded records (full Pillow decode in the reader), `augment.imagenet_train`,
   float32 normalised on the host: the path every ImageNet run took before `data.jpeg`;
 - grain new: JPEG bytes (`get_source(..., encoded=True)`), `jpeg_augment.imagenet_train_jpeg`
-  (header size, DCT-scaled decode of what the crop needs), uint8 out;
+  (header size, DCT-scaled decode of the whole image, Pillow's resize of the crop), uint8 out,
+  with the cropped-decode extension turned off (QKD_JAX_JPEG_CROP=0);
+- grain crop: the same with the extension `qkd_jax.data._jpeg_crop` (decode only the rows and
+  columns the resize reads, resize in C with Pillow's arithmetic: the same output bytes), the
+  path the ImageNet configs take where the extension was built;
 - tf.data (`--tf`): the flax ImageNet example's training pipeline
   (`tf.image.sample_distorted_bounding_box` + `decode_and_crop_jpeg`, bicubic resize, flip) on the
   same JPEG bytes, in `.bench-venv/` (benchmarks/input_pipeline_tf.py), with 1 and 2 threads.
@@ -49,7 +53,7 @@ def grain_row(data_dir: str, path: str, workers: int, batch: int, batches: int, 
     from qkd_jax.data import dataset_info, get_source, make_train_loader
 
     info = dataset_info("imagenet2012")
-    new = path == "new"
+    new = path in ("new", "crop")
     source = get_source("imagenet2012", "train", data_dir, encoded=new)
     loader = make_train_loader(source, batch_size=batch, seed=0, augment="imagenet", image_size=size,
                                mean=info.mean, std=info.std, worker_count=workers,
@@ -87,10 +91,19 @@ def tf_rows(data_dir: str, batch: int, batches: int, size: int) -> list[dict]:
 def _run_child(args: argparse.Namespace, path: str, workers: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), f"--data_dir={args.data_dir}", f"--batch={args.batch}",
            f"--batches={args.batches}", f"--size={args.size}", f"--one={path},{workers}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    env = dict(os.environ, QKD_JAX_JPEG_CROP="1" if path == "crop" else "0")
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False, env=env)
     if done.returncode:
         raise RuntimeError(f"row {path},{workers} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _extension_built() -> bool:
+    try:
+        from qkd_jax.data import _jpeg_crop  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def format_table(rows: list[dict]) -> str:
@@ -111,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", type=int, default=12, help="timed batches per row (after one warm-up)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--workers", default="0,1,2")
+    p.add_argument("--paths", default="old,new,crop", help="grain rows: old, new (whole decode), crop (extension)")
     p.add_argument("--tf", action="store_true", help="add the tf.data rows (needs .bench-venv/)")
     p.add_argument("--out", default="input_pipeline.json")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: PATH,WORKERS in this process
@@ -125,7 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     sizes = synthetic_imagenet.write_dataset(args.data_dir, args.images)
     written = time.perf_counter() - t0
-    rows = [_run_child(args, path, int(w)) for w in args.workers.split(",") for path in ("old", "new")]
+    paths = [name for name in args.paths.split(",") if name]
+    unknown = sorted(set(paths) - {"old", "new", "crop"})
+    if unknown:
+        p.error(f"--paths: unknown {unknown}; choose from old,new,crop")
+    if "crop" in paths and not _extension_built():
+        p.error("--paths=crop: the qkd_jax.data._jpeg_crop extension is not built (pip install -e . with a C "
+                "compiler and libjpeg headers, e.g. Debian's libjpeg62-turbo-dev)")
+    rows = [_run_child(args, path, int(w)) for w in args.workers.split(",") for path in paths]
     if args.tf:
         rows += tf_rows(args.data_dir, args.batch, args.batches, args.size)
     result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv/ in the repository root on first use and (re)installs qkd_jax into it
-# whenever setup.cfg or pyproject.toml changed. Usage: source launch/ensure_venv.sh [EXTRAS]
+# whenever setup.cfg, pyproject.toml, setup.py or the C extension source changed.
+# Usage: source launch/ensure_venv.sh [EXTRAS]
 # EXTRAS is a pip extras list such as "test"; empty installs the core package only.
 set -euo pipefail
 QKD_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,7 +13,7 @@ if [ ! -x "$QKD_ROOT/.venv/bin/python" ]; then
   "$QKD_PY" -m venv "$QKD_ROOT/.venv"
 fi
 QKD_STAMP_FILE="$QKD_ROOT/.venv/.qkd_jax_installed"
-QKD_WANT="$(cat "$QKD_ROOT/setup.cfg" "$QKD_ROOT/pyproject.toml" | sha256sum | cut -c1-16)[$QKD_EXTRAS]"
+QKD_WANT="$(cat "$QKD_ROOT/setup.cfg" "$QKD_ROOT/pyproject.toml" "$QKD_ROOT/setup.py" "$QKD_ROOT/qkd_jax/data/_jpeg_crop.c" | sha256sum | cut -c1-16)[$QKD_EXTRAS]"
 if [ ! -f "$QKD_STAMP_FILE" ] || ! grep -qxF "$QKD_WANT" "$QKD_STAMP_FILE"; then
   echo "[qkd_jax] installing qkd_jax${QKD_EXTRAS:+[$QKD_EXTRAS]} into .venv (first use or changed pins)" >&2
   "$QKD_ROOT/.venv/bin/python" -m pip install -q --upgrade pip

@@ -13,7 +13,13 @@ flip drawn as `rng.random() < 0.5`), but:
   measured slower than the full decode, benchmarks/jpeg_decode_scales.py) and are not used.
   CMYK/YCCK JPEGs, whose RGB conversion TurboJPEG does differently, and anything it cannot read go
   through Pillow;
-- the result stays uint8 (normalise on the accelerator: `device_normalize.normalize`).
+- the result stays uint8 (normalise on the accelerator: `device_normalize.normalize`);
+- where the optional C extension `_jpeg_crop` was built (setup.py: a C compiler and libjpeg-turbo
+  headers), one call decodes only the region the resize reads (libjpeg's `jpeg_crop_scanline` /
+  `jpeg_skip_scanlines`, at the same DCT scale) and resizes it with Pillow's bilinear arithmetic
+  reproduced exactly: the output equals the whole-image path's bit for bit
+  (tests/data/test_jpeg_crop.py) at about half the CPU time (benchmarks/input_pipeline.py).
+  Anything it refuses (a corrupt file, an unexpected scaled size) takes the whole-image path.
 
 The DCT-scaled decode averages 2x2 .. 8x8 blocks before the bilinear filter, so the output is
 close to, not bit-equal to, the full-decode path (tests/data/test_jpeg_augment.py states the
@@ -26,14 +32,29 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 from collections.abc import Callable
 
 import numpy as np
 
 from qkd_jax.data import augment as aug
 
+try:
+    from qkd_jax.data import _jpeg_crop
+except ImportError:  # built without a C compiler or libjpeg headers: whole-image decodes
+    _jpeg_crop = None
+# QKD_JAX_JPEG_CROP=0 turns the extension off (benchmarks compare both paths; worker processes
+# inherit the environment).
+if os.environ.get("QKD_JAX_JPEG_CROP", "1") == "0":
+    _jpeg_crop = None
+
 Image = np.ndarray
 Encoded = bytes | Image
+
+
+def native_available() -> bool:
+    """Whether the cropped-decode extension was built (else every image is decoded whole)."""
+    return _jpeg_crop is not None
 
 
 def _open(data: bytes):
@@ -102,6 +123,21 @@ def _header(data: bytes) -> tuple[int, int, str | None]:
         return height, width, None
 
 
+def _native(data: bytes, space: str | None, d: int, full_h: int, full_w: int,
+            box: tuple[float, float, float, float], out_h: int, out_w: int) -> Image | None:
+    """`box` (Pillow's (x0, y0, x1, y1) on the 1/d-scale image) resized by the extension, or None
+    where it is not built or refuses the file (the caller then decodes the whole image)."""
+    if _jpeg_crop is None or space not in _TURBO_SPACES:
+        return None
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    try:
+        _jpeg_crop.decode_crop_resize(data, d, (math.ceil(full_h / d), math.ceil(full_w / d)), box, (out_h, out_w),
+                                      out)
+    except ValueError:
+        return None
+    return out
+
+
 def _decode_box_resized(data: bytes, box: aug.Box, out_h: int, out_w: int,
                         header: tuple[int, int, str | None] | None = None) -> Image:
     """The region `box` (top, left, h, w; full-resolution pixels) resized to (out_h, out_w), uint8 RGB."""
@@ -109,7 +145,14 @@ def _decode_box_resized(data: bytes, box: aug.Box, out_h: int, out_w: int,
 
     top, left, h, w = box
     full_h, full_w, space = header or _header(data)
-    image, s = _decode_reduced(data, full_h, full_w, _reduction(full_h, full_w, h, w, out_h, out_w), space)
+    d = _reduction(full_h, full_w, h, w, out_h, out_w)
+    dh, dw, s = math.ceil(full_h / d), math.ceil(full_w / d), 1.0 / d
+    native = _native(data, space, d, full_h, full_w,
+                     (min(left * s, dw), min(top * s, dh), min((left + w) * s, dw), min((top + h) * s, dh)),
+                     out_h, out_w)
+    if native is not None:
+        return native
+    image, s = _decode_reduced(data, full_h, full_w, d, space)
     dh, dw = image.shape[:2]
     pil_box = (min(left * s, dw), min(top * s, dh), min((left + w) * s, dw), min((top + h) * s, dh))
     return np.asarray(PILImage.fromarray(image).resize((out_w, out_h), PILImage.BILINEAR, box=pil_box))
@@ -148,6 +191,11 @@ def imagenet_eval_jpeg(data: Encoded, *, size: int) -> Image:
     (ct, cl, rh, rw), _ = eval_box(height, width, size)
     fy, fx = height / rh, width / rw  # full-resolution pixels per resized pixel
     d = _reduction(height, width, size * fy, size * fx, size, size)
+    s = 1.0 / d
+    native = _native(data, space, d, height, width,
+                     (cl * fx * s, ct * fy * s, (cl + size) * fx * s, (ct + size) * fy * s), size, size)
+    if native is not None:
+        return native
     image, s = _decode_reduced(data, height, width, d, space)
     from PIL import Image as PILImage
 

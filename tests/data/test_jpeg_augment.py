@@ -35,7 +35,10 @@ def draft_sizes(monkeypatch):
     """Records the DCT reduction taken by each decode as (d, d) (1 = full resolution).
 
     Also checks the decode's geometry: ceil(size / d) pixels per side, mapped at exactly 1 / d.
+    Turns the cropped-decode extension off, so every image takes the whole-image path it records
+    (tests/data/test_jpeg_crop.py shows the extension's output equals that path's bit for bit).
     """
+    monkeypatch.setattr(ja, "_jpeg_crop", None)
     seen: list[tuple[int, int]] = []
     original = ja._decode_reduced
 

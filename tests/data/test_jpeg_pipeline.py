@@ -97,15 +97,16 @@ def test_eval_loader_uint8(data_dir):
 def test_benchmark_at_tiny_size(tmp_path):
     out = tmp_path / "bench.json"
     data_dir = tmp_path / "data"
+    paths = "old,new,crop" if ja.native_available() else "old,new"
     result = input_pipeline.main([f"--data_dir={data_dir}", "--images=6", "--batch=2", "--batches=1",
-                                  "--size=32", "--workers=0", f"--out={out}"])
+                                  "--size=32", "--workers=0", f"--paths={paths}", f"--out={out}"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result["rows"]
-    assert [(r["path"], r["workers"]) for r in rows] == [("old", 0), ("new", 0)]
+    assert [(r["path"], r["workers"]) for r in rows] == [(p, 0) for p in paths.split(",")]
     for r in rows:
         assert r["images"] == 2 and r["shape"] == [2, 32, 32, 3]
         assert r["images_per_s"] > 0 and r["wall_s"] > 0 and r["first_batch_s"] > 0
-    assert [r["dtype"] for r in rows] == ["float32", "uint8"]
+    assert [r["dtype"] for r in rows] == ["float32"] + ["uint8"] * (len(rows) - 1)
     # The images it wrote decode to the sizes it reports, in the ImageNet-like range, through the
     # runner's reader and as the plain JPEG files.
     meta = json.loads((data_dir / "jpeg" / "sizes.json").read_text())

@@ -35,6 +35,7 @@
 
 #define WEIGHT_BITS 22 /* 32 bits - 8 for the pixel - 2 of headroom */
 #define MARGIN 16      /* decoded pixels beyond the filter's reach (>= one iMCU at any scale) */
+#define PAD 4          /* spare bytes after every source buffer (the AVX2 gather reads one past a pixel) */
 
 /* ---------------------------------------------------------------- resampling */
 
@@ -183,10 +184,10 @@ static int plan_build(Plan *p, int full_h, int full_w, const float box[4], int o
     return 0;
 }
 
-/* Rows [row_lo, row_hi) of `src`, resampled along x with `k`, into dst (out_w wide, contiguous).
- * Two rows per step share each output's weights. */
-__attribute__((target_clones("avx2", "default")))
-static void pass_x(const View *src, int row_lo, int row_hi, const Kernel *k, int out_w, uint8_t *dst) {
+/* Outputs [o_lo, out_w) of rows [row_lo, row_hi) of `src`, resampled along x with `k`, into dst
+ * (out_w wide, contiguous). Two rows per step share each output's weights. */
+static void pass_x_scalar(const View *src, int row_lo, int row_hi, const Kernel *k, int o_lo, int out_w,
+                          uint8_t *dst) {
     const int taps = k->taps;
     const int *restrict first = k->first;
     const int *restrict count = k->count;
@@ -199,7 +200,7 @@ static void pass_x(const View *src, int row_lo, int row_hi, const Kernel *k, int
         const uint8_t *restrict b = pair ? view_at(src, y + 1, src->x0) : a;
         uint8_t *ra = dst + (size_t)(y - row_lo) * out_row; /* rb == ra on an odd last row: not restrict */
         uint8_t *rb = pair ? ra + out_row : ra;
-        for (o = 0; o < out_w; o++) {
+        for (o = o_lo; o < out_w; o++) {
             const int32_t *restrict w = weight + (size_t)o * (size_t)taps;
             const ptrdiff_t at = (ptrdiff_t)(first[o] - src->x0) * 3;
             const uint8_t *restrict p = a + at, *restrict q = b + at;
@@ -224,6 +225,78 @@ static void pass_x(const View *src, int row_lo, int row_hi, const Kernel *k, int
     }
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+/* The same sums, 8 outputs at a time: one gather of 4 bytes per output and tap brings its R, G, B
+ * (integer products and sums in any order give the same result). Reads one byte past a tap's pixel,
+ * so every source buffer has PAD spare bytes; stores 4 bytes past each block (12 bytes per 4
+ * pixels, 16 stored), so blocks stop at least 2 outputs before the row's end and the rest goes
+ * through the scalar loop. */
+__attribute__((target("avx2"))) static void pass_x_avx2(const View *src, int row_lo, int row_hi, const Kernel *k,
+                                                        int out_w, uint8_t *dst, int32_t *scratch) {
+    const int blocks = (out_w - 2) / 8, n = blocks * 8; /* the last block's spare 4 bytes stay in the row */
+    int32_t *offs = scratch, *wts = scratch + (size_t)k->taps * (size_t)n, *most = wts + (size_t)k->taps * (size_t)n;
+    const __m256i half = _mm256_set1_epi32(1 << (WEIGHT_BITS - 1)), byte = _mm256_set1_epi32(0xFF);
+    const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(255);
+    const __m256i pack = _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1, 0, 1, 2, 4, 5, 6, 8, 9,
+                                          10, 12, 13, 14, -1, -1, -1, -1);
+    int y, b, o, i;
+    /* Per tap, the outputs' byte offsets (a tap past an output's count repeats its last pixel, with
+     * weight 0) and weights, laid out [tap][output]; per block, the most taps any output uses. */
+    for (b = 0; b < blocks; b++) most[b] = 0;
+    for (o = 0; o < n; o++) {
+        int c = k->count[o] > 0 ? k->count[o] : 1;
+        if (k->count[o] > most[o / 8]) most[o / 8] = k->count[o];
+        for (i = 0; i < k->taps; i++) {
+            offs[(size_t)i * n + o] = (k->first[o] + (i < c ? i : c - 1) - src->x0) * 3;
+            wts[(size_t)i * n + o] = i < k->count[o] ? k->weight[(size_t)o * (size_t)k->taps + i] : 0;
+        }
+    }
+    for (y = row_lo; y < row_hi; y++) {
+        const int *line = (const int *)view_at(src, y, src->x0);
+        uint8_t *row = dst + (size_t)(y - row_lo) * (size_t)out_w * 3;
+        for (b = 0; b < blocks; b++) {
+            __m256i r = half, g = half, bl = half, px;
+            o = b * 8;
+            for (i = 0; i < most[b]; i++) {
+                const __m256i off = _mm256_loadu_si256((const __m256i *)(offs + (size_t)i * n + o));
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(wts + (size_t)i * n + o));
+                const __m256i v = _mm256_i32gather_epi32(line, off, 1);
+                r = _mm256_add_epi32(r, _mm256_mullo_epi32(_mm256_and_si256(v, byte), w));
+                g = _mm256_add_epi32(g, _mm256_mullo_epi32(_mm256_and_si256(_mm256_srli_epi32(v, 8), byte), w));
+                bl = _mm256_add_epi32(bl, _mm256_mullo_epi32(_mm256_and_si256(_mm256_srli_epi32(v, 16), byte), w));
+            }
+            r = _mm256_min_epi32(_mm256_max_epi32(_mm256_srai_epi32(r, WEIGHT_BITS), zero), top);
+            g = _mm256_min_epi32(_mm256_max_epi32(_mm256_srai_epi32(g, WEIGHT_BITS), zero), top);
+            bl = _mm256_min_epi32(_mm256_max_epi32(_mm256_srai_epi32(bl, WEIGHT_BITS), zero), top);
+            px = _mm256_or_si256(r, _mm256_or_si256(_mm256_slli_epi32(g, 8), _mm256_slli_epi32(bl, 16)));
+            px = _mm256_shuffle_epi8(px, pack); /* each lane: 4 pixels as 12 bytes, then 4 spare */
+            _mm_storeu_si128((__m128i *)(row + 3 * o), _mm256_castsi256_si128(px));
+            _mm_storeu_si128((__m128i *)(row + 3 * o + 12), _mm256_extracti128_si256(px, 1));
+        }
+    }
+    pass_x_scalar(src, row_lo, row_hi, k, n, out_w, dst);
+}
+#endif
+
+/* Rows [row_lo, row_hi) of `src`, resampled along x with `k`, into dst (out_w wide, contiguous).
+ * `src` must have PAD readable bytes after its last pixel. */
+static int pass_x(const View *src, int row_lo, int row_hi, const Kernel *k, int out_w, uint8_t *dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (out_w > 8 && __builtin_cpu_supports("avx2")) {
+        size_t n = (size_t)((out_w - 2) / 8) * 8;
+        int32_t *scratch = malloc(sizeof(int32_t) * (2 * (size_t)k->taps * n + n / 8));
+        if (!scratch) return -1;
+        pass_x_avx2(src, row_lo, row_hi, k, out_w, dst, scratch);
+        free(scratch);
+        return 0;
+    }
+#endif
+    pass_x_scalar(src, row_lo, row_hi, k, 0, out_w, dst);
+    return 0;
+}
+
 /* Runs a plan on `src` (which holds at least the rows and columns the plan reads) into dst. */
 static int plan_run(const Plan *p, const View *src, int out_h, int out_w, uint8_t *dst) {
     int y, status;
@@ -236,27 +309,22 @@ static int plan_run(const Plan *p, const View *src, int out_h, int out_w, uint8_
     }
     if (!p->horizontal) /* vertical only (an integral, full-width box is the crop above) */
         return pass_y(src, 0, p->col_lo, p->col_hi - p->col_lo, &p->ky, out_h, dst);
-    if (!p->vertical)
-        {
-        pass_x(src, p->row_lo, p->row_hi, &p->kx, out_w, dst);
-        return 0;
-    }
+    if (!p->vertical) return pass_x(src, p->row_lo, p->row_hi, &p->kx, out_w, dst);
     t.y0 = 0;
     if (p->vertical_first) { /* rows first over the columns the horizontal pass reads, then columns */
         int cols = p->col_hi - p->col_lo;
-        tmp = malloc((size_t)out_h * (size_t)cols * 3);
+        tmp = malloc((size_t)out_h * (size_t)cols * 3 + PAD);
         if (!tmp) return -1;
         status = pass_y(src, 0, p->col_lo, cols, &p->ky, out_h, tmp);
         t.data = tmp;
         t.stride = (ptrdiff_t)cols * 3;
         t.x0 = p->col_lo;
-        if (!status) pass_x(&t, 0, out_h, &p->kx, out_w, dst);
+        if (!status) status = pass_x(&t, 0, out_h, &p->kx, out_w, dst);
     } else { /* columns first over the rows the vertical pass reads, then rows */
         int rows = p->row_hi - p->row_lo;
         tmp = malloc((size_t)rows * (size_t)out_w * 3);
         if (!tmp) return -1;
-        pass_x(src, p->row_lo, p->row_hi, &p->kx, out_w, tmp);
-        status = 0;
+        status = pass_x(src, p->row_lo, p->row_hi, &p->kx, out_w, tmp);
         t.data = tmp;
         t.stride = (ptrdiff_t)out_w * 3;
         t.x0 = 0;
@@ -352,7 +420,7 @@ static int run_job(Job *job) {
 
         if (want_lo > 0 || want_hi < full_w) jpeg_crop_scanline(&cinfo, &x0, &width);
         if (y0 > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y0);
-        pixels = malloc((size_t)(y1 - y0) * (size_t)cinfo.output_width * 3);
+        pixels = malloc((size_t)(y1 - y0) * (size_t)cinfo.output_width * 3 + PAD);
         rows = malloc(sizeof(JSAMPROW) * (size_t)(y1 - y0));
         if (!pixels || !rows) {
             snprintf(job->message, sizeof(job->message), "out of memory");
@@ -455,6 +523,7 @@ static PyObject *resize(PyObject *self, PyObject *args) {
     float box[4];
     Plan plan;
     View src;
+    uint8_t *padded = NULL;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*(ii)(ffff)(ii)w*", &image, &full_h, &full_w, &box[0], &box[1], &box[2], &box[3],
                           &out_h, &out_w, &out))
@@ -468,7 +537,14 @@ static PyObject *resize(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto fail;
     }
-    src.data = image.buf;
+    padded = malloc((size_t)image.len + PAD); /* the source buffers' spare bytes */
+    if (!padded) {
+        plan_free(&plan);
+        PyErr_NoMemory();
+        goto fail;
+    }
+    memcpy(padded, image.buf, (size_t)image.len);
+    src.data = padded;
     src.stride = (ptrdiff_t)full_w * 3;
     src.y0 = 0;
     src.x0 = 0;
@@ -476,6 +552,7 @@ static PyObject *resize(PyObject *self, PyObject *args) {
     status = plan_run(&plan, &src, out_h, out_w, out.buf);
     Py_END_ALLOW_THREADS
     plan_free(&plan);
+    free(padded);
     if (status) {
         PyErr_NoMemory();
         goto fail;

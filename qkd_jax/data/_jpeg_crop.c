@@ -280,11 +280,13 @@ __attribute__((target("avx2"))) static void pass_x_avx2(const View *src, int row
 }
 #endif
 
+static int allow_avx2 = 1; /* tests turn it off to check the scalar loop on AVX2 machines */
+
 /* Rows [row_lo, row_hi) of `src`, resampled along x with `k`, into dst (out_w wide, contiguous).
  * `src` must have PAD readable bytes after its last pixel. */
 static int pass_x(const View *src, int row_lo, int row_hi, const Kernel *k, int out_w, uint8_t *dst) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (out_w > 8 && __builtin_cpu_supports("avx2")) {
+    if (allow_avx2 && out_w > 9 && __builtin_cpu_supports("avx2")) {
         size_t n = (size_t)((out_w - 2) / 8) * 8;
         int32_t *scratch = malloc(sizeof(int32_t) * (2 * (size_t)k->taps * n + n / 8));
         if (!scratch) return -1;
@@ -566,7 +568,25 @@ fail:
     return NULL;
 }
 
+PyDoc_STRVAR(set_avx2_doc,
+             "set_avx2(allowed) -> bool\n\n"
+             "Whether the horizontal pass may use AVX2 where the CPU has it (default True); returns whether\n"
+             "it is used now. For tests: both loops must give the same bytes.");
+
+static PyObject *set_avx2(PyObject *self, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    (void)self;
+    if (on < 0) return NULL;
+    allow_avx2 = on;
+#if defined(__x86_64__) && defined(__GNUC__)
+    return PyBool_FromLong(allow_avx2 && __builtin_cpu_supports("avx2"));
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"set_avx2", set_avx2, METH_O, set_avx2_doc},
     {"decode_crop_resize", decode_crop_resize, METH_VARARGS, decode_crop_resize_doc},
     {"resize", resize, METH_VARARGS, resize_doc},
     {NULL, NULL, 0, NULL},

@@ -55,8 +55,16 @@ def test_extension_is_built_where_libjpeg_headers_exist():
     assert ja.native_available()
 
 
+@pytest.fixture(params=[True, False], ids=["simd", "scalar"])
+def horizontal_loop(request):
+    """Runs a test with the AVX2 horizontal pass (where the CPU has it) and with the scalar loop."""
+    ja._jpeg_crop.set_avx2(request.param)
+    yield request.param
+    ja._jpeg_crop.set_avx2(True)
+
+
 @native
-def test_resize_equals_pillow_bit_for_bit():
+def test_resize_equals_pillow_bit_for_bit(horizontal_loop):
     rng = np.random.default_rng(0)
     cases = [
         ((40, 30), (0.0, 0.0, 30.0, 40.0), (40, 30)),  # identity box and size: a copy
@@ -89,7 +97,7 @@ ENCODINGS = [
 @native
 @pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: "-".join(f"{k}={v}" for k, v in e.items()))
 @pytest.mark.parametrize("d", [1, 2, 4, 8])
-def test_cropped_decode_then_resize_equals_whole_decode_then_pillow(encoding, d):
+def test_cropped_decode_then_resize_equals_whole_decode_then_pillow(encoding, d, horizontal_loop):
     rng = np.random.default_rng(d)
     options = dict(encoding)
     grey = options.pop("grey", False)

@@ -58,6 +58,7 @@ def test_plan_and_every_config(tmp_path):
                     init.epochs, init.init_from) == ("student", "kd", 0.0, 0.0, 1.0, "fsp", "classifier", 2,
                                                      "calibrate")
             assert init.weights.optimizer == "sgd" and init.weights.learning_rate == ph.weights.learning_rate
+            assert init.quant_params.to_dict() == ph.quant_params.to_dict()  # digits deviation (docstring)
             assert (ph.objective, ph.feature) == ("task", "")
     assert all(len(v) == 1 for v in seeds.values()) and len(seeds) == 3
     assert fk.build_config(0, "crd", opts).phases.crd.feature_options.nce_k == 1024

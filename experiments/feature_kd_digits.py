@@ -1,7 +1,8 @@
 """SQAKD vs plain QAT and QAT + each feature-distillation baseline on the bundled digits.
 
     python experiments/feature_kd_digits.py --out=docs/feature_kd_digits [--seeds=3] [--epochs=12]
-        [--teacher-epochs=12] [--methods=at,nst,sp,rkd,crd,fitnet,cc,vid] [--workdirs=...] [--quick]
+        [--teacher-epochs=12] [--init-epochs=3] [--methods=at,nst,sp,rkd,crd,fitnet,cc,vid,ft,fsp]
+        [--workdirs=...] [--quick]
 
 Writes OUT.md (table, paired tests, the command, wall time, a reading), OUT.csv (one row per
 method: mean/std over seeds), OUT_runs.csv (one row per run and seed) and OUT.png (the plot).
@@ -11,17 +12,39 @@ machinery of experiments/reproduce_digits.py):
 
 - per seed s: one FP teacher (cross-entropy, `--teacher-epochs`), loaded through
   `config.teacher_checkpoint` by every student run of that seed.
-- per (seed, method) one run: teacher (loaded) -> calibrate -> the student phase, always at the
-  same position of the phase order, so every method of a seed starts from the same calibration
-  and reads the same data order. Student phases (`--epochs` each, the demo's student optimizer):
-  `sqakd` (KL_T(student, teacher), T = 4, alpha 1, no labels), `qat` (cross-entropy) and, per
-  feature baseline, gamma * CE + beta * L_feature with gamma 1, alpha 0 and the released beta
-  (qkd_jax.run.recipes.FEATURE_BASELINES; CRD with nce_k = 1024 as in configs/digits_feature_kd.py).
+- per (seed, method) one run with the same four-position phase order
+  `teacher, calibrate, <init slot>, <student>`. A phase's seed (its calibration batch, its data
+  order) comes from the run seed and its position, so every method of a seed starts from the same
+  calibration (position 1) and its student phase (position 3) reads the same data order.
+  The init slot (position 2):
+  - one-phase methods (`sqakd`, `qat`, recipes.FEATURE_BASELINES): `no_init`, the teacher
+    checkpoint read a second time (no training, no data read), a placeholder that keeps the
+    student at position 3;
+  - `ft` (recipes.TWO_PHASE_BASELINES): `ft_paraphraser`, the released init phase: the
+    paraphraser trained on the FP teacher's feats[-2] (MSE, no labels; SGD lr 0.01, momentum 0.9,
+    weight decay 1e-4, constant lr, recipes.paraphraser_phase);
+  - `fsp`: `fsp_init`, the released init phase: all but the classifier trained on the FSP losses
+    alone (gamma 0, alpha 0, beta 1, freeze='classifier'; the weights with SGD at the student's
+    learning rate, momentum 0.9, weight decay 1e-4, constant lr, recipes.fsp_init_phase), from
+    the calibration. One deviation: the quantizer parameters train with the student's quantizer
+    optimizer (Adam 1e-4, cosine) instead of that SGD, which turns the W2A2 interval parameters
+    to NaN within 3 epochs on digits.
+  Both init phases read the training split in the data order of position 2 (the same for FT and
+  FSP, unlike the student's) for `--init-epochs` epochs: default min(3, --epochs) on digits,
+  where the released code runs 30 (against 240 student epochs on CIFAR); --quick: 1.
+- student phases (`--epochs` each, the demo's student optimizer): `sqakd` (KL_T(student,
+  teacher), T = 4, alpha 1, no labels), `qat` (cross-entropy) and, per one-phase feature
+  baseline, gamma * CE + beta * L_feature with gamma 1, alpha 0 and the released beta
+  (qkd_jax.run.recipes.FEATURE_BASELINES; CRD with nce_k = 1024 as in
+  configs/digits_feature_kd.py); `ft`: CE + 200 * the factor loss through the frozen paraphraser
+  (recipes.ft_phase); `fsp`: plain CE from the init phase's student (the released main phase's
+  FSP term is 0).
 
 The paired test of SQAKD vs each method is the two-sided paired t-test over seeds on the per-seed
 differences (experiments/paired_tests.py explains why). The outputs are rewritten after every
 finished run, so an interrupted grid leaves a report that names the runs still missing; rerunning
-the same command reads finished runs back and resumes interrupted ones from their checkpoints.
+the same command reads finished runs back and resumes interrupted ones from their checkpoints;
+rerunning with more `--methods` reads the finished runs back and runs only the new methods.
 
 `--quick` (the smoke setting): 1 seed, 1 epoch per phase, outputs under workdirs/feature_kd_quick/.
 """
@@ -50,11 +73,20 @@ from experiments import reproduce_digits as rd  # noqa: E402
 from experiments.paired_tests import ALPHA, paired_t  # noqa: E402
 from qkd_jax.run import recipes  # noqa: E402
 
-BASELINES = tuple(recipes.FEATURE_BASELINES)
+# One-phase baselines: token -> (criterion, beta). A criterion added to recipes in another mapping
+# of the same shape joins here with one entry (`**recipes.OTHER_MAPPING`).
+ONE_PHASE = {**recipes.FEATURE_BASELINES}
+# Baselines with the released init phase before the student phase (`init_phase` builds each).
+TWO_PHASE = tuple(recipes.TWO_PHASE_BASELINES)
+BASELINES = tuple(ONE_PHASE) + TWO_PHASE
 ALL_METHODS = ("sqakd", "qat") + BASELINES
+_NAMES = {"fitnet": "FitNet"}
 LABEL = {"sqakd": "SQAKD (KL only, no labels)", "qat": "plain QAT (CE)",
-         **{t: f"QAT + {t.upper() if t not in ('fitnet',) else 'FitNet'} (β = {b:g})"
-            for t, (_, b) in recipes.FEATURE_BASELINES.items()}}
+         **{t: f"QAT + {_NAMES.get(t, t.upper())} (β = {b:g})" for t, (_, b) in ONE_PHASE.items()},
+         "ft": f"QAT + FT (β = {recipes.FT_BASELINE[1]:g}, paraphraser first)",
+         "fsp": "FSP init, then QAT (CE)"}
+INIT_PHASE = {"ft": "ft_paraphraser", "fsp": "fsp_init"}  # the init slot's phase per two-phase method
+NO_INIT = "no_init"  # the one-phase methods' init slot: the teacher checkpoint read again
 BITS = 2
 
 
@@ -67,6 +99,7 @@ class Options:
     seeds: int = 3
     epochs: int = 12
     teacher_epochs: int = 12
+    init_epochs: int = 3
     methods: tuple[str, ...] = BASELINES
     quick: bool = False
     command: str = ""
@@ -87,6 +120,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; --quick 1)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per student phase (default 12; --quick 1)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="FP teacher epochs (default 12; --quick 1)")
+    p.add_argument("--init-epochs", type=int, default=None,
+                   help="epochs of FT's / FSP's init phase (default min(3, --epochs))")
     p.add_argument("--methods", default=",".join(BASELINES), help="feature baselines, comma-separated, or 'none' (SQAKD vs QAT only)")
     p.add_argument("--quick", action="store_true", help="smoke setting (see the module docstring)")
     a = p.parse_args(argv)
@@ -100,6 +135,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     out = a.out or str(base / "feature_kd_digits" if q else ROOT / "docs" / "feature_kd_digits")
     n = {k: (v if v is not None else (1 if q else d)) for k, v, d in
          (("seeds", a.seeds, 3), ("epochs", a.epochs, 12), ("teacher_epochs", a.teacher_epochs, 12))}
+    n["init_epochs"] = a.init_epochs if a.init_epochs is not None else min(3, n["epochs"])
     for k, v in n.items():
         if v < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {v}")
@@ -117,25 +153,62 @@ def _digits_options() -> dict:
     return module.DIGITS_OPTIONS
 
 
+def init_phase(arm: str, opts: Options, student_tmpl) -> tuple[str, object]:
+    """(name, phase) of the init slot (position 2) for `arm`: the released init phase of a
+    two-phase method, else `no_init` (the loaded teacher again: no training)."""
+    if arm == "ft":
+        return INIT_PHASE[arm], recipes.paraphraser_phase(epochs=opts.init_epochs, batch_size=student_tmpl.batch_size)
+    if arm == "fsp":
+        init = recipes.fsp_init_phase(epochs=opts.init_epochs, batch_size=student_tmpl.batch_size,
+                                      learning_rate=student_tmpl.weights.learning_rate)
+        # Digits deviation: the quantizer parameters train with the student's own optimizer (Adam
+        # 1e-4) instead of the released init SGD (lr 1e-3, momentum 0.9), which drives the W2A2
+        # interval parameters to NaN within 3 epochs here (step ~50 of 66).
+        init.quant_params = student_tmpl.quant_params.copy_and_resolve_references()
+        return INIT_PHASE[arm], init
+    return NO_INIT, None
+
+
+def student_phase(arm: str, opts: Options, c):
+    """The student phase of `arm` (position 3), from the demo run `c`'s phases."""
+    from qkd_jax.run.config_schema import phase
+
+    if arm in ("qat", "sqakd"):
+        return c.phases[arm]
+    tmpl = c.phases.qat
+
+    def groups():
+        return dict(weights=tmpl.weights.copy_and_resolve_references(),
+                    quant_params=tmpl.quant_params.copy_and_resolve_references())
+
+    if arm == "ft":
+        student = recipes.ft_phase(paraphraser=INIT_PHASE[arm], epochs=opts.epochs, batch_size=tmpl.batch_size,
+                                   **groups())
+    elif arm == "fsp":
+        student = phase("student", objective="task", init_from=INIT_PHASE[arm], epochs=opts.epochs,
+                        batch_size=tmpl.batch_size, **groups())
+    else:
+        student = recipes.feature_phase(arm, epochs=opts.epochs, batch_size=tmpl.batch_size,
+                                        options=_digits_options().get(arm), **groups())
+    student.eval_every_epochs = max(1, opts.epochs)
+    return student
+
+
 def build_config(seed: int, arm: str, opts: Options):
-    """The seed's teacher run ('teacher') or teacher -> calibrate -> `arm` (student at index 2)."""
+    """The seed's teacher run ('teacher') or teacher -> calibrate -> init slot -> `arm` (the
+    student at position 3 for every method: the same calibration and student data order)."""
     import ml_collections
 
     if arm == "teacher":
         return rd.build_config(rd.RunSpec("teacher", seed), opts)
     c = rd.build_config(rd.RunSpec("grid", seed, "interval", BITS), opts)
-    if arm in ("qat", "sqakd"):
-        student = c.phases[arm]
-    else:
-        tmpl = c.phases.qat
-        student = recipes.feature_phase(arm, epochs=opts.epochs, batch_size=tmpl.batch_size,
-                                        weights=tmpl.weights.copy_and_resolve_references(),
-                                        quant_params=tmpl.quant_params.copy_and_resolve_references(),
-                                        options=_digits_options().get(arm))
-        student.eval_every_epochs = max(1, opts.epochs)
-    c.phase_order = f"teacher,calibrate,{arm}"
+    student = student_phase(arm, opts, c)
+    name, init = init_phase(arm, opts, c.phases.qat)
+    if init is None:
+        init = c.phases.teacher.copy_and_resolve_references()  # loaded from config.teacher_checkpoint
+    c.phase_order = f"teacher,calibrate,{name},{arm}"
     c.phases = ml_collections.ConfigDict({"teacher": c.phases.teacher, "calibrate": c.phases.calibrate,
-                                          arm: student})
+                                          name: init, arm: student})
     return c
 
 
@@ -254,8 +327,14 @@ def markdown(opts: Options, records: dict, comps: list[dict], wall_s: float) -> 
            f"- seeds: {opts.seeds}; FP teacher {opts.teacher_epochs} epochs, each student phase {opts.epochs} "
            f"epochs (the demo uses 12 and 12); ResNet-20, 16x16 digits (1437 train / 360 test), interval "
            f"quantizer W{BITS}A{BITS}, preset `sqakd_cifar`, STE.",
-           "- every student of a seed loads that seed's teacher and starts from the same calibration and data "
-           "order; feature baselines: CE + β · L_feature (γ 1, α 0, the released β).",
+           "- every student of a seed loads that seed's teacher and starts from the same calibration, and its "
+           "student phase reads the same data order (phase order teacher, calibrate, init slot, student); "
+           "one-phase feature baselines: CE + β · L_feature (γ 1, α 0, the released β).",
+           f"- FT: the paraphraser trained on the teacher's feats[-2] for {opts.init_epochs} epoch(s) first "
+           f"(released 30), then CE + {recipes.FT_BASELINE[1]:g} · L_factor; FSP: all but the classifier trained "
+           f"on the FSP losses alone for {opts.init_epochs} epoch(s) first (released 30; the quantizer "
+           "parameters with the student's Adam, not the released init SGD, which diverges here), then CE. Both init "
+           "phases read the training data in one order (the same for FT and FSP).",
            "- accuracy: top-1 (%) on the 360 test images after the last epoch (1 image = 0.28 points); "
            "mean ± sample std over seeds.", ""]
     gone = missing(opts, records)

@@ -328,6 +328,17 @@ def _validate_variant(q: ml_collections.ConfigDict) -> None:
               "quant.variant='textbook' choose a textbook preset, e.g. quant.preset='first_last_8bit'")
 
 
+def _validate_hessian_loss(q: ml_collections.ConfigDict, name: str, ph: ml_collections.ConfigDict,
+                           objective: Any) -> None:
+    """quant.hessian_loss='phase' probes the objective's logit terms only (the probe records no
+    features): a student phase with a feature term alone (FSP's init phase) would probe a zero loss."""
+    if (ph.kind == "student" and q.estimator == "hessian" and q.hessian_loss == "phase"
+            and not getattr(objective, "terms", True)):
+        _fail("quant.hessian_loss", q.hessian_loss,
+              f"phase {name!r} has no logit term (gamma = alpha = 0; its feature term {ph.feature!r} is not "
+              f"probed), so its EWGS delta would stay 0; use quant.hessian_loss='ce' or quant.estimator='ste'")
+
+
 def _validate_phases(config: ml_collections.ConfigDict) -> None:
     order = phase_names(config)
     if not order:
@@ -367,6 +378,7 @@ def _validate_phases(config: ml_collections.ConfigDict) -> None:
             objective = build_objective(ph)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"config.{key}: objective {ph.objective!r}: {err}") from None
+        _validate_hessian_loss(config.quant, name, ph, objective)
         if ph.init_from and ph.init_from not in seen:
             _fail(f"{key}.init_from", ph.init_from, f"must name an earlier phase ({sorted(seen)})")
         if ph.teacher_from:

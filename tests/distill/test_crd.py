@@ -178,3 +178,105 @@ def test_replicas_keep_identical_banks():
         expected = fl.crd_nce(v_s[rows], v_t[rows], state["memory_s"], state["memory_t"], idxs[i], n_data=N_DATA,
                               temperature=0.1, z_s=z_s, z_t=z_t)
         np.testing.assert_allclose(values[i], expected, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- sampler='with_replacement'
+
+UNEVEN = np.array([2, 0, 2, 1, 2, 0, 2, 2, 3, 2, 1, 2, 0, 2, 2, 3, 2, 2])  # class sizes 3, 2, 11, 2; not sorted
+
+
+def _with_replacement(key, labels, index, k):
+    from qkd_jax.distill.crd import class_blocks, crd_contrast_index_with_replacement
+
+    blocks = class_blocks(labels)
+    return crd_contrast_index_with_replacement(key, jnp.asarray(labels, jnp.int32), jnp.asarray(index, jnp.int32),
+                                               k, blocks["class_order"], blocks["class_start"],
+                                               blocks["class_count"])
+
+
+def test_with_replacement_draws_other_classes_and_keeps_the_index():
+    index = np.arange(len(UNEVEN))  # every class, its block first, inside and last in class_order
+    a = np.asarray(_with_replacement(jax.random.key(3), UNEVEN, index, 50))
+    assert a.shape == (len(UNEVEN), 51)
+    np.testing.assert_array_equal(a[:, 0], index)
+    assert a.min() >= 0 and a.max() < len(UNEVEN)
+    for row, i in zip(a, index):
+        assert np.all(UNEVEN[row[1:]] != UNEVEN[i])
+    np.testing.assert_array_equal(a, np.asarray(_with_replacement(jax.random.key(3), UNEVEN, index, 50)))
+
+
+@pytest.mark.parametrize("own", [1, 0, 2, 8])  # classes 0 (first block), 1, 2 (the big one), 3 (last block)
+def test_with_replacement_is_uniform_over_other_class_rows(own):
+    """Pearson chi-square of the counts over the m other-class rows against uniform: 40000 draws,
+    m - 1 degrees of freedom (<= 15); the 1e-4 upper tail of chi2(15) is 46.8 (the bound below is
+    a looser 60, far from the ~10^3 a skipped or doubled row gives)."""
+    n_draws = 40000
+    draws = np.asarray(_with_replacement(jax.random.key(11), UNEVEN, np.full(n_draws // 8, own), 8))[:, 1:]
+    counts = np.bincount(draws.ravel(), minlength=len(UNEVEN))
+    other = UNEVEN != UNEVEN[own]
+    assert counts[~other].sum() == 0
+    expected = n_draws / other.sum()
+    chi2 = float(((counts[other] - expected) ** 2 / expected).sum())
+    assert chi2 < 60.0, chi2
+
+
+def _largest_array(jaxpr) -> int:
+    """The largest element count of any value in `jaxpr` and its sub-jaxprs."""
+    from jax.extend import core as jcore
+
+    biggest = 0
+    for eqn in jaxpr.eqns:
+        for v in list(eqn.outvars) + [x for x in eqn.invars if isinstance(x, jcore.Var)]:
+            biggest = max(biggest, int(np.prod(getattr(v.aval, "shape", ()), dtype=np.int64)))
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else [param]):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    biggest = max(biggest, _largest_array(inner))
+    return biggest
+
+
+def test_with_replacement_has_no_batch_by_dataset_array():
+    """The jaxpr of a step's draw at n_data = 200000, batch 8, nce_k 64: no value as large as
+    batch x n_data (the 'exact' sampler's scores are), so its cost does not grow with n_data x batch."""
+    from qkd_jax.distill.crd import class_blocks, crd_contrast_index_with_replacement
+
+    n, batch, k = 200_000, 8, 64
+    labels = (np.arange(n) * 7) % 100
+    blocks = class_blocks(labels)
+    lab, index = jnp.asarray(labels, jnp.int32), jnp.arange(batch, dtype=jnp.int32)
+    fast = jax.make_jaxpr(lambda key: crd_contrast_index_with_replacement(
+        key, lab, index, k, blocks["class_order"], blocks["class_start"], blocks["class_count"]))(jax.random.key(0))
+    exact = jax.make_jaxpr(lambda key: crd_contrast_index(key, lab, index, k))(jax.random.key(0))
+    assert _largest_array(exact.jaxpr) >= batch * n  # the check sees the 'exact' sampler's scores
+    assert _largest_array(fast.jaxpr) <= max(n, batch * (k + 1))
+
+
+def test_with_replacement_in_the_loss_and_its_checks():
+    feats_s, feats_t = _feats(0)
+    crit = _crd(sampler="with_replacement")
+    state = _init(crit, feats_s, feats_t)["state"]
+    order = np.asarray(state["class_order"])
+    np.testing.assert_array_equal(np.sort(order), np.arange(N_DATA))
+    assert np.all(np.diff(LABELS[order]) >= 0)
+    np.testing.assert_array_equal(state["class_count"], [10, 10, 10, 10])
+    np.testing.assert_array_equal(state["class_start"], [0, 10, 20, 30])
+    params = _init(crit, feats_s, feats_t)["params"]
+    index = jnp.asarray([3, 17, 22, 9, 30, 1], jnp.int32)
+    value, new = crit.loss(params, state, feats_s, feats_t, rng=jax.random.key(5), index=index)
+    head = Embed(DIM)
+    v_s = head.apply({"params": params["student"]}, feats_s[0])
+    v_t = head.apply({"params": params["teacher"]}, feats_t[0])
+    idx = _with_replacement(jax.random.key(5), LABELS, index, K)
+    z = fl.crd_normalizers(v_s, v_t, state["memory_s"], state["memory_t"], idx, n_data=N_DATA, temperature=0.1)
+    expected = fl.crd_nce(v_s, v_t, state["memory_s"], state["memory_t"], idx, n_data=N_DATA, temperature=0.1,
+                          z_s=z[0], z_t=z[1])
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    # more negatives than other-class rows is allowed with replacement, refused by 'exact'
+    get_feature("crd", nce_k=31, sampler="with_replacement").init(
+        jax.random.key(0), feats_s, feats_t, num_examples=N_DATA, dataset_labels=LABELS)
+    with pytest.raises(ValueError, match="sampler='with_replacement'"):
+        get_feature("crd", nce_k=31).init(jax.random.key(0), feats_s, feats_t, num_examples=N_DATA,
+                                          dataset_labels=LABELS)
+    with pytest.raises(ValueError, match="sampler='uniformly' is unknown"):
+        get_feature("crd", sampler="uniformly")

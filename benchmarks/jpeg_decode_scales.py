@@ -13,12 +13,18 @@ benchmarks/input_pipeline.py writes (run it first, or point --jpeg_dir at any JP
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, ROOT)
+
+from benchmarks import synthetic_imagenet
 
 
 def per_image_ms(fn: Callable[[bytes], object], datas: list[bytes], passes: int = 3) -> float:
@@ -41,13 +47,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--jpeg_dir", default=os.path.join("bench-data", "jpeg"))
     p.add_argument("--images", type=int, default=300)
     args = p.parse_args(argv)
-    files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.JPEG")) + glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
-    if not files:
-        p.error(f"no .JPEG/.jpg files in {args.jpeg_dir}; run benchmarks/input_pipeline.py first or pass --jpeg_dir")
-    datas = []
-    for path in files[: args.images]:
-        with open(path, "rb") as f:
-            datas.append(f.read())
+    try:
+        datas = synthetic_imagenet.read_jpegs(args.jpeg_dir, args.images)
+    except FileNotFoundError as err:
+        p.error(str(err))
     rows = {"pillow full": per_image_ms(lambda d: np.asarray(Image.open(io.BytesIO(d)).convert("RGB")), datas)}
     for m in range(1, 9):
         def decode(data: bytes, m: int = m) -> np.ndarray:

@@ -15,7 +15,6 @@ or point --jpeg_dir at any JPEG folder).
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import os
 import sys
@@ -25,6 +24,8 @@ from collections.abc import Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, ROOT)
+
+from benchmarks import synthetic_imagenet
 
 
 def _pass(fn: Callable[[bytes, int], object], datas: list[bytes]) -> tuple[float, list]:
@@ -47,13 +48,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not ja.native_available():
         p.error("the qkd_jax.data._jpeg_crop extension is not built (pip install -e . with a C compiler and "
                 "libjpeg headers, e.g. Debian's libjpeg62-turbo-dev)")
-    files = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.JPEG")) + glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
-    if not files:
-        p.error(f"no .JPEG/.jpg files in {args.jpeg_dir}; run benchmarks/input_pipeline.py first or pass --jpeg_dir")
-    datas = []
-    for path in files[: args.images]:
-        with open(path, "rb") as f:
-            datas.append(f.read())
+    try:
+        datas = synthetic_imagenet.read_jpegs(args.jpeg_dir, args.images)
+    except FileNotFoundError as err:
+        p.error(str(err))
     transforms = {
         "train": lambda d, i: ja.imagenet_train_jpeg(d, np.random.default_rng(i), size=args.size),
         "eval": lambda d, i: ja.imagenet_eval_jpeg(d, size=args.size),

@@ -14,6 +14,7 @@ varied), JPEG quality 90, labels cycling over the first classes of ImageNet's la
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -123,3 +124,17 @@ def write_dataset(data_dir: str, num_images: int, seed: int = 0, num_classes: in
         json.dump({"num_images": num_images, "seed": seed, "quality": quality,
                    "sizes": [list(s) for s in sizes]}, f)
     return sizes
+
+
+def read_jpegs(jpeg_dir: str, limit: int) -> list[bytes]:
+    """The bytes of the first `limit` .JPEG/.jpg files of `jpeg_dir` (sorted by name), for the
+    per-image benchmarks; FileNotFoundError naming how to make them when there are none."""
+    files = sorted(glob.glob(os.path.join(jpeg_dir, "*.JPEG")) + glob.glob(os.path.join(jpeg_dir, "*.jpg")))
+    if not files:
+        raise FileNotFoundError(f"no .JPEG/.jpg files in {jpeg_dir}; run benchmarks/input_pipeline.py first "
+                                f"or pass --jpeg_dir")
+    datas = []
+    for path in files[:limit]:
+        with open(path, "rb") as f:
+            datas.append(f.read())
+    return datas

@@ -336,6 +336,22 @@ static int plan_run(const Plan *p, const View *src, int out_h, int out_w, uint8_
     return status;
 }
 
+/* Mirrors each row of an (h, w, 3) image left-right in place. */
+static void mirror_rows(uint8_t *image, int h, int w) {
+    int y, x, c;
+    for (y = 0; y < h; y++) {
+        uint8_t *row = image + (size_t)y * (size_t)w * 3;
+        for (x = 0; x < w / 2; x++) {
+            uint8_t *a = row + 3 * x, *b = row + 3 * (w - 1 - x);
+            for (c = 0; c < 3; c++) {
+                uint8_t t = a[c];
+                a[c] = b[c];
+                b[c] = t;
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- decoding */
 
 typedef struct {
@@ -364,6 +380,7 @@ typedef struct {
     int want_h, want_w;   /* the scaled size the caller computed its box for */
     float box[4];
     int out_h, out_w;
+    int flip;             /* mirror the output left-right */
     uint8_t *out;
     /* results */
     char message[JMSG_LENGTH_MAX];
@@ -441,6 +458,7 @@ static int run_job(Job *job) {
             snprintf(job->message, sizeof(job->message), "out of memory");
             goto done;
         }
+        if (job->flip) mirror_rows(job->out, job->out_h, job->out_w);
     }
     status = 0;
 done:
@@ -476,10 +494,11 @@ static int check_box(const float box[4], int full_h, int full_w) {
 }
 
 PyDoc_STRVAR(decode_crop_resize_doc,
-             "decode_crop_resize(data, denom, scaled_hw, box, out) -> (decoded_rows, decoded_cols)\n\n"
+             "decode_crop_resize(data, denom, scaled_hw, box, out_hw, out, flip=False) -> (decoded_rows, decoded_cols)\n\n"
              "Decode the JPEG `data` at DCT scale 1/denom (its size must be `scaled_hw`), only the region the\n"
-             "resize reads, and write Image.resize(out.shape[1::-1], BILINEAR, box=box) of it into the uint8\n"
-             "buffer `out` of shape (h, w, 3). Raises ValueError when libjpeg cannot decode it.");
+             "resize reads, and write Image.resize(out_hw[::-1], BILINEAR, box=box) of it, mirrored left-right\n"
+             "if `flip`, into the uint8 buffer `out` of shape out_hw + (3,). Raises ValueError when libjpeg\n"
+             "cannot decode it.");
 
 static PyObject *decode_crop_resize(PyObject *self, PyObject *args) {
     Py_buffer data, out;
@@ -487,8 +506,8 @@ static PyObject *decode_crop_resize(PyObject *self, PyObject *args) {
     int status;
     (void)self;
     memset(&job, 0, sizeof(job));
-    if (!PyArg_ParseTuple(args, "y*i(ii)(ffff)(ii)w*", &data, &job.denom, &job.want_h, &job.want_w, &job.box[0],
-                          &job.box[1], &job.box[2], &job.box[3], &job.out_h, &job.out_w, &out))
+    if (!PyArg_ParseTuple(args, "y*i(ii)(ffff)(ii)w*|p", &data, &job.denom, &job.want_h, &job.want_w, &job.box[0],
+                          &job.box[1], &job.box[2], &job.box[3], &job.out_h, &job.out_w, &out, &job.flip))
         return NULL;
     if (job.denom != 1 && job.denom != 2 && job.denom != 4 && job.denom != 8) {
         PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8, got %d", job.denom);

@@ -111,8 +111,11 @@ def test_cropped_decode_then_resize_equals_whole_decode_then_pillow(encoding, d,
         box = _random_box(rng, dh, dw)
         out_hw = tuple(int(v) for v in rng.integers(1, 100, 2))
         out = np.empty(out_hw + (3,), np.uint8)
-        ja._jpeg_crop.decode_crop_resize(data, d, (dh, dw), box, out_hw, out)
-        np.testing.assert_array_equal(out, _pillow(whole, box, out_hw), err_msg=f"{(h, w)} {box} {out_hw}")
+        flip = bool(trial % 2)
+        ja._jpeg_crop.decode_crop_resize(data, d, (dh, dw), box, out_hw, out, flip)
+        expected = _pillow(whole, box, out_hw)
+        np.testing.assert_array_equal(out, expected[:, ::-1] if flip else expected,
+                                      err_msg=f"{(h, w)} {box} {out_hw} flip={flip}")
 
 
 @native

@@ -224,7 +224,8 @@ def init_feature_aux(
     _, feats_s = apply_with_features(_AsModule(student_apply), student_variables, images, preact=feature.preact)
     _, feats_t = apply_with_features(_AsModule(teacher_apply), teacher_variables, images, preact=feature.preact)
     if feature.needs_blocks:
-        for side, apply, variables in (("s", student_apply, student_variables), ("t", teacher_apply, teacher_variables)):
+        sides = (("s", student_apply, student_variables), ("t", teacher_apply, teacher_variables))
+        for side, apply, variables in sides:
             _, state = apply(variables, images, train=False, mutable=[BLOCKS])
             if BLOCKS not in state:
                 model = type(getattr(apply, "__self__", apply)).__name__

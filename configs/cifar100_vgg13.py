@@ -12,11 +12,12 @@ ARG (after the colon; default 'sqakd,w2a2'):
                 CE) -> co_study (100, teacher trained too) -> tutoring (70, frozen co-studied
                 teacher); QKD's CIFAR schedule, this file's student recipe in every phase;
                 settings W2A2, W3A3, W4A4 (docs/method.md section 8).
-  at|nst|sp|rkd|crd|fitnet|cc|vid,wBaB
+  at|nst|sp|rkd|crd|fitnet|cc|vid|cktf,wBaB
                 feature-distillation baselines (released CIFAR/scripts/run_cifar100_vgg13_EWGS+KDs.sh):
                 teacher -> calibrate -> student with gamma * CE + beta * L_feature, gamma 1,
                 alpha 0 (no logit KL); AT beta 1000, NST 50, SP 3000, RKD 1, CRD 0.8,
-                FitNet 100, CC 0.02, VID 1
+                FitNet 100, CC 0.02, VID 1; CKTF (released 'crdst') beta 1 on the embedding
+                CRD + theta 0.8 on the stem and stage CRDs, nce_k 4096 (recipes.FEATURE_OPTIONS)
                 (recipes.FEATURE_BASELINES); the script's setting is W1A1. The script
                 passes --use_hessian True: add --config.quant.estimator=hessian for it.
   ft|fsp,wBaB   the two-phase baselines (released utils_distill.init, 30 epochs, SGD at the student's lr 5e-4 (released args.lr_m),
@@ -45,7 +46,7 @@ QKD from the same teacher:
       --config.teacher_checkpoint=/tmp/c100_vgg13_fp/teacher
   done
 Feature-distillation baselines from the same teacher:
-  for m in at nst sp rkd crd fitnet cc vid; do
+  for m in at nst sp rkd crd fitnet cc vid cktf; do
     python -m qkd_jax.main --config=configs/cifar100_vgg13.py:$m,w1a1 --workdir=/tmp/c100_vgg13_${m}_w1a1 \
       --config.teacher_checkpoint=/tmp/c100_vgg13_fp/teacher
   done

@@ -12,11 +12,12 @@ ARG (after the colon; default 'sqakd,w2a2'):
                 CE) -> co_study (100, teacher trained too) -> tutoring (70, frozen co-studied
                 teacher); QKD's CIFAR schedule, this file's student recipe in every phase;
                 settings W2A2, W3A3, W4A4 (docs/method.md section 8).
-  at|nst|sp|rkd|crd|fitnet|cc|vid,wBaB
+  at|nst|sp|rkd|crd|fitnet|cc|vid|cktf,wBaB
                 feature-distillation baselines (released CIFAR/scripts/run_cifar10_resnet20_EWGS+KDs.sh):
                 teacher -> calibrate -> student with gamma * CE + beta * L_feature, gamma 1,
                 alpha 0 (no logit KL); AT beta 1000, NST 50, SP 3000, RKD 1, CRD 0.8,
-                FitNet 100, CC 0.02, VID 1
+                FitNet 100, CC 0.02, VID 1; CKTF (released 'crdst') beta 1 on the embedding
+                CRD + theta 0.8 on the stem and stage CRDs, nce_k 4096 (recipes.FEATURE_OPTIONS)
                 (recipes.FEATURE_BASELINES); the script's setting is W2A2. The script
                 passes --use_hessian True: add --config.quant.estimator=hessian for it.
   ft|fsp,wBaB   the two-phase baselines (released utils_distill.init, 30 epochs, SGD lr 0.01 (the released value for CIFAR ResNets),
@@ -45,7 +46,7 @@ QKD from the same teacher:
       --config.teacher_checkpoint=/tmp/c10_r20_fp/teacher
   done
 Feature-distillation baselines from the same teacher:
-  for m in at nst sp rkd crd fitnet cc vid; do
+  for m in at nst sp rkd crd fitnet cc vid cktf; do
     python -m qkd_jax.main --config=configs/cifar10_resnet20.py:$m,w2a2 --workdir=/tmp/c10_r20_${m}_w2a2 \
       --config.teacher_checkpoint=/tmp/c10_r20_fp/teacher
   done

@@ -7,12 +7,15 @@ released SQAKD CIFAR scripts, qkd_jax.run.recipes.FEATURE_BASELINES) and the dem
 optimizer (the criterion's auxiliary parameters, if any, train in the weights group).
 
 ARG tokens: at (AT), nst (NST), sp (SP), rkd (RKD), crd (CRD), fitnet (FitNet), cc (CC), vid (VID),
+cktf (CKTF, the released 'crdst': beta 1 on the embedding CRD, theta 0.8 on the stem and stage CRDs),
 ft (FT: a phase 'ft_paraphraser' training the paraphraser on the teacher, PARAPHRASER_EPOCHS here,
 released 30 on CIFAR, then the student phase 'ft' with beta 200; not in the default list),
 fsp (FSP: a phase 'fsp_init' training all but the classifier on the FSP losses, FSP_INIT_EPOCHS
 here, released 30, SGD at the student's learning rate, then the student phase 'fsp' with plain
 CE; not in the default list).
-CRD draws nce_k = 1024 negatives here (released 16384: more than the digits of the other classes).
+CRD draws nce_k = 1024 negatives here (released 16384: more than the digits of the other classes),
+CKTF too (released 4096); CKTF pools with pool='global' here: the released ResNet AvgPool2d(8)
+needs maps of at least 8x8 and the last stage of ResNet-20 on 16x16 digits is 4x4.
 
     python -m qkd_jax.main --config=configs/digits_feature_kd.py --workdir=/tmp/qkd_digits_fkd
     python -m qkd_jax.main --config=configs/digits_feature_kd.py:at,rkd --workdir=/tmp/qkd_digits_at_rkd
@@ -32,7 +35,7 @@ PARAPHRASER_EPOCHS = 3  # released init_epochs 30 against 1200 student epochs; s
 FSP_INIT_EPOCHS = 3  # released init_epochs 30; scaled down on digits
 TOKENS = (*recipes.FEATURE_BASELINES, "ft", "fsp")
 # Criterion options that differ from the released defaults on digits (1437 training images).
-DIGITS_OPTIONS = {"crd": {"nce_k": 1024}}
+DIGITS_OPTIONS = {"crd": {"nce_k": 1024}, "cktf": {"nce_k": 1024, "pool": "global"}}
 
 
 def _demo_config() -> ml_collections.ConfigDict:

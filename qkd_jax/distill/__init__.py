@@ -5,13 +5,13 @@
     loss, aux = distill.get_objective("sqakd", alpha=1.0)(student_logits, teacher_logits)
 
 Feature-distillation losses of the paper's comparison (AT, NST, SP, RKD, CC, FitNet, FT,
-FSP, VID, PKT, CRD) are scalar-valued functions in :mod:`qkd_jax.distill.feature_losses`;
+FSP, VID, PKT, CRD, CKTF) are scalar-valued functions in :mod:`qkd_jax.distill.feature_losses`;
 the criteria a train step runs (:func:`get_feature`) are in :mod:`qkd_jax.distill.feature_kd`,
 those with trainable parts in their own modules (FitNet 'hint', CC 'correlation', VID 'vid',
-CRD 'crd', FT 'factor'), imported here so that they register themselves.
+CRD 'crd', CKTF 'cktf', FT 'factor'), imported here so that they register themselves.
 """
 
-from qkd_jax.distill import cc, crd, factor, feature_losses, fitnet, vid  # noqa: F401  (registers the criteria)
+from qkd_jax.distill import cc, cktf, crd, factor, feature_losses, fitnet, vid  # noqa: F401  (registers the criteria)
 from qkd_jax.distill.losses import cross_entropy, kl_divergence
 from qkd_jax.distill.objectives import (
     OBJECTIVES,

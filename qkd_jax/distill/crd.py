@@ -92,6 +92,67 @@ def _gather(x: Array, axis_name) -> Array:
     return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
 
 
+def checked_labels(name: str, nce_k: int, num_examples: int, dataset_labels, sampler: str = "exact") -> np.ndarray:
+    """The training labels as an array, after checking their shape, that they are >= 0, and that
+    the sampler can draw ``nce_k`` negatives: 'exact' draws without replacement, so every class
+    must leave at least ``nce_k`` examples of other classes; 'with_replacement' needs two classes."""
+    if dataset_labels is None:
+        raise ValueError(f"{name} needs the training labels: init(..., dataset_labels=<(num_examples,) labels>).")
+    labels = np.asarray(dataset_labels)
+    if labels.shape != (num_examples,):
+        raise ValueError(f"{name}: dataset_labels has shape {labels.shape}, expected ({num_examples},) "
+                         f"(one label per training example, in source order).")
+    if labels.min() < 0:
+        raise ValueError(f"{name}: dataset_labels holds the negative label {labels.min()}; labels must be >= 0.")
+    counts = np.unique(labels, return_counts=True)[1]
+    fewest = int(num_examples - counts.max())
+    if sampler == "with_replacement":
+        if nce_k <= 0 or fewest <= 0:
+            raise ValueError(f"{name}: nce_k={nce_k} must be > 0 and the labels must have two or more "
+                             f"classes (largest class leaves {fewest} other-class examples).")
+    elif not 0 < nce_k <= fewest:
+        raise ValueError(f"{name}: nce_k={nce_k} negatives per example, but the largest class leaves only "
+                         f"{fewest} examples of other classes; set nce_k to at most {fewest}"
+                         + (", or sampler='with_replacement'." if name == "crd" else "."))
+    return labels
+
+
+def bank_state(key_s: jax.Array, key_t: jax.Array, num_examples: int, feat_dim: int) -> dict:
+    """One CRD's state: the released ``ContrastMemory`` banks and normalisers (z < 0: not yet set)."""
+    return {
+        "memory_s": fl.crd_memory_init(key_s, num_examples, feat_dim),
+        "memory_t": fl.crd_memory_init(key_t, num_examples, feat_dim),
+        "z_s": jnp.full((), -1.0, jnp.float32),
+        "z_t": jnp.full((), -1.0, jnp.float32),
+    }
+
+
+def pair_loss(heads: dict, bank: dict, x_s: Array, x_t: Array, contrast_idx: Array, index: Array, *,
+              feat_dim: int, nce_t: float, nce_m: float, axis_name=None) -> tuple[Array, dict]:
+    """One released ``CRDLoss`` call: ``Embed`` heads ({'student', 'teacher'} params) on ``x_s`` /
+    ``x_t``, :func:`feature_losses.crd_nce` against ``bank`` (:func:`bank_state`) with the given
+    negatives, then the momentum update of both banks: (loss, new bank)."""
+    head = Embed(feat_dim)
+    v_s = head.apply({"params": heads["student"]}, x_s)
+    v_t = head.apply({"params": heads["teacher"]}, x_t)
+    memory_s, memory_t = bank["memory_s"], bank["memory_t"]
+    n_data = memory_s.shape[0]
+    z_now = fl.crd_normalizers(v_s, v_t, memory_s, memory_t, contrast_idx, n_data=n_data, temperature=nce_t)
+    if axis_name is not None:
+        z_now = jax.lax.pmean(z_now, axis_name)
+    z_s = jnp.where(bank["z_s"] < 0, z_now[0], bank["z_s"])
+    z_t = jnp.where(bank["z_t"] < 0, z_now[1], bank["z_t"])
+    value = fl.crd_nce(v_s, v_t, memory_s, memory_t, contrast_idx, n_data=n_data, temperature=nce_t,
+                       z_s=z_s, z_t=z_t, teacher_grad=True)
+    rows = _gather(index, axis_name)
+    return value, {
+        "memory_s": fl.crd_memory_update(memory_s, _gather(v_s, axis_name), rows, nce_m),
+        "memory_t": fl.crd_memory_update(memory_t, _gather(v_t, axis_name), rows, nce_m),
+        "z_s": z_s,
+        "z_t": z_t,
+    }
+
+
 @register_feature
 @dataclasses.dataclass(frozen=True)
 class CRD(FeatureKD):
@@ -116,34 +177,11 @@ class CRD(FeatureKD):
 
     def init(self, rng, feats_s, feats_t, *, num_examples, dataset_labels=None):
         self._check_lengths(feats_s, feats_t, 1)
-        if dataset_labels is None:
-            raise ValueError("crd needs the training labels: init(..., dataset_labels=<(num_examples,) labels>).")
-        labels = np.asarray(dataset_labels)
-        if labels.shape != (num_examples,):
-            raise ValueError(f"crd: dataset_labels has shape {labels.shape}, expected ({num_examples},) "
-                             f"(one label per training example, in source order).")
-        counts = np.unique(labels, return_counts=True)[1]
-        fewest = int(num_examples - counts.max())
-        if labels.min() < 0:
-            raise ValueError(f"crd: dataset_labels holds the negative label {labels.min()}; labels must be >= 0.")
-        if self.sampler == "with_replacement":
-            if self.nce_k <= 0 or fewest <= 0:
-                raise ValueError(f"crd: nce_k={self.nce_k} must be > 0 and the labels must have two or more "
-                                 f"classes (largest class leaves {fewest} other-class examples).")
-        elif not 0 < self.nce_k <= fewest:
-            raise ValueError(f"crd: nce_k={self.nce_k} negatives per example, but the largest class leaves only "
-                             f"{fewest} examples of other classes; set nce_k to at most {fewest}, or "
-                             f"sampler='with_replacement'.")
+        labels = checked_labels(self.name, self.nce_k, num_examples, dataset_labels, self.sampler)
         k_s, k_t, k_ms, k_mt = jax.random.split(rng, 4)
         head = Embed(self.feat_dim)
         params = {"student": head.init(k_s, feats_s[-1])["params"], "teacher": head.init(k_t, feats_t[-1])["params"]}
-        state = {
-            "memory_s": fl.crd_memory_init(k_ms, num_examples, self.feat_dim),
-            "memory_t": fl.crd_memory_init(k_mt, num_examples, self.feat_dim),
-            "z_s": jnp.full((), -1.0, jnp.float32),
-            "z_t": jnp.full((), -1.0, jnp.float32),
-            "labels": jnp.asarray(labels, jnp.int32),
-        }
+        state = {**bank_state(k_ms, k_mt, num_examples, self.feat_dim), "labels": jnp.asarray(labels, jnp.int32)}
         if self.sampler == "with_replacement":
             state.update(class_blocks(labels))
         return {"params": params, "state": state}
@@ -151,31 +189,12 @@ class CRD(FeatureKD):
     def loss(self, params, state, feats_s, feats_t, *, rng, index=None, axis_name=None):
         if index is None:
             raise ValueError("crd needs each example's dataset index: pass index=batch['index'].")
-        head = Embed(self.feat_dim)
-        v_s = head.apply({"params": params["student"]}, feats_s[-1])
-        v_t = head.apply({"params": params["teacher"]}, feats_t[-1])
-        memory_s, memory_t = state["memory_s"], state["memory_t"]
-        n_data = memory_s.shape[0]
         if self.sampler == "with_replacement":
             contrast_idx = crd_contrast_index_with_replacement(
                 rng, state["labels"], index, self.nce_k, state["class_order"], state["class_start"],
                 state["class_count"])
         else:
             contrast_idx = crd_contrast_index(rng, state["labels"], index, self.nce_k)
-        z_now = fl.crd_normalizers(v_s, v_t, memory_s, memory_t, contrast_idx, n_data=n_data,
-                                   temperature=self.nce_t)
-        if axis_name is not None:
-            z_now = jax.lax.pmean(z_now, axis_name)
-        z_s = jnp.where(state["z_s"] < 0, z_now[0], state["z_s"])
-        z_t = jnp.where(state["z_t"] < 0, z_now[1], state["z_t"])
-        value = fl.crd_nce(v_s, v_t, memory_s, memory_t, contrast_idx, n_data=n_data, temperature=self.nce_t,
-                           z_s=z_s, z_t=z_t, teacher_grad=True)
-        rows = _gather(index, axis_name)
-        new_state = {
-            **state,
-            "memory_s": fl.crd_memory_update(memory_s, _gather(v_s, axis_name), rows, self.nce_m),
-            "memory_t": fl.crd_memory_update(memory_t, _gather(v_t, axis_name), rows, self.nce_m),
-            "z_s": z_s,
-            "z_t": z_t,
-        }
-        return value, new_state
+        value, bank = pair_loss(params, state, feats_s[-1], feats_t[-1], contrast_idx, index,
+                                feat_dim=self.feat_dim, nce_t=self.nce_t, nce_m=self.nce_m, axis_name=axis_name)
+        return value, {**state, **bank}

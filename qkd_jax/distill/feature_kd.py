@@ -47,12 +47,15 @@ class FeatureKD:
     implement :meth:`init`. ``preact`` asks the models for pre-activation features;
     ``needs_index`` asks the batch for each example's dataset index (``batch['index']``);
     ``needs_dataset_labels`` asks :func:`init_feature_aux` for the labels of the whole training
-    set, passed to :meth:`init` as ``dataset_labels`` (CRD's class-conditional negatives).
+    set, passed to :meth:`init` as ``dataset_labels`` (CRD's class-conditional negatives);
+    ``needs_blocks`` asks both models for their per-block outputs (``read_block_outputs``),
+    passed to :meth:`init` and :meth:`loss` as ``blocks_s`` / ``blocks_t`` (CKTF).
     """
 
     name: ClassVar[str] = "feature"
     needs_index: ClassVar[bool] = False
     needs_dataset_labels: ClassVar[bool] = False
+    needs_blocks: ClassVar[bool] = False
     preact: bool = False
 
     def init(self, rng: jax.Array, feats_s: Features, feats_t: Features, *, num_examples: int,
@@ -206,7 +209,8 @@ def init_feature_aux(
     ``dataset_labels``: the (num_examples,) labels of the training set in source order, needed
     by criteria with ``needs_dataset_labels`` (CRD) and ignored by the others.
     """
-    from qkd_jax.models.features import apply_with_features
+    from qkd_jax.models.features import apply_with_features, read_block_outputs
+    from qkd_jax.models.layers import BLOCKS
 
     extra: dict[str, Any] = {}
     if feature.needs_dataset_labels:
@@ -219,6 +223,17 @@ def init_feature_aux(
 
     _, feats_s = apply_with_features(_AsModule(student_apply), student_variables, images, preact=feature.preact)
     _, feats_t = apply_with_features(_AsModule(teacher_apply), teacher_variables, images, preact=feature.preact)
+    if feature.needs_blocks:
+        sides = (("s", student_apply, student_variables), ("t", teacher_apply, teacher_variables))
+        for side, apply, variables in sides:
+            _, state = apply(variables, images, train=False, mutable=[BLOCKS])
+            if BLOCKS not in state:
+                model = type(getattr(apply, "__self__", apply)).__name__
+                raise ValueError(
+                    f"feature criterion {feature.name!r} reads each stage's block outputs, which model {model} "
+                    f"does not record; use a CIFAR ResNet (resnet20/32/56) or CIFAR VGG (vgg8/11/13) for "
+                    f"{'student' if side == 's' else 'teacher'}, or another criterion.")
+            extra[f"blocks_{side}"] = read_block_outputs(state)
     aux = feature.init(rng, feats_s, feats_t, num_examples=num_examples, **extra)
     if set(aux) != {"params", "state"}:
         raise ValueError(f"{type(feature).__name__}.init must return {{'params', 'state'}}, got {sorted(aux)}")

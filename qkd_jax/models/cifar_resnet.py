@@ -11,7 +11,8 @@ The SQAKD recipe quantizes every conv under ``layer*``; stem, BNs and classifier
 
 Distillation features (``is_feat=True`` of the released ``CIFAR/models/custom_models_resnet.py``):
 stem output, the three stage outputs, the pooled 64-vector before ``head_bn``; pre-activation:
-the stages' last-block sums before their ReLU.
+the stages' last-block sums before their ReLU. Block outputs (``flatGroupOut``'s
+``block_out1..3``, for CKTF): each block's output, per stage, in the BLOCKS collection.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from qkd_jax.models.layers import (
     conv_layer,
     float32_logits,
     global_avg_pool,
+    record_blocks,
     record_feature,
 )
 
@@ -90,12 +92,15 @@ class CifarResNet(nn.Module):
         x = self.act(norm(name="stem_bn")(x))
         record_feature(self, x)
         for i, (planes, stride) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
+            outs = []
             for j in range(blocks):
                 pre = CifarBasicBlock(
                     planes, stride if j == 0 else 1, conv, norm, self.act, name=f"layer{i}_{j}"
                 ).preactivation(x)
                 x = self.act(pre)
+                outs.append(x)
             record_feature(self, x, pre)
+            record_blocks(self, outs, "avg8")
         x = global_avg_pool(x)
         record_feature(self, x)
         x = norm(name="head_bn")(x)

@@ -19,6 +19,8 @@ Distillation features (``is_feat=True`` of the released ``CIFAR/models/custom_mo
 the five stage outputs before their max pool, then the pooled 512-vector (the classifier
 input); pre-activation: stages 2-5 before their last ReLU (the released VGG blocks apply the
 ReLU inside, so its ``preact`` list repeats the post-ReLU maps; stage 1 stays post-ReLU as there).
+Block outputs (``flatGroupOut``'s ``block_out1..4``, for CKTF): each conv block's post-ReLU
+output of stages 2-5, per stage, in the BLOCKS collection.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from qkd_jax.models.layers import (
     float32_logits,
     global_avg_pool,
     max_pool,
+    record_blocks,
     record_feature,
 )
 
@@ -76,12 +79,16 @@ class CifarVGG(nn.Module):
         height = x.shape[1]
         x = jnp.asarray(x, self.dtype)
         for i, stage in enumerate(CIFAR_VGG_STAGES[self.depth], start=1):
+            outs = []
             for j, features in enumerate(stage, start=1):
                 conv_name, bn_name = cifar_vgg_names(i, j)
                 x = conv_layer(conv, features, 3, use_bias=True, name=conv_name)(x)
                 pre = norm(name=bn_name)(x)
                 x = nn.relu(pre)
+                outs.append(x)
             record_feature(self, x, pre if i > 1 else None)
+            if i > 1:  # the released block_out1..4: stages 2-5 (layer0, stage 1, has none)
+                record_blocks(self, outs, "global")
             if i <= 3 or (i == 4 and height == 64 and self.pool_stage4_at_64):
                 x = max_pool(x, 2, 2)
         x = global_avg_pool(x)

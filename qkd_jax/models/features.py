@@ -12,6 +12,10 @@ compiled forward are unchanged otherwise.
     logits, feats = apply_with_features(model, variables, x)          # eval / frozen teacher
     logits, state = model.apply(variables, x, train=True, mutable=["batch_stats", FEATURES])
     feats = read_features(state)                                      # training step
+
+Block outputs (CKTF, the released ``flatGroupOut=True``): the CIFAR ResNets and VGGs also
+append each stage's per-block outputs to the ``BLOCKS`` collection when it is named mutable
+(:func:`read_block_outputs`); other models record none.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 
-from qkd_jax.models.layers import FEATURES, Array
+from qkd_jax.models.layers import BLOCKS, FEATURES, Array
 
 
 def read_features(state: Mapping[str, Any], preact: bool = False) -> list[Array]:
@@ -45,3 +49,14 @@ def apply_with_features(
     mutable = [FEATURES] + (["batch_stats"] if train and "batch_stats" in variables else [])
     logits, state = model.apply(variables, x, train=train, mutable=mutable, **kwargs)
     return logits, read_features(state, preact)
+
+
+def read_block_outputs(state: Mapping[str, Any]) -> tuple[str, list[list[Array]]]:
+    """(pool rule, per-stage lists of block outputs) recorded in an apply's BLOCKS collection;
+    ValueError when the model records none (only the CIFAR ResNets and VGGs do)."""
+    recorded = state.get(BLOCKS, {})
+    if len(recorded) != 1:
+        raise ValueError(f"no per-block outputs in {BLOCKS!r}: apply with mutable=[..., {BLOCKS!r}] a model "
+                         f"that records them (the CIFAR ResNets resnet20/32/56 and VGGs vgg8/11/13)")
+    (pool, stages), = recorded.items()
+    return pool, [list(stage) for stage in stages]

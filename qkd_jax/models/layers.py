@@ -20,6 +20,8 @@ Array = jnp.ndarray
 
 #: Collection of the distillation features (see :mod:`qkd_jax.models.features`).
 FEATURES = "features"
+#: Collection of the per-block outputs of each stage (CKTF; see :mod:`qkd_jax.models.features`).
+BLOCKS = "block_outputs"
 
 #: BatchNorm factory with the torch defaults (torch momentum 0.1 == flax momentum 0.9, eps 1e-5).
 BatchNorm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
@@ -128,3 +130,12 @@ def record_feature(module: nn.Module, value: Array, preact: Array | None = None)
     if recording_features(module):
         module.sow(FEATURES, "post", at_least_float32(value))
         module.sow(FEATURES, "preact", at_least_float32(value if preact is None else preact))
+
+
+def record_blocks(module: nn.Module, blocks: list[Array], pool: str) -> None:
+    """Append one stage's block outputs (in block order) to BLOCKS under ``pool``, the pooling the
+    released CKTF applies to this model family ('avg8': ResNet ``AvgPool2d(8)``, 'global': VGG
+    ``AdaptiveAvgPool2d(1)``). Recorded only when BLOCKS is named mutable (as FEATURES)."""
+    if not module.is_initializing() and module.is_mutable_collection(BLOCKS) and \
+            module.scope is not None and module.scope.mutable is not True:
+        module.sow(BLOCKS, pool, tuple(at_least_float32(b) for b in blocks))

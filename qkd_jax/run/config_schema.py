@@ -216,10 +216,19 @@ def feature_options(ph: ml_collections.ConfigDict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ph.feature_options.items()}
 
 
+def takes_step_beta(name: str) -> bool:
+    """Whether criterion ``name`` has a ``beta`` option: the phase's beta, which the runner passes
+    (CKTF weighs its two terms as beta * L_crd + theta * L_st although the step multiplies by beta)."""
+    return "beta" in inspect.signature(FEATURE_METHODS[name]).parameters
+
+
 def build_objective(ph: ml_collections.ConfigDict):
     kwargs = objective_kwargs(ph.objective, ph)
     if kwargs.get("feature"):
-        kwargs["feature"] = get_feature(ph.feature, **feature_options(ph))
+        options = feature_options(ph)
+        if takes_step_beta(ph.feature):
+            options["beta"] = ph.beta
+        kwargs["feature"] = get_feature(ph.feature, **options)
     return get_objective(ph.objective, **kwargs)
 
 
@@ -253,6 +262,9 @@ def _validate_feature(key: str, ph: ml_collections.ConfigDict) -> None:
         _fail(f"{key}.beta", ph.beta, "weighs a feature loss but feature is '' (name a criterion or set beta=0)")
     if len(ph.feature_options) and not ph.feature:
         _fail(f"{key}.feature_options", dict(ph.feature_options), "given without a feature criterion")
+    if ph.feature and "beta" in ph.feature_options:
+        _fail(f"{key}.feature_options.beta", ph.feature_options.beta, f"set the phase's beta instead (the "
+              f"runner passes it to {ph.feature!r})")
 
 
 def _int_in(key: str, value: Any, lo: int, hi: float = float("inf")) -> None:

@@ -53,6 +53,13 @@ FEATURE_BASELINES = {
     "fitnet": ("hint", 100.0),
     "cc": ("correlation", 0.02),
     "vid": ("vid", 1.0),
+    # CKTF ('crdst'): --kd_beta 1.0 on the embedding CRD, --kd_theta 0.8 on the others (FEATURE_OPTIONS).
+    "cktf": ("cktf", 1.0),
+}
+# Criterion options the same scripts set beyond beta (their --kd_theta and --nce_k for 'EWGS+CKTF');
+# feature_phase's `options` override them.
+FEATURE_OPTIONS = {
+    "cktf": {"theta": 0.8, "nce_k": 4096},
 }
 
 
@@ -294,9 +301,10 @@ def feature_phase(token: str, *, epochs: int, batch_size: int, weights: ml_colle
                   init_from: str = "calibrate", options: Optional[Mapping] = None) -> ml_collections.ConfigDict:
     """A feature-distillation baseline (FEATURE_BASELINES): kd(gamma=1, alpha=0, beta, feature)
     from the calibrated student, the FP teacher frozen; `options` the criterion's
-    (feature_options, default: the released defaults)."""
+    (feature_options, over the scripts' FEATURE_OPTIONS and the criterion's released defaults)."""
     feature, beta = FEATURE_BASELINES[token]
-    return phase("student", feature_options=ml_collections.ConfigDict(dict(options or {})), objective="kd", gamma=1.0, alpha=0.0, beta=beta, feature=feature,
+    options = {**FEATURE_OPTIONS.get(token, {}), **dict(options or {})}
+    return phase("student", feature_options=ml_collections.ConfigDict(options), objective="kd", gamma=1.0, alpha=0.0, beta=beta, feature=feature,
                  label_smoothing=float(label_smoothing), init_from=init_from, teacher_from="teacher",
                  epochs=epochs, batch_size=batch_size, weights=weights, quant_params=quant_params)
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qkd_jax.models.features import read_features
-from qkd_jax.models.layers import FEATURES
+from qkd_jax.models.features import read_block_outputs, read_features
+from qkd_jax.models.layers import BLOCKS, FEATURES
 from qkd_jax.train.state import TeacherState, TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -48,22 +48,41 @@ def _forward(apply_fn: Callable, variables: dict, images: jax.Array, *, train: b
     return apply_fn(variables, images, train=False), variables.get("batch_stats", {})
 
 
+def _feature_collections(feature: Any) -> list[str]:
+    """The collections a criterion reads: FEATURES, plus BLOCKS for ``needs_blocks`` ones (CKTF)."""
+    return [FEATURES] + ([BLOCKS] if getattr(feature, "needs_blocks", False) else [])
+
+
+def _block_kwargs(feature: Any, mutated: Mapping, side: str) -> dict:
+    """``{'blocks_<side>': (pool, per-stage block outputs)}`` for ``needs_blocks`` criteria, else {}."""
+    if not getattr(feature, "needs_blocks", False):
+        return {}
+    return {f"blocks_{side}": read_block_outputs(mutated)}
+
+
 def _forward_features(apply_fn: Callable, variables: dict, images: jax.Array, *, rng: jax.Array,
-                      preact: bool):
-    """A train-mode forward that also records the distillation features: (logits, batch_stats, features)."""
+                      feature: Any):
+    """A train-mode forward that also records the distillation features:
+    (logits, batch_stats, features, block kwargs of the criterion's loss)."""
     logits, mutated = apply_fn(
-        variables, images, train=True, mutable=["batch_stats", FEATURES], rngs={"dropout": rng}
+        variables, images, train=True, mutable=["batch_stats", *_feature_collections(feature)],
+        rngs={"dropout": rng},
     )
-    return logits, mutated.get("batch_stats", {}), read_features(mutated, preact)
+    return (logits, mutated.get("batch_stats", {}), read_features(mutated, feature.preact),
+            _block_kwargs(feature, mutated, "s"))
 
 
 def _frozen_teacher(teacher: TeacherState, images: jax.Array, feature: Any):
-    """The frozen teacher's logits (and features when a feature criterion reads them), no gradient."""
+    """The frozen teacher's logits (and features, and block outputs for criteria that read them),
+    no gradient: (logits, features or None, block kwargs)."""
     if feature is None:
-        return jax.lax.stop_gradient(teacher.apply_fn(teacher.variables(), images, train=False)), None
-    logits, state = teacher.apply_fn(teacher.variables(), images, train=False, mutable=[FEATURES])
+        return jax.lax.stop_gradient(teacher.apply_fn(teacher.variables(), images, train=False)), None, {}
+    logits, state = teacher.apply_fn(teacher.variables(), images, train=False,
+                                     mutable=_feature_collections(feature))
     feats = read_features(state, feature.preact)
-    return jax.lax.stop_gradient(logits), [jax.lax.stop_gradient(f) for f in feats]
+    blocks = {k: (pool, jax.lax.stop_gradient(stages))
+              for k, (pool, stages) in _block_kwargs(feature, state, "t").items()}
+    return jax.lax.stop_gradient(logits), [jax.lax.stop_gradient(f) for f in feats], blocks
 
 
 def _apply_updates(params, grads, opt_state, tx: optax.GradientTransformation):
@@ -115,8 +134,9 @@ def train_step(
             f"(the runner does so for such criteria)."
         )
     frozen_logits = t_feats = None
+    t_blocks: dict = {}
     if needs_teacher and not co_study:
-        frozen_logits, t_feats = _frozen_teacher(teacher, images, feature)
+        frozen_logits, t_feats, t_blocks = _frozen_teacher(teacher, images, feature)
     aux_state = state.aux.state if state.aux is not None else {}
 
     def loss_fn(params, teacher_params, aux_params):
@@ -125,8 +145,8 @@ def train_step(
         if feature is None:
             s_logits, s_stats = _forward(state.apply_fn, s_vars, images, train=True, rng=rng)
         else:
-            s_logits, s_stats, s_feats = _forward_features(
-                state.apply_fn, s_vars, images, rng=rng, preact=feature.preact
+            s_logits, s_stats, s_feats, s_blocks = _forward_features(
+                state.apply_fn, s_vars, images, rng=rng, feature=feature
             )
         t_stats = None
         t_logits = frozen_logits
@@ -139,7 +159,7 @@ def train_step(
         if feature is not None:
             f_loss, new_aux_state = feature.loss(
                 aux_params, aux_state, s_feats, t_feats,
-                rng=jax.random.fold_in(rng, 2), index=index, axis_name=axis_name,
+                rng=jax.random.fold_in(rng, 2), index=index, axis_name=axis_name, **s_blocks, **t_blocks,
             )
             aux = {**aux, feature.name: f_loss}
             loss = loss + objective.beta * f_loss

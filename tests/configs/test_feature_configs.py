@@ -24,7 +24,10 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 # Copied by hand from the released CIFAR/scripts/run_cifar10_resnet20_EWGS+KDs.sh (--distill,
 # --kd_beta; --kd_gamma 1.0 --kd_alpha 0.0 for each) and run_cifar100_vgg13_EWGS+KDs.sh (same).
 RELEASED = {"at": ("attention", 1000.0), "nst": ("nst", 50.0), "sp": ("similarity", 3000.0), "rkd": ("rkd", 1.0),
-            "crd": ("crd", 0.8), "fitnet": ("hint", 100.0), "cc": ("correlation", 0.02), "vid": ("vid", 1.0)}
+            "crd": ("crd", 0.8), "fitnet": ("hint", 100.0), "cc": ("correlation", 0.02), "vid": ("vid", 1.0),
+            "cktf": ("cktf", 1.0)}
+# 'EWGS+CKTF' (--distill crdst) of the same scripts also passes --kd_theta 0.8 --nce_k 4096.
+RELEASED_OPTIONS = {"cktf": {"theta": 0.8, "nce_k": 4096}}
 
 
 def _load(name: str, arg: str = ""):
@@ -90,6 +93,24 @@ def test_record_holds_the_feature_term_only_when_set(tmp_path):
 
 def test_recipe_table_is_the_released_scripts():
     assert recipes.FEATURE_BASELINES == RELEASED
+    assert recipes.FEATURE_OPTIONS == RELEASED_OPTIONS
+
+
+@pytest.mark.parametrize("name, arg", [("cifar10_resnet20", "cktf,w2a2"), ("cifar100_vgg13", "cktf,w1a1")])
+def test_cktf_token_builds_the_released_crdst(name, arg):
+    c = _load(name, arg)
+    validate(c)
+    ph = c.phases.student
+    assert ph.feature_options.to_dict() == RELEASED_OPTIONS["cktf"]
+    objective = build_objective(ph)
+    crit = objective.feature
+    assert (objective.beta, crit.beta, crit.theta, crit.nce_k, crit.st_method, crit.pool) == (
+        1.0, 1.0, 0.8, 4096, "Last", "auto")
+    ph.beta = 2.0  # the runner hands the phase's beta to the criterion: the total stays beta L_crd + theta L_st
+    assert build_objective(ph).feature.beta == 2.0
+    ph.feature_options.beta = 3.0
+    with pytest.raises(ConfigError, match="feature_options.beta"):
+        validate(c)
 
 
 @pytest.mark.parametrize("name, arg, bits, epochs", [("cifar10_resnet20", "w2a2", 2, 1200),
@@ -118,6 +139,8 @@ def test_digits_baselines_config():
     assert at.feature == Attention() and at.beta == 1000.0
     assert c.phases.sp.weights.to_dict() == _load("digits_demo").phases.sqakd.weights.to_dict()
     assert _load("digits_feature_kd", "rkd").phase_order == "teacher,calibrate,rkd"
+    # CKTF on 16x16 digits: the scripts' theta, digits-sized nce_k, global pooling of the 4x4 last stage.
+    assert c.phases.cktf.feature_options.to_dict() == {"theta": 0.8, "nce_k": 1024, "pool": "global"}
     with pytest.raises(ValueError, match="invalid config ARG 'xx'"):
         _load("digits_feature_kd", "xx")
 

@@ -101,6 +101,10 @@ def safety_config():
     return teacher_only(epochs=1, batch_size=64, checkpoint_every_steps=3, log_every_steps=1)
 
 
+# Digits-sized options: CRD / CKTF negatives (released 16384 / 4096), CKTF's pooling of 4x4 maps.
+FEATURE_TEST_OPTIONS = {"crd": {"nce_k": 1024}, "cktf": {"nce_k": 1024, "pool": "global"}}
+
+
 def feature_config(tokens: str = ""):
     """Digits teacher (0 epochs) -> calibrate -> one feature-distillation phase per token of
     `tokens` ('-'-separated baselines of qkd_jax.run.recipes.FEATURE_BASELINES, '' = all), each
@@ -116,7 +120,7 @@ def feature_config(tokens: str = ""):
             name, epochs=1, batch_size=128,
             weights=optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch"),
             quant_params=optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch"),
-            options={"nce_k": 1024} if name == "crd" else None)))
+            options=FEATURE_TEST_OPTIONS.get(name))))
     _set_phases(c, phases)
     return c
 

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from qkd_jax.run import recipes
@@ -72,6 +73,22 @@ def test_every_baseline_trains_its_feature_term(all_run):
         record = summary[token]["record"]
         assert record[f"phases.{token}.feature"] == criterion and record[f"phases.{token}.beta"] == beta
         assert f"{token:<9}  student    kd+{criterion}" in proc.stdout
+
+
+@pytest.mark.skipif("cktf" not in recipes.FEATURE_BASELINES, reason="no CKTF recipe")
+def test_cktf_saves_one_bank_pair_per_crd(all_run):
+    """CKTF on ResNet-20: 5 CRDs (stem, 3 stages, embedding), each with its heads, banks and Z in the
+    checkpoint; the banks moved and Z was set by the first step."""
+    workdir, _ = all_run
+    step_dir = workdir / "cktf" / str(finalized_steps(workdir / "cktf")[-1])
+    aux = read_state(step_dir)["aux"]
+    pairs = [f"pair{i}" for i in range(5)]
+    assert sorted(aux["params"]) == pairs and sorted(aux["state"]) == ["labels", *pairs]
+    for pair in pairs:
+        bank = aux["state"][pair]
+        assert bank["memory_s"].shape == (1437, 128) and float(bank["z_s"]) > 0 and float(bank["z_t"]) > 0
+        norms = np.linalg.norm(bank["memory_t"], axis=1)
+        assert np.sum(np.abs(norms - 1) < 1e-4) >= TOTAL * 128  # rows written this epoch are unit vectors
 
 
 def _start(workdir, log) -> subprocess.Popen:

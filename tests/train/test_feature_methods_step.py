@@ -1,4 +1,4 @@
-"""The train step with the criteria that have auxiliary parts (FitNet, CC, VID, CRD): their params
+"""The train step with the criteria that have auxiliary parts (FitNet, CC, VID, CRD, CKTF): their params
 move by the aux optimizer's step on beta * the criterion's gradient, their state is the one the
 criterion returns, and the aux parts survive a checkpoint round trip."""
 
@@ -15,7 +15,8 @@ import pytest
 from qkd_jax import distill
 from qkd_jax.distill import feature_kd
 from qkd_jax.models import get_model
-from qkd_jax.models.features import apply_with_features
+from qkd_jax.models.features import apply_with_features, read_block_outputs
+from qkd_jax.models.layers import BLOCKS, FEATURES
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
 from qkd_jax.train.state import create_train_state
@@ -23,7 +24,9 @@ from qkd_jax.train.step import train_step
 
 LR_MODEL, LR_AUX, BETA, N_DATA = 0.05, 0.3, 2.0, 20
 LABELS = np.arange(N_DATA) % 10
-OPTIONS = {"hint": {}, "correlation": {"feat_dim": 8}, "vid": {}, "crd": {"feat_dim": 8, "nce_k": 8}}
+# CKTF: 'global' pooling (the released ResNet AvgPool2d(8) needs 8x8 maps; these inputs are 8x8).
+OPTIONS = {"hint": {}, "correlation": {"feat_dim": 8}, "vid": {}, "crd": {"feat_dim": 8, "nce_k": 8},
+           "cktf": {"feat_dim": 8, "nce_k": 8, "pool": "global", "theta": 0.8, "beta": BETA}}
 
 
 def _batch(seed=0):
@@ -58,11 +61,16 @@ def test_aux_params_take_the_aux_optimizer_step(name):
 
     _, feats_t = apply_with_features(model, t_vars, batch["image"])
     _, feats_s = apply_with_features(model, s_vars, batch["image"], train=True)
+    blocks = {}
+    if crit.needs_blocks:  # the per-block outputs of the same forwards
+        blocks["blocks_t"] = read_block_outputs(model.apply(t_vars, batch["image"], mutable=[BLOCKS])[1])
+        blocks["blocks_s"] = read_block_outputs(model.apply(s_vars, batch["image"], train=True,
+                                                            mutable=["batch_stats", FEATURES, BLOCKS])[1])
     # The key the step hands the criterion: fold_in(fold_in(base, step 0), 2).
     key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0), 2)
 
     def reference(p):
-        return crit.loss(p, state.aux.state, feats_s, feats_t, rng=key, index=batch["index"])
+        return crit.loss(p, state.aux.state, feats_s, feats_t, rng=key, index=batch["index"], **blocks)
 
     (value, ref_state), grads = jax.value_and_grad(reference, has_aux=True)(state.aux.params)
     np.testing.assert_allclose(metrics[name], value, rtol=1e-4)
@@ -106,7 +114,7 @@ def test_two_replicas_keep_the_aux_parts_of_one_device(name):
         np.testing.assert_array_equal(changed, np.sort(np.asarray(batch["index"])))
 
 
-@pytest.mark.parametrize("name", ["hint", "crd"])
+@pytest.mark.parametrize("name", ["hint", "crd", "cktf"])
 def test_aux_state_round_trips_through_a_checkpoint(name, tmp_path):
     _, _, _, _, state, step = _setup(name, aux_tx=optax.adam(1e-2))
     batch = _batch()
@@ -132,3 +140,22 @@ def test_crd_without_dataset_labels_is_a_clear_error():
         feature_kd.init_feature_aux(feature_kd.get_feature("crd"), jax.random.key(0), student_apply=model.apply,
                                     student_variables=v, teacher_apply=model.apply, teacher_variables=v, images=x,
                                     num_examples=N_DATA)
+
+
+def test_cktf_step_adds_beta_l_crd_plus_theta_l_st():
+    """The logged loss is gamma * CE + beta * L_crd + theta * L_st (the criterion returns
+    L_crd + theta / beta * L_st and the step multiplies by beta)."""
+    model, s_vars, t_vars, crit, state, _ = _setup("cktf")
+    step = jax.jit(functools.partial(train_step, objective=distill.kd(gamma=1.0, alpha=0.0, beta=BETA, feature=crit),
+                                     axis_name=None))
+    batch = _batch()
+    _, metrics = step(state, batch)
+    _, feats_t = apply_with_features(model, t_vars, batch["image"])
+    _, feats_s = apply_with_features(model, s_vars, batch["image"], train=True)
+    blocks_t = read_block_outputs(model.apply(t_vars, batch["image"], mutable=[BLOCKS])[1])
+    blocks_s = read_block_outputs(model.apply(s_vars, batch["image"], train=True, mutable=["batch_stats", BLOCKS])[1])
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0), 2)
+    l_crd, l_st, _ = crit.terms(state.aux.params, state.aux.state, feats_s, feats_t, rng=key, index=batch["index"],
+                                blocks_s=blocks_s, blocks_t=blocks_t)
+    assert len(state.aux.state) == 1 + 5  # labels + stem, 3 stages, embedding banks
+    np.testing.assert_allclose(metrics["loss"], metrics["ce"] + BETA * l_crd + 0.8 * l_st, rtol=1e-5)

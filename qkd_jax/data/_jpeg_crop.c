@@ -504,6 +504,7 @@ static PyObject *decode_crop_resize(PyObject *self, PyObject *args) {
     Py_buffer data, out;
     Job job;
     int status;
+    PyObject *result = NULL; /* stays NULL on every error path */
     (void)self;
     memset(&job, 0, sizeof(job));
     if (!PyArg_ParseTuple(args, "y*i(ii)(ffff)(ii)w*|p", &data, &job.denom, &job.want_h, &job.want_w, &job.box[0],
@@ -511,26 +512,23 @@ static PyObject *decode_crop_resize(PyObject *self, PyObject *args) {
         return NULL;
     if (job.denom != 1 && job.denom != 2 && job.denom != 4 && job.denom != 8) {
         PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8, got %d", job.denom);
-        goto fail;
+        goto done;
     }
-    if (parse_out(&out, job.out_h, job.out_w) || check_box(job.box, job.want_h, job.want_w)) goto fail;
+    if (parse_out(&out, job.out_h, job.out_w) || check_box(job.box, job.want_h, job.want_w)) goto done;
     job.data = data.buf;
     job.size = (size_t)data.len;
     job.out = out.buf;
     Py_BEGIN_ALLOW_THREADS
     status = run_job(&job);
     Py_END_ALLOW_THREADS
-    if (status) {
+    if (status)
         PyErr_Format(PyExc_ValueError, "libjpeg: %s", job.message);
-        goto fail;
-    }
+    else
+        result = Py_BuildValue("(ii)", job.decoded_rows, job.decoded_cols);
+done:
     PyBuffer_Release(&data);
     PyBuffer_Release(&out);
-    return Py_BuildValue("(ii)", job.decoded_rows, job.decoded_cols);
-fail:
-    PyBuffer_Release(&data);
-    PyBuffer_Release(&out);
-    return NULL;
+    return result;
 }
 
 PyDoc_STRVAR(resize_doc,
@@ -545,24 +543,25 @@ static PyObject *resize(PyObject *self, PyObject *args) {
     Plan plan;
     View src;
     uint8_t *padded = NULL;
+    PyObject *result = NULL; /* stays NULL on every error path */
     (void)self;
     if (!PyArg_ParseTuple(args, "y*(ii)(ffff)(ii)w*", &image, &full_h, &full_w, &box[0], &box[1], &box[2], &box[3],
                           &out_h, &out_w, &out))
         return NULL;
     if (image.len != (Py_ssize_t)full_h * full_w * 3) {
         PyErr_Format(PyExc_ValueError, "image buffer holds %zd bytes, expected %d x %d x 3", image.len, full_h, full_w);
-        goto fail;
+        goto done;
     }
-    if (parse_out(&out, out_h, out_w) || check_box(box, full_h, full_w)) goto fail;
+    if (parse_out(&out, out_h, out_w) || check_box(box, full_h, full_w)) goto done;
     if (plan_build(&plan, full_h, full_w, box, out_h, out_w)) {
         PyErr_NoMemory();
-        goto fail;
+        goto done;
     }
     padded = malloc((size_t)image.len + PAD); /* the source buffers' spare bytes */
     if (!padded) {
         plan_free(&plan);
         PyErr_NoMemory();
-        goto fail;
+        goto done;
     }
     memcpy(padded, image.buf, (size_t)image.len);
     src.data = padded;
@@ -576,15 +575,14 @@ static PyObject *resize(PyObject *self, PyObject *args) {
     free(padded);
     if (status) {
         PyErr_NoMemory();
-        goto fail;
+    } else {
+        Py_INCREF(Py_None);
+        result = Py_None;
     }
+done:
     PyBuffer_Release(&image);
     PyBuffer_Release(&out);
-    Py_RETURN_NONE;
-fail:
-    PyBuffer_Release(&image);
-    PyBuffer_Release(&out);
-    return NULL;
+    return result;
 }
 
 PyDoc_STRVAR(set_avx2_doc,

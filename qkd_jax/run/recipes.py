@@ -304,9 +304,10 @@ def feature_phase(token: str, *, epochs: int, batch_size: int, weights: ml_colle
     (feature_options, over the scripts' FEATURE_OPTIONS and the criterion's released defaults)."""
     feature, beta = FEATURE_BASELINES[token]
     options = {**FEATURE_OPTIONS.get(token, {}), **dict(options or {})}
-    return phase("student", feature_options=ml_collections.ConfigDict(options), objective="kd", gamma=1.0, alpha=0.0, beta=beta, feature=feature,
-                 label_smoothing=float(label_smoothing), init_from=init_from, teacher_from="teacher",
-                 epochs=epochs, batch_size=batch_size, weights=weights, quant_params=quant_params)
+    return phase("student", objective="kd", gamma=1.0, alpha=0.0, beta=beta, feature=feature,
+                 feature_options=ml_collections.ConfigDict(options), label_smoothing=float(label_smoothing),
+                 init_from=init_from, teacher_from="teacher", epochs=epochs, batch_size=batch_size,
+                 weights=weights, quant_params=quant_params)
 
 
 def standard_phases(config, variant: Variant, teacher: ml_collections.ConfigDict,

@@ -5,9 +5,12 @@ calibrate -> one phase per baseline of `recipes.FEATURE_BASELINES` (1 epoch of 1
 batch 128, a checkpoint every 3 steps) on ONE CPU device. Each phase must log its feature term,
 whose weighted sum with the cross-entropy is the logged loss, and record beta and the criterion.
 
-The SIGKILL test runs `feature=KILLED` twice in their own workdirs (overlapping): the reference
+The SIGKILL test runs `feature=TOKEN` twice in their own workdirs (overlapping): the reference
 to completion, the other killed once two mid-phase checkpoints of that phase are on disk; the
-killed workdir then resumes to bit-identical arrays (student, optimizer, auxiliary parts).
+killed workdir then resumes to bit-identical arrays (student, optimizer, auxiliary parts). TOKEN:
+CRD (embedding heads, one pair of momentum banks and Z) and CKTF (five such pairs and the labels);
+the other criteria's auxiliary parts (FitNet's regressor and its BatchNorm statistics, CC's heads,
+VID's regressors) are saved and restored by the same code, as one `aux` tree of the train state.
 """
 
 from __future__ import annotations
@@ -41,9 +44,8 @@ pytestmark = pytest.mark.slow
 
 TOTAL = 11  # 1437 digits // 128, one epoch
 RUN_TIMEOUT = 900
-# The phase killed and resumed: a criterion whose auxiliary parts carry params and state when
-# one exists (CRD), else the first baseline.
-KILLED = "crd" if "crd" in recipes.FEATURE_BASELINES else next(iter(recipes.FEATURE_BASELINES))
+# The phases killed and resumed: the criteria whose auxiliary parts carry params and state.
+KILLED = [token for token in ("crd", "cktf") if token in recipes.FEATURE_BASELINES]
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +93,9 @@ def test_cktf_saves_one_bank_pair_per_crd(all_run):
         assert np.sum(np.abs(norms - 1) < 1e-4) >= TOTAL * 128  # rows written this epoch are unit vectors
 
 
-def _start(workdir, log) -> subprocess.Popen:
+def _start(token, workdir, log) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen(cli_command(f"feature={KILLED}", workdir), cwd=REPO, env=subprocess_env(1),
+        return subprocess.Popen(cli_command(f"feature={token}", workdir), cwd=REPO, env=subprocess_env(1),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -113,17 +115,18 @@ def _wait(condition, proc, log, what):
         time.sleep(0.05)
 
 
-def test_sigkilled_feature_phase_resumes_to_identical_state(tmp_path):
+@pytest.mark.parametrize("token", KILLED)
+def test_sigkilled_feature_phase_resumes_to_identical_state(tmp_path, token):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    procs = [_start(reference, tmp_path / "reference.log")]
+    procs = [_start(token, reference, tmp_path / "reference.log")]
     try:
         # The second run starts once the first has compiled and saved a checkpoint of the phase:
         # by then its programs are in the persistent compilation cache.
-        _wait(lambda: finalized_steps(reference / KILLED), procs[0], tmp_path / "reference.log",
-              f"{KILLED} checkpoint")
-        procs.append(_start(killed, tmp_path / "killed.log"))
-        _wait(lambda: len([s for s in finalized_steps(killed / KILLED) if 0 < s < TOTAL]) >= 2, procs[1],
-              tmp_path / "killed.log", f"two mid-phase {KILLED} checkpoints")
+        _wait(lambda: finalized_steps(reference / token), procs[0], tmp_path / "reference.log",
+              f"{token} checkpoint")
+        procs.append(_start(token, killed, tmp_path / "killed.log"))
+        _wait(lambda: len([s for s in finalized_steps(killed / token) if 0 < s < TOTAL]) >= 2, procs[1],
+              tmp_path / "killed.log", f"two mid-phase {token} checkpoints")
         os.killpg(procs[1].pid, signal.SIGKILL)
         assert procs[1].wait(timeout=30) == -signal.SIGKILL
         if procs[0].wait(timeout=RUN_TIMEOUT) != 0:
@@ -131,12 +134,12 @@ def test_sigkilled_feature_phase_resumes_to_identical_state(tmp_path):
     finally:
         for proc in procs:
             _kill_group(proc)
-    steps = finalized_steps(killed / KILLED)
-    assert steps[-1] < TOTAL and not read_meta(killed / KILLED / str(steps[-1]))["completed"]
-    assert "aux" in state_keys(killed / KILLED / str(steps[-1]))  # the criterion's parts are saved
-    proc = run_cli(f"feature={KILLED}", killed, timeout=RUN_TIMEOUT)
-    assert f"[{KILLED}] resuming from step {steps[-1]} ({killed / KILLED})" in proc.stdout
-    for phase in ("teacher", "calibrate", KILLED):
+    steps = finalized_steps(killed / token)
+    assert steps[-1] < TOTAL and not read_meta(killed / token / str(steps[-1]))["completed"]
+    assert "aux" in state_keys(killed / token / str(steps[-1]))  # the criterion's parts are saved
+    proc = run_cli(f"feature={token}", killed, timeout=RUN_TIMEOUT)
+    assert f"[{token}] resuming from step {steps[-1]} ({killed / token})" in proc.stdout
+    for phase in ("teacher", "calibrate", token):
         last = finalized_steps(killed / phase)[-1]
         assert last == finalized_steps(reference / phase)[-1]
         # Every array: params, BatchNorm statistics, Adam moments, step, rng, auxiliary parts.

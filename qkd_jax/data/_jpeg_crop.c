@@ -18,7 +18,10 @@
  * the pixels the filter reads equal the full decode's.
  *
  * Errors (and libjpeg's corrupt-data warnings) raise ValueError; the caller falls back to the
- * full-decode path.
+ * full-decode path. Arguments are checked before any arithmetic on them (finite box inside the
+ * image, sizes >= 1), a file must end with the end-of-image marker (a truncated file is left to the
+ * full decode, which refuses it), and libjpeg's skip and read calls must make the progress the
+ * buffer arithmetic assumes, so no input reads or writes out of bounds or loops forever.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -373,6 +376,27 @@ static void on_message(j_common_ptr cinfo, int level) {
 
 static void on_output(j_common_ptr cinfo) { (void)cinfo; }
 
+static int short_skip = 0, stalled_read = 0; /* tests: skip_rows and read_rows make less progress */
+
+/* jpeg_skip_scanlines; with short_skip on, one row short (as a source that ran dry would). */
+static JDIMENSION skip_rows(j_decompress_ptr cinfo, JDIMENSION n) {
+    if (short_skip) return n > 1 ? jpeg_skip_scanlines(cinfo, n - 1) : 0;
+    return jpeg_skip_scanlines(cinfo, n);
+}
+
+/* jpeg_read_scanlines; with stalled_read on, no row (as a suspending source would). */
+static JDIMENSION read_rows(j_decompress_ptr cinfo, JSAMPARRAY rows, JDIMENSION n) {
+    if (stalled_read) return 0;
+    return jpeg_read_scanlines(cinfo, rows, n);
+}
+
+/* Whether the data ends with the end-of-image marker: libjpeg decodes the rows above a truncation
+ * without complaint, so a cropped decode of a truncated file could succeed where the full decode
+ * refuses it; such files (and those with bytes after the marker) take the full decode. */
+static int ends_with_eoi(const uint8_t *data, size_t size) {
+    return size >= 2 && data[size - 2] == 0xFF && data[size - 1] == 0xD9;
+}
+
 typedef struct {
     const uint8_t *data;
     size_t size;
@@ -408,6 +432,10 @@ static int run_job(Job *job) {
         goto done;
     }
     jpeg_create_decompress(&cinfo);
+    if (!ends_with_eoi(job->data, job->size)) {
+        snprintf(job->message, sizeof(job->message), "no end-of-image marker at the end of the data (truncated?)");
+        goto done;
+    }
     jpeg_mem_src(&cinfo, (unsigned char *)job->data, (unsigned long)job->size);
     jpeg_read_header(&cinfo, TRUE);
     cinfo.scale_num = 1;
@@ -438,7 +466,12 @@ static int run_job(Job *job) {
         int r;
 
         if (want_lo > 0 || want_hi < full_w) jpeg_crop_scanline(&cinfo, &x0, &width);
-        if (y0 > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y0);
+        /* The rows below are indexed from y0: a short skip would put them before the buffer. */
+        if (y0 > 0 && (skip_rows(&cinfo, (JDIMENSION)y0) != (JDIMENSION)y0 || (int)cinfo.output_scanline != y0)) {
+            snprintf(job->message, sizeof(job->message), "jpeg_skip_scanlines stopped at row %u of %d",
+                     cinfo.output_scanline, y0);
+            goto done;
+        }
         pixels = malloc((size_t)(y1 - y0) * (size_t)cinfo.output_width * 3 + PAD);
         rows = malloc(sizeof(JSAMPROW) * (size_t)(y1 - y0));
         if (!pixels || !rows) {
@@ -446,8 +479,17 @@ static int run_job(Job *job) {
             goto done;
         }
         for (r = 0; r < y1 - y0; r++) rows[r] = pixels + (size_t)r * cinfo.output_width * 3;
-        while ((int)cinfo.output_scanline < y1)
-            jpeg_read_scanlines(&cinfo, rows + (cinfo.output_scanline - y0), (JDIMENSION)(y1 - (int)cinfo.output_scanline));
+        while ((int)cinfo.output_scanline < y1) { /* each call must return a row, or this would spin */
+            JDIMENSION at = cinfo.output_scanline;
+            if (read_rows(&cinfo, rows + (at - (JDIMENSION)y0), (JDIMENSION)y1 - at) == 0) {
+                snprintf(job->message, sizeof(job->message), "jpeg_read_scanlines returned no row at row %u of %d",
+                         cinfo.output_scanline, y1);
+                goto done;
+            }
+        }
+        /* Down to the last row: read on to the end-of-image marker, as the full decode does, so data
+         * left over after the last row (a warning, hence an error here) is refused on both paths. */
+        if (y1 == (int)cinfo.output_height) jpeg_finish_decompress(&cinfo);
         job->decoded_rows = y1 - y0;
         job->decoded_cols = (int)cinfo.output_width;
         src.data = pixels;
@@ -471,23 +513,38 @@ done:
 
 /* ---------------------------------------------------------------- Python bindings */
 
-static int parse_out(Py_buffer *out, int out_h, int out_w) {
-    if (out_h < 1 || out_w < 1) {
-        PyErr_SetString(PyExc_ValueError, "output height and width must be >= 1");
-        return -1;
-    }
-    if (out->len != (Py_ssize_t)out_h * out_w * 3) {
-        PyErr_Format(PyExc_ValueError, "output buffer holds %zd bytes, expected %d x %d x 3", out->len, out_h, out_w);
+/* A (height, width) argument: both >= 1 (zero or negative sizes would reach the kernels' arithmetic). */
+static int check_size(const char *name, int h, int w) {
+    if (h < 1 || w < 1) {
+        PyErr_Format(PyExc_ValueError, "%s must be >= 1 on both sides, got (%d, %d)", name, h, w);
         return -1;
     }
     return 0;
 }
 
+/* The buffer `name` must hold an (h, w, 3) uint8 image (sizes checked >= 1: the product cannot wrap). */
+static int check_buffer(const char *name, const Py_buffer *buf, int h, int w) {
+    if ((size_t)buf->len != (size_t)h * (size_t)w * 3) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, expected %d x %d x 3", name, buf->len, h, w);
+        return -1;
+    }
+    return 0;
+}
+
+/* The box must be finite (every comparison with NaN is false, and converting NaN or infinity to
+ * int is undefined) and inside the (full_h, full_w) image with x1 >= x0, y1 >= y0. */
 static int check_box(const float box[4], int full_h, int full_w) {
+    char text[160];
+    if (!isfinite(box[0]) || !isfinite(box[1]) || !isfinite(box[2]) || !isfinite(box[3])) {
+        snprintf(text, sizeof(text), "box must be finite, got (%g, %g, %g, %g)", box[0], box[1], box[2], box[3]);
+        PyErr_SetString(PyExc_ValueError, text);
+        return -1;
+    }
     if (box[0] < 0 || box[1] < 0 || box[2] > full_w || box[3] > full_h || box[2] - box[0] < 0 ||
         box[3] - box[1] < 0) {
-        PyErr_Format(PyExc_ValueError, "box (%g, %g, %g, %g) is not inside the %d x %d image", box[0], box[1], box[2],
-                     box[3], full_w, full_h);
+        snprintf(text, sizeof(text), "box (%g, %g, %g, %g) is not inside the %d x %d image", box[0], box[1], box[2],
+                 box[3], full_w, full_h);
+        PyErr_SetString(PyExc_ValueError, text);
         return -1;
     }
     return 0;
@@ -497,8 +554,9 @@ PyDoc_STRVAR(decode_crop_resize_doc,
              "decode_crop_resize(data, denom, scaled_hw, box, out_hw, out, flip=False) -> (decoded_rows, decoded_cols)\n\n"
              "Decode the JPEG `data` at DCT scale 1/denom (its size must be `scaled_hw`), only the region the\n"
              "resize reads, and write Image.resize(out_hw[::-1], BILINEAR, box=box) of it, mirrored left-right\n"
-             "if `flip`, into the uint8 buffer `out` of shape out_hw + (3,). Raises ValueError when libjpeg\n"
-             "cannot decode it.");
+             "if `flip`, into the uint8 buffer `out` of shape out_hw + (3,). Raises ValueError, naming the\n"
+             "argument, for a bad one (sizes < 1, a box not finite or not inside, a buffer of the wrong size),\n"
+             "and ValueError starting 'libjpeg: ' when it cannot decode the data.");
 
 static PyObject *decode_crop_resize(PyObject *self, PyObject *args) {
     Py_buffer data, out;
@@ -514,7 +572,9 @@ static PyObject *decode_crop_resize(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "denom must be 1, 2, 4 or 8, got %d", job.denom);
         goto done;
     }
-    if (parse_out(&out, job.out_h, job.out_w) || check_box(job.box, job.want_h, job.want_w)) goto done;
+    if (check_size("scaled_hw", job.want_h, job.want_w) || check_size("out_hw", job.out_h, job.out_w) ||
+        check_buffer("out", &out, job.out_h, job.out_w) || check_box(job.box, job.want_h, job.want_w))
+        goto done;
     job.data = data.buf;
     job.size = (size_t)data.len;
     job.out = out.buf;
@@ -532,7 +592,7 @@ done:
 }
 
 PyDoc_STRVAR(resize_doc,
-             "resize(image, hw, box, out)\n\n"
+             "resize(image, hw, box, out_hw, out)\n\n"
              "Image.resize(out.shape[1::-1], BILINEAR, box=box) of the C-contiguous uint8 RGB `image` of shape\n"
              "`hw` + (3,), written into `out`: the resampler of decode_crop_resize on its own (for tests).");
 
@@ -548,11 +608,9 @@ static PyObject *resize(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*(ii)(ffff)(ii)w*", &image, &full_h, &full_w, &box[0], &box[1], &box[2], &box[3],
                           &out_h, &out_w, &out))
         return NULL;
-    if (image.len != (Py_ssize_t)full_h * full_w * 3) {
-        PyErr_Format(PyExc_ValueError, "image buffer holds %zd bytes, expected %d x %d x 3", image.len, full_h, full_w);
+    if (check_size("hw", full_h, full_w) || check_buffer("image", &image, full_h, full_w) ||
+        check_size("out_hw", out_h, out_w) || check_buffer("out", &out, out_h, out_w) || check_box(box, full_h, full_w))
         goto done;
-    }
-    if (parse_out(&out, out_h, out_w) || check_box(box, full_h, full_w)) goto done;
     if (plan_build(&plan, full_h, full_w, box, out_h, out_w)) {
         PyErr_NoMemory();
         goto done;
@@ -602,8 +660,24 @@ static PyObject *set_avx2(PyObject *self, PyObject *arg) {
 #endif
 }
 
+PyDoc_STRVAR(set_short_reads_doc,
+             "set_short_reads(skip, read) -> None\n\n"
+             "For tests: with `skip`, libjpeg's skip call stops one row short; with `read`, its read call\n"
+             "returns no row (as with a data source that ran dry); decode_crop_resize must raise ValueError,\n"
+             "not store rows before its buffer or loop forever. Both off by default.");
+
+static PyObject *set_short_reads(PyObject *self, PyObject *args) {
+    int skip, read;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "pp", &skip, &read)) return NULL;
+    short_skip = skip;
+    stalled_read = read;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"set_avx2", set_avx2, METH_O, set_avx2_doc},
+    {"set_short_reads", set_short_reads, METH_VARARGS, set_short_reads_doc},
     {"decode_crop_resize", decode_crop_resize, METH_VARARGS, decode_crop_resize_doc},
     {"resize", resize, METH_VARARGS, resize_doc},
     {NULL, NULL, 0, NULL},

@@ -21,6 +21,10 @@ flip drawn as `rng.random() < 0.5`), but:
   (tests/data/test_jpeg_crop.py) at about half the CPU time (benchmarks/input_pipeline.py).
   Anything it refuses (a corrupt file, an unexpected scaled size) takes the whole-image path.
 
+Bad arguments (a size below 1, a box with a NaN or infinite coordinate) raise ValueError naming the
+argument before either path runs, and a corrupt or truncated JPEG that the whole image needs raises
+ValueError on both (the extension's refusal falls back to TurboJPEG, which refuses it too).
+
 The DCT-scaled decode averages 2x2 .. 8x8 blocks before the bilinear filter, so the output is
 close to, not bit-equal to, the full-decode path (tests/data/test_jpeg_augment.py states the
 tolerance on smooth images). A record whose 'image' is already a decoded array (e.g. a source
@@ -72,6 +76,19 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
 
 # Colour spaces TurboJPEG decodes to RGB the way Pillow does; CMYK/YCCK go through Pillow.
 _TURBO_SPACES = ("YCbCr", "Gray", "RGB")
+
+
+def _check_size(name: str, value: int) -> None:
+    """Refuse an output size below 1 (Pillow would refuse it late, the eval geometry divides by it)."""
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_box(box: aug.Box) -> None:
+    """Refuse a box with a NaN or infinite coordinate: every comparison with NaN is false, so it
+    would pass the range checks downstream."""
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError(f"box must be finite, got {tuple(box)}")
 
 
 def _reduction(full_h: int, full_w: int, crop_h: float, crop_w: float, out_h: int, out_w: int) -> int:
@@ -146,6 +163,9 @@ def _decode_box_resized(data: bytes, box: aug.Box, out_h: int, out_w: int,
     RGB, mirrored left-right if `flip`."""
     from PIL import Image as PILImage
 
+    _check_box(box)
+    _check_size("out_h", out_h)
+    _check_size("out_w", out_w)
     top, left, h, w = box
     full_h, full_w, space = header or _header(data)
     d = _reduction(full_h, full_w, h, w, out_h, out_w)
@@ -164,6 +184,7 @@ def _decode_box_resized(data: bytes, box: aug.Box, out_h: int, out_w: int,
 
 def imagenet_train_jpeg(data: Encoded, rng: np.random.Generator, *, size: int) -> Image:
     """Random resized crop to `size` x `size` + flip with probability 1/2, from JPEG bytes (uint8 out)."""
+    _check_size("size", size)
     if isinstance(data, np.ndarray):  # already decoded: the reference geometry
         return aug.imagenet_train(data, rng, size=size)
     header = _header(data)
@@ -189,6 +210,7 @@ def eval_box(height: int, width: int, size: int) -> tuple[aug.Box, tuple[int, in
 
 def imagenet_eval_jpeg(data: Encoded, *, size: int) -> Image:
     """`augment.imagenet_eval` (resize short side to round(size*256/224), centre crop) from JPEG bytes."""
+    _check_size("size", size)
     if isinstance(data, np.ndarray):
         return aug.imagenet_eval(data, size=size)
     height, width, space = _header(data)

@@ -11,7 +11,8 @@
                    divergence: the warning for a finite loss that explodes
     loop           run(config, workdir): all phases in order, the summary
     cli, demo, export_cli          command lines (python -m qkd_jax.main / .demo / .export)
-    fresh          demo --fresh: delete a workdir only when it is a qkd_jax run's
+    flag_parsing, cli_errors       what main and demo share: flags and --help, one-line errors
+    fresh          demo --fresh: delete a workdir (under its lock) only when it is a qkd_jax run's
     export_checkpoint              a run's checkpoint -> integer export
 
 Everything below it (`quant`, `models`, `distill`, `data`, `train`) is a library of pure

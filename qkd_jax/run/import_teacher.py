@@ -80,10 +80,17 @@ def _read_weights(weights_path: epath.Path, model: str, expected_classes: int) -
                                  f"state_dict saved as .pth, .safetensors or .npz")
     try:
         state_dict = load_weights(weights_path)
-        classes = torchvision_num_classes(model, state_dict)
     except ImportError as err:  # a .pth without torch
         raise ImportTeacherError(str(err)) from err
-    except (ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001  (numpy, zipfile, safetensors, torch: many types for a damaged file)
+        raise ImportTeacherError(f"cannot read {weights_path} ({type(err).__name__}: {err}): give an intact "
+                                 f"torchvision state_dict saved as .pth, .safetensors or .npz") from None
+    if not state_dict:
+        raise ImportTeacherError(f"{weights_path} holds no arrays: give a torchvision state_dict saved as "
+                                 f".pth, .safetensors or .npz")
+    try:
+        classes = torchvision_num_classes(model, state_dict)
+    except (ValueError, KeyError) as err:
         raise ImportTeacherError(f"cannot read {weights_path} as {model!r} weights: {err}") from err
     if classes != expected_classes:
         raise ImportTeacherError(

@@ -20,6 +20,7 @@ processes of the same run would otherwise find it held); see `run/loop.py`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -113,10 +114,24 @@ class WorkdirLock:
         aside.unlink()
         return self._create()
 
+    def _create_first(self) -> bool:
+        """Creates the workdir and tries `_create`; a workdir the filesystem refuses (a name over
+        its length limit, a file in the way) raises WorkdirNotWritableError with one line."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return self._create()
+        except OSError as err:
+            from qkd_jax.run.preflight import WorkdirNotWritableError
+
+            hint = (" (a path component is longer than the filesystem allows, usually 255 bytes)"
+                    if err.errno == errno.ENAMETOOLONG else "")
+            raise WorkdirNotWritableError(
+                f"--workdir={self.path.parent}: cannot create the workdir's lock file {self.path.name} "
+                f"({err.strerror or type(err).__name__}){hint}; choose another --workdir.") from None
+
     def acquire(self) -> None:
         """Takes the lock (creating the workdir); raises WorkdirLockedError when a live run holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self._create():
+        if not self._create_first():
             holder = _read(self.path)
             if not self._is_stale(holder) or not self._take_over(holder):
                 holder = _read(self.path) or holder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Optional
 
@@ -15,10 +16,11 @@ from qkd_jax.models import list_models
 from qkd_jax.run import build
 from qkd_jax.run.calibrate_phase import run_calibrate
 from qkd_jax.run.config_schema import phase_names, validate
-from qkd_jax.run.context import PhaseResult, RunContext
+from qkd_jax.run.context import PhaseResult, RunContext, console
+from qkd_jax.run.fresh import check_fresh, clear_workdir
 from qkd_jax.run.interrupt import Interrupted, handle_signals, stop_requested
 from qkd_jax.run.loaders import steps_per_epoch
-from qkd_jax.run.lock import WorkdirLock
+from qkd_jax.run.lock import LOCK_NAME, WorkdirLock
 from qkd_jax.run.paraphraser_phase import run_paraphraser
 from qkd_jax.run.plan import PhasePlan, make_plan
 from qkd_jax.run.preflight import check_run
@@ -29,7 +31,7 @@ from qkd_jax.run.train_phase import run_training
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
 from qkd_jax.train.metrics import MetricsWriter, format_duration
-from qkd_jax.train.paths import PathLike, as_path
+from qkd_jax.train.paths import PathLike, as_path, is_remote
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -101,7 +103,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
 
 
 def run(config: ml_collections.ConfigDict, workdir: PathLike,
-        mesh: Optional[jax.sharding.Mesh] = None) -> dict[str, PhaseResult]:
+        mesh: Optional[jax.sharding.Mesh] = None, fresh: bool = False) -> dict[str, PhaseResult]:
     """Runs every phase of `config` in `workdir`; finished phases are read back, not rerun.
 
     Everything that can be checked is checked before the workdir is created (config, dataset,
@@ -109,7 +111,11 @@ def run(config: ml_collections.ConfigDict, workdir: PathLike,
     `run/preflight.py`). Then the workdir's lock is taken (`run/lock.py`; process 0 only) and
     every phase checkpointed in `workdir` is compared with the settings it recorded
     (ConfigChangedError on a change; config.retrain_from deletes phases). SIGTERM/SIGINT stop
-    the run at the next step boundary with a checkpoint (`run/interrupt.py`)."""
+    the run at the next step boundary with a checkpoint (`run/interrupt.py`).
+
+    `fresh`: the previous run in `workdir` is deleted (only a recognisable qkd_jax workdir,
+    `run/fresh.py`) after all those checks and with the lock held, so a bad config or a workdir
+    in use deletes nothing."""
     validate_config(config)
     sources = open_datasets(config)
     workdir = as_path(workdir)  # a local directory or a bucket URI (gs://bucket/run)
@@ -118,15 +124,34 @@ def run(config: ml_collections.ConfigDict, workdir: PathLike,
     plans = {name: make_plan(config, workdir, name, steps_per_epoch(ctx, config.phases[name].batch_size))
              for name in phase_names(config)}
     check_run(ctx, plans)
+    protected = [p.directory for p in plans.values() if p.from_teacher_checkpoint]
+    if fresh:
+        check_fresh(workdir, protected, keep=LOCK_NAME)  # before the lock file is written into it
     lock = WorkdirLock(workdir)
     with handle_signals():
         if jax.process_index() == 0:
             lock.acquire()
         try:
+            if fresh:
+                _delete_previous_run(workdir, protected)
             _run_phases(ctx, plans)
         finally:
             lock.release()
     return ctx.results
+
+
+def _delete_previous_run(workdir: epath.Path, protected: list[epath.Path]) -> None:
+    """With the lock held (process 0): everything in `workdir` but the lock file."""
+    if jax.process_index() == 0:
+        deleted = clear_workdir(workdir, keep=LOCK_NAME, protected=protected)
+        if deleted:
+            linked = not is_remote(workdir) and os.path.islink(os.fspath(workdir))
+            link = f" (a link to {os.path.realpath(os.fspath(workdir))})" if linked else ""
+            console(f"[fresh] deleted the previous run in {workdir}{link}: {', '.join(deleted)}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("qkd_jax: fresh deletion")
 
 
 def _run_phases(ctx: RunContext, plans: dict[str, PhasePlan]) -> None:

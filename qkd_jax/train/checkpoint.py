@@ -54,6 +54,16 @@ def _is_disk_full(err: BaseException) -> bool:
     return False
 
 
+def error_summary(err: BaseException, limit: int = 200) -> str:
+    """`Type: first line` of an orbax/TensorStore error, without the TensorStore spec that follows
+    (a JSON dump of the driver stack, often over a hundred lines), at most `limit` characters."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    for marker in (" See full TensorStore details", " [tensorstore_spec="):
+        text = text.split(marker)[0]
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
 def state_to_tree(state: TrainState) -> dict:
     """The arrays of a TrainState as a nested dict (frozen teacher left out)."""
     tree = {
@@ -227,20 +237,19 @@ class PhaseCheckpointer:
             try:
                 restored = self._restore_step(step, target)
             except Exception as err:  # orbax/tensorstore raise many types for damaged files
-                errors.append(f"step {step}: {type(err).__name__}: {err}")
+                errors.append(f"step {step}: {error_summary(err)}")
                 log.warning(
                     "checkpoint %s/%d is unreadable (%s); trying the previous one",
-                    self.directory, step, err,
+                    self.directory, step, error_summary(err),
                 )
                 continue
             state = tree_to_state(template, restored["state"])
             data = restored.get("data")
             return state, (dict(data) if data is not None else None), dict(restored["meta"])
         raise CorruptCheckpointError(
-            f"none of the checkpoints in {self.directory} can be restored:\n  "
-            + "\n  ".join(errors)
-            + "\nMove the directory aside to restart this phase from scratch, or restore it from "
-            "a backup; the run refuses to silently start over."
+            f"none of the checkpoints in {self.directory} can be restored ({'; '.join(errors)}); move "
+            f"the directory aside to restart this phase from scratch, or restore it from a backup; the "
+            f"run refuses to silently start over."
         )
 
     def _restore_step(self, step: int, target: Any) -> dict:

@@ -313,8 +313,8 @@ def test_demo_fresh_refuses_an_unrelated_directory(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"qkd_jax.demo: refusing to delete {victim}: it has no readable qkd_jax config.json "
-        f"(FileNotFoundError); delete it yourself or choose another --workdir"]
+        f"qkd_jax.demo: NotAWorkdirError: refusing to delete {victim}: it has no readable qkd_jax "
+        f"config.json (FileNotFoundError); delete it yourself or choose another --workdir"]
     assert (victim / "chapter1.tex").read_text() == "precious"
 
 

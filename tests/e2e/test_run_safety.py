@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import types
 
@@ -390,3 +391,151 @@ def _leaves(tree):
     import jax
 
     return jax.tree.leaves(tree)
+
+
+# ----------------------------------------------------------------------------- demo --fresh and CLI errors
+
+
+def _fake_run(workdir: pathlib.Path) -> pathlib.Path:
+    """What a finished one-phase run leaves (config.json, metrics.jsonl, a phase directory)."""
+    (workdir / "teacher" / "3").mkdir(parents=True)
+    (workdir / "teacher" / "3" / "x").write_text("data")
+    (workdir / "config.json").write_text(json.dumps({"phase_order": "teacher"}))
+    (workdir / "metrics.jsonl").write_text("")
+    return workdir
+
+
+def _files(workdir: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(workdir)): p.read_text() for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def _demo(*args: str, env_update: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**subprocess_env(1), **(env_update or {})}
+    return subprocess.run([sys.executable, "-m", "qkd_jax.demo", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT)
+
+
+def test_demo_fresh_deletes_nothing_before_the_config_is_valid_and_the_lock_is_taken(tmp_path):
+    workdir = _fake_run(tmp_path / "run")
+    before = _files(workdir)
+    proc = _demo("--fresh", f"--workdir={workdir}", "--config.quant.w_bits=9")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "qkd_jax.demo: ConfigError: config.quant.w_bits=9 is invalid: must be an integer in [1, 8]"], proc.stderr
+    assert _files(workdir) == before
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "time": 0}  # this test: a live process
+    (workdir / ".lock").write_text(json.dumps(holder))
+    before = _files(workdir)
+    proc = _demo("--fresh", f"--workdir={workdir}")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"qkd_jax.demo: WorkdirLockedError: {workdir} is in use by PID {os.getpid()}"), proc.stderr
+    assert _files(workdir) == before  # the lock included
+    assert "[teacher]" not in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["key_typo", "gs_workdir_without_clients", "cuda_without_a_gpu"])
+def test_demo_errors_are_one_line(case, tmp_path):
+    from qkd_jax.train.paths import missing_gcs_clients
+
+    if case == "gs_workdir_without_clients" and not missing_gcs_clients():
+        pytest.skip("gcsfs and google-cloud-storage are installed here")
+    args, env, expected = {
+        "key_typo": ([f"--workdir={tmp_path / 'w'}", "--config.quant.wbits=3"], {},
+                     "FATAL Flags parsing error: --config.quant.wbits: unknown config key 'quant.wbits' (no field "
+                     "'wbits'). Did you mean \"w_bits\" instead of \"wbits\"?"),
+        "gs_workdir_without_clients": (["--workdir=gs://qkd-no-bucket/demo"], {},
+                                       "qkd_jax.demo: WorkdirNotWritableError: gs://qkd-no-bucket/demo is in Google "
+                                       "Cloud Storage, which needs"),
+        "cuda_without_a_gpu": ([f"--workdir={tmp_path / 'w'}"], {"JAX_PLATFORMS": "cuda"},
+                               "qkd_jax.demo: BackendUnavailableError: JAX_PLATFORMS='cuda': JAX cannot start that "
+                               "backend on this machine ("),
+    }[case]
+    proc = _demo(*args, env_update=env)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-3000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_demo_help_lists_its_flags_and_exits_0():
+    proc = _demo("--help")
+    assert proc.returncode == 0, proc.stderr
+    for text in ("python -m qkd_jax.demo [--workdir=workdirs/digits_demo] [--fresh]", "--[no]fresh:",
+                 "--workdir: Output directory.", f"--config: Demo config file (default: {REPO}/configs/digits_demo.py)"):
+        assert text in proc.stdout, text
+
+
+def test_main_with_a_backend_this_machine_lacks_is_one_line(tmp_path):
+    env = {**subprocess_env(1), "JAX_PLATFORMS": "cuda"}
+    proc = subprocess.run(cli_command("teacher", tmp_path / "w"), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "qkd_jax: BackendUnavailableError: JAX_PLATFORMS='cuda': JAX cannot start that backend"), proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fresh_run_deletes_the_previous_run_with_the_lock_held(tmp_path, monkeypatch):
+    target = _fake_run(tmp_path / "target")
+    workdir = tmp_path / "link"
+    workdir.symlink_to(target)  # a symlinked workdir: its link stays, the run it points to goes
+    held = []
+    real_clear = loop.clear_workdir
+
+    def clear_checking_the_lock(path, keep, protected=()):
+        held.append(json.loads((target / ".lock").read_text())["pid"])
+        return real_clear(path, keep, protected)
+
+    monkeypatch.setattr(loop, "clear_workdir", clear_checking_the_lock)
+    loop.run(teacher_only(epochs=0), workdir, fresh=True)
+    assert held == [os.getpid()]
+    assert workdir.is_symlink() and not (target / "teacher" / "3").exists()
+    assert finalized_steps(target / "teacher") == [0] and read_meta(target / "teacher" / "0")["completed"]
+    assert not (target / ".lock").exists()
+
+
+def test_workdir_name_over_the_filesystem_limit_is_one_line(tmp_path):
+    workdir = tmp_path / ("x" * 300) / "w"
+    with pytest.raises(preflight.WorkdirNotWritableError) as err:
+        WorkdirLock(workdir).acquire()
+    assert str(err.value) == (f"--workdir={workdir}: cannot create the workdir's lock file .lock (File name too "
+                              f"long) (a path component is longer than the filesystem allows, usually 255 bytes); "
+                              f"choose another --workdir.")
+
+
+def test_export_errors_before_any_work_are_one_line_with_exit_code_2(tmp_path, capsys, monkeypatch):
+    from qkd_jax.run import export_cli
+
+    (tmp_path / "a_file").write_text("")
+    rc = export_cli.main(["--workdir", str(tmp_path / "none"), "--phase", "sqakd",
+                          "--out", str(tmp_path / "a_file" / "x.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"error: --out={tmp_path / 'a_file' / 'x.npz'}: {tmp_path / 'a_file'} is a file, not "
+                               f"a directory; choose another --out\n")
+    monkeypatch.setattr(preflight, "missing_gcs_clients", lambda: ["gcsfs"])
+    rc = export_cli.main(["--workdir", "gs://qkd-no-bucket/run", "--phase", "sqakd", "--out", str(tmp_path / "x.npz")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: gs://qkd-no-bucket/run is in Google Cloud Storage, which needs gcsfs: "
+                                      "pip install gcsfs") and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_rerun_with_every_checkpoint_corrupt_is_one_line_without_tensorstore_specs(runs, tmp_path):
+    workdir = tmp_path / "work"
+    shutil.copytree(runs.reference, workdir)
+    steps = finalized_steps(workdir / PHASE)
+    for f in (workdir / PHASE).rglob("ocdbt.process_0/d/*"):
+        f.write_bytes(b"\0 not array data \0")  # the arrays' chunks: TensorStore fails with its spec
+    proc = run_cli("safety", workdir, check=False, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("qkd_jax:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"qkd_jax: CorruptCheckpointError: none of the checkpoints in {workdir / PHASE} can be restored (step "
+        f"{steps[-1]}: "), proc.stderr[-3000:]
+    assert errors[0].endswith("the run refuses to silently start over.")
+    # Besides it, one warning line per unreadable step; no TensorStore spec, no traceback.
+    assert len(proc.stderr.strip().splitlines()) == 1 + len(steps), proc.stderr[-3000:]
+    assert "tensorstore_spec" not in proc.stderr and "'driver'" not in proc.stderr and "Traceback" not in proc.stderr

@@ -142,3 +142,18 @@ def test_cli_errors_are_one_line_with_exit_code_2(npz, tmp_path, capsys, monkeyp
         assert rc == 2, (args, err)
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (args, err)
     assert not (tmp_path / "o").exists()  # nothing written on an error
+
+
+def test_empty_or_damaged_weights_files_are_one_line_with_exit_code_2(tmp_path, capsys):
+    out = f"--out={tmp_path / 'o'}"
+    np.savez(tmp_path / "empty.npz")  # a valid archive with no arrays
+    (tmp_path / "zero.npz").write_bytes(b"")  # numpy: EOFError
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not a zip archive")  # zipfile: BadZipFile
+    cases = [("empty.npz", "empty.npz holds no arrays"),
+             ("zero.npz", "cannot read {}/zero.npz (EOFError: No data left in file)"),
+             ("junk.npz", "cannot read {}/junk.npz (BadZipFile: ")]
+    for name, message in cases:
+        rc, err = _cli(capsys, f"--weights={tmp_path / name}", f"--model={MODEL}", out, "--no_eval")
+        assert rc == 2, (name, err)
+        assert err.count("\n") == 1 and err.startswith("error: ") and message.format(tmp_path) in err, (name, err)
+    assert not (tmp_path / "o").exists()

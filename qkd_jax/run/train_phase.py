@@ -24,6 +24,7 @@ from qkd_jax.run.interrupt import Interrupted, stop_requested
 from qkd_jax.run.loaders import check_batch, preprocess, train_loader
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.report import eval_record
+from qkd_jax.run.rerun import check_resume_devices
 from qkd_jax.run.states import build_state, checkpoint_meta, local_state, phase_result
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
@@ -63,6 +64,7 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
                 f"config.teacher_checkpoint={str(plan.directory)!r} holds an unfinished "
                 f"teacher phase (step {meta['step']}); finish that run first (rerun its command)."
             )
+        check_resume_devices(ctx.config, plan, meta, int(ctx.mesh.devices.size))
         console(f"[{name}] resuming from step {meta['step']} ({ckpt.directory})")
     elif plan.from_teacher_checkpoint:
         raise FileNotFoundError(f"config.teacher_checkpoint={str(plan.directory)!r} holds no checkpoint")

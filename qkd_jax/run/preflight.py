@@ -201,10 +201,11 @@ def checkpoint_size(ctx: RunContext, plan: PhasePlan) -> int:
     config = ctx.config
     ph = config.phases[plan.name]
     size = trained_size(ctx.network(plan.kind), config, plan.weights, plan.quant_params,
-                         quant_decay=plan.quant_decay)
+                        quant_decay=plan.quant_decay)
     if plan.train_teacher:
         t_spec = group_spec(ph.teacher_opt)
-        size = size + trained_size(ctx.network("teacher"), config, t_spec, dataclasses.replace(t_spec, weight_decay=0.0))
+        no_decay = dataclasses.replace(t_spec, weight_decay=0.0)  # the FP teacher's empty quant group
+        size = size + trained_size(ctx.network("teacher"), config, t_spec, no_decay)
     return (size.nbytes + ORBAX_BYTES_PER_ARRAY * size.arrays + ORBAX_BYTES_PER_CHECKPOINT
             + len(config.to_json()))
 

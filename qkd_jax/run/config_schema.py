@@ -20,6 +20,7 @@ A run is an ordered list of phases (`phase_order`), each a ConfigDict in `phases
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, Iterable
 
@@ -81,7 +82,11 @@ def group_spec(cfg: ml_collections.ConfigDict) -> GroupSpec:
 
 
 def phase(kind: str = "student", **overrides: Any) -> ml_collections.ConfigDict:
-    """One phase's ConfigDict with every key present (defaults shown here)."""
+    """One phase's ConfigDict with every key present (defaults shown here).
+
+    Every override is deep-copied: a config that hands the same optimizer ConfigDict to two
+    phases still gives each phase its own, so `--config.phases.A.weights.learning_rate=...`
+    changes phase A only (and an error names the phase that holds the value)."""
     base = dict(
         kind=kind,
         objective="task",
@@ -111,7 +116,7 @@ def phase(kind: str = "student", **overrides: Any) -> ml_collections.ConfigDict:
     for key, value in overrides.items():
         if key not in base:
             raise ValueError(f"unknown phase key {key!r}; known: {sorted(base)}")
-        base[key] = value
+        base[key] = copy.deepcopy(value)
     return ml_collections.ConfigDict(base)
 
 

@@ -28,7 +28,7 @@ from qkd_jax.quant.export.exporter import (
 from qkd_jax.quant.export.fileformat import IntegerExport
 from qkd_jax.quant.layer_quant import QUANT
 from qkd_jax.run import build
-from qkd_jax.run.record import SHAPE_KEYS, diff_records, format_change, shape_record
+from qkd_jax.run.record import MANIFEST_KEYS, diff_records, format_change, shape_record
 from qkd_jax.train.checkpoint import CorruptCheckpointError, PhaseCheckpointer, read_arrays
 from qkd_jax.train.paths import PathLike, as_path
 
@@ -78,16 +78,18 @@ def _shape_diff(expected: Mapping[str, Any], found: Mapping[str, Any], limit: in
 
 
 def _check_against_record(config: Any, record: Optional[dict], where: str) -> None:
-    """Refuses a given config whose model-shaping settings (SHAPE_KEYS) differ from those the
-    checkpoint recorded: equal shapes do not make W2A2 weights W4A4 ones. A checkpoint written
-    before records were kept has none to compare (the shape check below still runs)."""
+    """Refuses a given config whose model-shaping or quantizer-training settings (MANIFEST_KEYS)
+    differ from those the checkpoint recorded: equal shapes do not make W2A2 weights W4A4 ones,
+    and the export's manifest would state an estimator / EWGS delta (or Hessian schedule) the
+    student never trained with. A checkpoint written before records were kept has none to compare
+    (the shape check below still runs)."""
     if not record:
         return
     try:
-        now = shape_record(config)
+        now = shape_record(config, MANIFEST_KEYS)
     except Exception as err:  # a config that cannot even be resolved
         raise ConfigMismatchError(f"the config cannot be resolved: {type(err).__name__}: {err}") from None
-    changes = diff_records(record, now, tuple(k for k in SHAPE_KEYS if k in record))
+    changes = diff_records(record, now, tuple(k for k in MANIFEST_KEYS if k in record))
     if changes:
         raise ConfigMismatchError(
             f"the config does not describe the checkpoint {where}, which recorded other settings:\n  "
@@ -101,7 +103,8 @@ def export_checkpoint(workdir: PathLike, phase: str, *, step: Optional[int] = No
 
     The model is rebuilt from the config stored in the checkpoint's metadata (or `config`, a
     ConfigDict, when given: it must agree with the checkpoint's record on the model, classes,
-    image size, method, bits, preset and pact_alpha) with `qkd_jax.run.build.student_network`.
+    image size, method, bits, preset, pact_alpha, variant, estimator, EWGS delta and Hessian
+    schedule, record.MANIFEST_KEYS) with `qkd_jax.run.build.student_network`.
 
     Raises:
       ExportError (FileNotFoundError-like message) when the phase directory or a completed

@@ -23,10 +23,10 @@ from qkd_jax.run.loaders import steps_per_epoch
 from qkd_jax.run.lock import LOCK_NAME, WorkdirLock
 from qkd_jax.run.paraphraser_phase import run_paraphraser
 from qkd_jax.run.plan import PhasePlan, make_plan
-from qkd_jax.run.preflight import check_run
+from qkd_jax.run.preflight import check_run, has_steps
 from qkd_jax.run.record import phase_settings
-from qkd_jax.run.report import SUMMARY_HEADERS, summary_cells, summary_record
-from qkd_jax.run.rerun import check_rerun, delete_phases
+from qkd_jax.run.report import SUMMARY_HEADERS, merge_summary, summary_cells, summary_record
+from qkd_jax.run.rerun import check_rerun, delete_phases, finished_phases
 from qkd_jax.run.train_phase import run_training
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
@@ -159,7 +159,12 @@ def _run_phases(ctx: RunContext, plans: dict[str, PhasePlan]) -> None:
     config, workdir = ctx.config, ctx.workdir
     delete_phases(plans, check_rerun(config, plans, workdir), workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    write_config(config, workdir)
+    if len(finished_phases(plans)) == len(plans) and (workdir / "config.json").exists():
+        # Nothing trains: config.json stays the config the phases were trained with.
+        console(f"every phase is already finished: {workdir / 'config.json'} is kept as the run that trained "
+                f"them wrote it")
+    else:
+        write_config(config, workdir)
     writer = ctx.writer = MetricsWriter(workdir, tensorboard=config.tensorboard)
     t0 = time.perf_counter()
     try:
@@ -173,6 +178,22 @@ def _run_phases(ctx: RunContext, plans: dict[str, PhasePlan]) -> None:
         print(f"\nSummary ({config.dataset.name}, {config.model.name}; wall time "
               f"{format_duration(time.perf_counter() - t0)}):\n{table}"
               + "".join(f"\n{w}" for w in warnings), flush=True)
-        (workdir / "summary.json").write_text(json.dumps(
-            {name: summary_record(r.kind, r.eval, r.eval_history, phase_settings(config, plans[name]), r.warnings)
-             for name, r in ctx.results.items()}, indent=2))
+        _write_summary(workdir, {
+            name: summary_record(r.kind, r.eval, r.eval_history, phase_settings(config, plans[name]), r.warnings)
+            for name, r in ctx.results.items()})
+
+
+def _write_summary(workdir: epath.Path, rows: dict[str, dict]) -> None:
+    """WORKDIR/summary.json: this run's rows, and those an earlier summary holds for finished phases
+    outside this phase_order (run/report.py:merge_summary), with a line naming them."""
+    path, previous = workdir / "summary.json", {}
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except ValueError:  # a damaged summary: this run's rows replace it
+            previous = {}
+    rows, kept = merge_summary(previous, rows, lambda name: has_steps(workdir / name))
+    if kept:
+        print(f"summary.json keeps the rows of {', '.join(kept)}: finished in an earlier run of this workdir, "
+              f"not in this phase_order (marked \"earlier_run\": true)", flush=True)
+    path.write_text(json.dumps(rows, indent=2))

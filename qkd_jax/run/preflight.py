@@ -5,7 +5,8 @@ seconds, not after its first phases trained.
 Each check raises with one message naming the problem and the fix: batch sizes that do not
 split over the devices (`ConfigError`), a `teacher_checkpoint` that is not a finished teacher
 phase (`TeacherCheckpointError`), a workdir that cannot be written (`WorkdirNotWritableError`),
-and a disk obviously too small for the checkpoints kept (`InsufficientDiskSpaceError`).
+and a disk too small for the checkpoints kept, their optimizer state and orbax metadata included,
+and the metrics (`InsufficientDiskSpaceError`; `checkpoint_bytes_needed`).
 
 A workdir in a bucket (gs://, `train/paths.py`) needs gcsfs and google-cloud-storage installed
 (checked first, `WorkdirNotWritableError` naming the packages), is probed by writing and
@@ -14,6 +15,7 @@ deleting one object in it, and has no free space to check.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -25,10 +27,11 @@ import jax.numpy as jnp
 from etils import epath
 
 from qkd_jax.run import build
-from qkd_jax.run.config_schema import ConfigError
+from qkd_jax.run.config_schema import ConfigError, group_spec
 from qkd_jax.run.context import RunContext
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.rerun import recorded_meta
+from qkd_jax.train.optim import build_optimizer
 from qkd_jax.train.paths import is_remote, missing_gcs_clients
 
 
@@ -124,36 +127,104 @@ def check_writable(workdir: epath.Path) -> None:
             f"--workdir or fix its permissions.") from None
 
 
-def _variables_bytes(net: build.Network, config) -> int:
-    """Bytes of a network's params, batch_stats and quantizer deltas (shapes only, nothing computed)."""
+# Orbax's files besides the array bytes, per checkpoint: _METADATA, _sharding and array_metadatas grow
+# with the number of arrays (about 0.8 KB per array on the digits demo's ResNet-20 states, rounded up
+# here), and every checkpoint holds ~30 small files and directories (commit markers, the meta and
+# data-iterator JSON, ocdbt manifests) that take at least a 4 KiB block each on disk.
+ORBAX_BYTES_PER_ARRAY = 1024
+ORBAX_BYTES_PER_CHECKPOINT = 96 * 1024
+# metrics.jsonl and TensorBoard per record (a logged step, an evaluation, a warning): one JSON line
+# of ~10 values and one event per scalar (rounded up from the demo's files).
+RECORD_BYTES = 2048
+# config.json, summary.json, precision.txt, .lock and the metrics/TensorBoard files' own blocks,
+# plus the config JSON stored in every checkpoint's metadata (counted per checkpoint below).
+FIXED_BYTES = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSize:
+    """The arrays of one checkpointed TrainState: their bytes and how many there are."""
+
+    nbytes: int
+    arrays: int
+
+    def __add__(self, other: "StateSize") -> "StateSize":
+        return StateSize(self.nbytes + other.nbytes, self.arrays + other.arrays)
+
+
+def _tree_size(tree) -> StateSize:
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
+    return StateSize(sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves), len(leaves))
+
+
+def trained_size(net: build.Network, config, weights, quant_params, *, quant_decay: bool = False) -> StateSize:
+    """A network's params, batch_stats and quantizer deltas plus its optimizer state (Adam's two
+    moments, SGD's momentum), from shapes only (jax.eval_shape: nothing is computed)."""
     dummy = jnp.zeros((1, *build.input_shape(config)), jnp.float32)
-    shapes = jax.eval_shape(lambda k: net.local_model.init(k, dummy, train=False), jax.random.key(0))
-    kept = [v for k, v in dict(shapes).items() if k in build.KEPT_COLLECTIONS]
-    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(kept))
+    tx = build_optimizer(weights, quant_params, steps_per_epoch=1, total_steps=1, quant_decay=quant_decay)
+
+    def init(key):
+        variables = net.local_model.init(key, dummy, train=False)
+        kept = {k: v for k, v in dict(variables).items() if k in build.KEPT_COLLECTIONS}
+        return kept, tx.init(variables["params"])
+
+    return _tree_size(jax.eval_shape(init, jax.random.key(0)))
 
 
-def _has_steps(directory: epath.Path) -> bool:
+def has_steps(directory: epath.Path) -> bool:
     """Whether a phase directory holds checkpoint steps (by name only: the workdir is not locked yet)."""
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
+def saves(plan: PhasePlan) -> int:
+    """How many checkpoints the phase writes: one per `checkpoint_every_steps` and per epoch end
+    before its last step, and the final one (a calibrate phase: one)."""
+    total = plan.total_steps
+    if plan.kind == "calibrate" or total == 0:
+        return 1
+    every, spe = plan.checkpoint_every_steps, plan.steps_per_epoch
+    return sum(1 for s in range(1, total) if s % every == 0 or s % spe == 0) + 1
+
+
+def logged_records(plan: PhasePlan) -> int:
+    """metrics.jsonl records of the phase: its logged steps, evaluations and a warning."""
+    if plan.kind == "calibrate":
+        return 1
+    return -(-plan.total_steps // plan.log_every_steps) + plan.epochs // plan.eval_every_epochs + 2
+
+
+def checkpoint_size(ctx: RunContext, plan: PhasePlan) -> int:
+    """The disk one checkpoint of the phase takes: its TrainState's arrays (the network, its
+    optimizer state, a co-studied teacher and its optimizer state), orbax's metadata per array
+    and per checkpoint, and the config JSON stored in its metadata. The auxiliary state of a
+    feature criterion (CRD's memory banks) is not counted."""
+    config = ctx.config
+    ph = config.phases[plan.name]
+    size = trained_size(ctx.network(plan.kind), config, plan.weights, plan.quant_params,
+                        quant_decay=plan.quant_decay)
+    if plan.train_teacher:
+        t_spec = group_spec(ph.teacher_opt)
+        no_decay = dataclasses.replace(t_spec, weight_decay=0.0)  # the FP teacher's empty quant group
+        size = size + trained_size(ctx.network("teacher"), config, t_spec, no_decay)
+    return (size.nbytes + ORBAX_BYTES_PER_ARRAY * size.arrays + ORBAX_BYTES_PER_CHECKPOINT
+            + len(config.to_json()))
+
+
 def checkpoint_bytes_needed(ctx: RunContext, plans: Iterable[PhasePlan]) -> int:
-    """A lower bound on the disk the run's new checkpoints take: per phase without checkpoints
-    yet, its network's variables (optimizer state not counted) times the checkpoints kept."""
-    sizes: dict[str, int] = {}
-
-    def size(kind: str) -> int:
-        if kind not in sizes:
-            sizes[kind] = _variables_bytes(ctx.network(kind), ctx.config)
-        return sizes[kind]
-
-    total = 0
+    """The disk the run's new files take at their peak: per phase without checkpoints yet, one
+    checkpoint (`checkpoint_size`) times the checkpoints it keeps (keep_checkpoints, or fewer when
+    it writes fewer), plus one while the phase writes its next before orbax deletes the oldest;
+    plus metrics.jsonl and TensorBoard records and the run's small files (config.json,
+    summary.json, precision.txt)."""
+    total, extra = FIXED_BYTES, 0
     for plan in plans:
-        if plan.from_teacher_checkpoint or _has_steps(plan.directory):
+        if plan.from_teacher_checkpoint or has_steps(plan.directory):
             continue
-        one = size(plan.kind) + (size("teacher") if plan.train_teacher else 0)
-        total += one * (1 if plan.kind == "calibrate" else plan.keep_checkpoints)
-    return total
+        one, written = checkpoint_size(ctx, plan), saves(plan)
+        total += one * min(written, plan.keep_checkpoints) + RECORD_BYTES * logged_records(plan)
+        if written > plan.keep_checkpoints:
+            extra = max(extra, one)
+    return total + extra
 
 
 def check_disk_space(workdir: epath.Path, needed: int, free: Optional[int] = None) -> None:
@@ -164,7 +235,7 @@ def check_disk_space(workdir: epath.Path, needed: int, free: Optional[int] = Non
     free = shutil.disk_usage(os.fspath(_existing_ancestor(workdir))).free if free is None else free
     if free < needed:
         raise InsufficientDiskSpaceError(
-            f"--workdir={workdir}: {free / 2**20:.1f} MiB free, but the checkpoints this run keeps need at "
+            f"--workdir={workdir}: {free / 2**20:.1f} MiB free, but the checkpoints and logs this run keeps need at "
             f"least {needed / 2**20:.1f} MiB; free space, lower config.keep_checkpoints, or use "
             f"another --workdir.")
 

@@ -27,6 +27,7 @@ runs), 'ewgs' (fixed `quant.delta`) or 'hessian' (delta from the Hessian trace e
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from typing import Mapping, Optional, Sequence
@@ -245,9 +246,10 @@ def start_config(*, dataset: str, model: str, num_classes: int, augment: str, im
 
 def set_phases(config: ml_collections.ConfigDict,
                phases: Sequence[tuple[str, ml_collections.ConfigDict]]) -> None:
-    """Sets `phase_order` and `phases` from (name, phase) pairs in run order."""
+    """Sets `phase_order` and `phases` from (name, phase) pairs in run order; each phase is
+    deep-copied, so no two phases share a ConfigDict (an override touches one phase only)."""
     config.phase_order = ",".join(name for name, _ in phases)
-    config.phases = ml_collections.ConfigDict({name: ph for name, ph in phases})
+    config.phases = ml_collections.ConfigDict({name: copy.deepcopy(ph) for name, ph in phases})
 
 
 def set_quant(config: ml_collections.ConfigDict, variant: Variant) -> None:

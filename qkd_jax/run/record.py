@@ -19,6 +19,11 @@ from qkd_jax.run.plan import PhasePlan
 # The settings that shape the student's variables: an export refuses a config that differs here.
 SHAPE_KEYS = ("model.name", "model.num_classes", "dataset.image_size", "quant.method", "quant.w_bits",
               "quant.a_bits", "quant.preset", "quant.pact_alpha", "quant.variant")
+# What an export's manifest states about how the student was trained: an export refuses a config
+# that differs here from the checkpoint's record (the manifest would name settings never used).
+MANIFEST_KEYS = SHAPE_KEYS + ("quant.estimator", "quant.delta", "quant.hessian_every_epochs", "quant.hessian_batches",
+                              "quant.hessian_batch_size", "quant.hessian_max_probes", "quant.hessian_probe",
+                              "quant.hessian_loss")
 # What a teacher read from another run's directory (config.teacher_checkpoint) must agree on.
 TEACHER_SHAPE_KEYS = ("dataset.name", "model.name", "model.num_classes", "dataset.image_size")
 _QUANT_KEYS = ("method", "variant", "w_bits", "a_bits", "preset", "estimator", "delta", "pact_alpha",
@@ -47,10 +52,13 @@ def quant_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {f"quant.{key}": config.quant[key] for key in _QUANT_KEYS}
 
 
-def shape_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The settings in SHAPE_KEYS (what a student's exported variables depend on)."""
-    full = _json_values({**model_record(config), **quant_record(config)})
-    return {key: full[key] for key in SHAPE_KEYS}
+def shape_record(config: ml_collections.ConfigDict, keys: tuple[str, ...] = SHAPE_KEYS) -> dict[str, Any]:
+    """The settings in `keys` (default SHAPE_KEYS: what a student's exported variables depend on;
+    MANIFEST_KEYS adds how it was trained, what an export's manifest states)."""
+    full = _json_values({**model_record(config), **quant_record(config),
+                         "quant.hessian_probe": config.quant.hessian_probe,
+                         "quant.hessian_loss": config.quant.hessian_loss})
+    return {key: full[key] for key in keys}
 
 
 def _group(prefix: str, group: ml_collections.ConfigDict) -> dict[str, Any]:

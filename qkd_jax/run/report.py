@@ -9,7 +9,7 @@ and appear once.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 LAST_N = 5
 EvalRecord = dict[str, float]
@@ -49,3 +49,22 @@ def summary_record(kind: str, eval_metrics: Mapping[str, Any], history: Sequence
     `settings` (run/record.py:phase_settings: precision, objective, epochs, batch size, record)."""
     return {"kind": kind, "eval": dict(eval_metrics), "top1": top1_summary(history),
             "eval_history": [dict(h) for h in history], "warnings": list(warnings), **dict(settings or {})}
+
+
+def merge_summary(previous: Mapping[str, dict], current: Mapping[str, dict],
+                  on_disk: Callable[[str], bool]) -> tuple[dict[str, dict], list[str]]:
+    """summary.json's rows: this run's, plus those of an earlier summary for phases this run's
+    phase_order leaves out whose checkpoints are still in the workdir (`on_disk(name)`), so a
+    second config that runs a subset of the phases does not silently drop the others. A kept row
+    says so: `"earlier_run": true`. Rows keep the earlier summary's order, new phases after them.
+    Returns (rows, names of the kept rows)."""
+    rows: dict[str, dict] = {}
+    kept = []
+    for name, row in previous.items():
+        if name in current:
+            rows[name] = current[name]
+        elif on_disk(name):
+            rows[name] = {**row, "earlier_run": True}
+            kept.append(name)
+    rows.update({name: row for name, row in current.items() if name not in rows})
+    return rows, kept

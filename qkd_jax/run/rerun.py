@@ -43,6 +43,12 @@ def recorded_meta(directory: epath.Path) -> Optional[dict]:
     return None
 
 
+def finished_phases(plans: dict[str, PhasePlan]) -> list[str]:
+    """The phases whose newest checkpoint is completed (or read from config.teacher_checkpoint)."""
+    return [name for name, plan in plans.items()
+            if plan.from_teacher_checkpoint or (recorded_meta(plan.directory) or {}).get("completed")]
+
+
 def retrained_phases(config: ml_collections.ConfigDict, plans: dict[str, PhasePlan]) -> list[str]:
     """config.retrain_from and every later phase: each phase after it may depend on it."""
     if not config.retrain_from:
@@ -118,6 +124,37 @@ def check_rerun(config: ml_collections.ConfigDict, plans: dict[str, PhasePlan], 
     if first is not None:
         raise ConfigChangedError(_message(workdir, changes, stale, first))
     return retrain
+
+
+# Quantizer methods whose training depends on the device count: LSQ scales an activation step's
+# gradient by 1 / sqrt(per-replica elements), sqrt(R) larger on R devices for the same global batch.
+DEVICE_DEPENDENT_METHODS = ("lsq",)
+
+
+def check_resume_devices(config: ml_collections.ConfigDict, plan: PhasePlan, meta: dict, devices: int) -> None:
+    """Before resuming an unfinished phase: compares the device count its checkpoint recorded
+    (meta 'device_count'; none in checkpoints written before it was kept) with this run's.
+
+    A student phase of a DEVICE_DEPENDENT_METHODS quantizer is refused (ConfigChangedError):
+    LSQ's activation-step gradients are sqrt(R_old / R_new) times larger before the resume than
+    after it, so the phase would be a mix of two trainings that neither device count produces,
+    and nothing says so afterwards; resuming on the old count, or retraining the phase, costs
+    less than a result nobody can reproduce. Any other phase computes the same steps on any
+    device count (BatchNorm statistics are synced, batch sizes are global) up to the order of
+    float reductions: it resumes, with a console notice that the result is no longer bitwise
+    that of one device count."""
+    recorded = meta.get("device_count")
+    if recorded is None or recorded == devices:
+        return
+    where = (f"phases.{plan.name}: its checkpoint at step {meta.get('step')} was trained on {recorded} device(s), "
+             f"this run has {devices}")
+    if plan.kind == "student" and config.quant.method in DEVICE_DEPENDENT_METHODS:
+        raise ConfigChangedError(
+            f"{where}; with quant.method={config.quant.method!r} an activation step's gradient scales with "
+            f"sqrt(device count) (per-replica LSQ gradient scale), so resuming would mix two trainings. Resume "
+            f"on {recorded} device(s), or add --config.retrain_from={plan.name} to train the phase again on {devices}.")
+    console(f"[{plan.name}] notice: {where}; resuming (the same steps up to float reduction order, so the result "
+            f"is not bitwise that of either device count)")
 
 
 def delete_phases(plans: dict[str, PhasePlan], names: list[str], workdir: epath.Path) -> None:

@@ -135,6 +135,8 @@ def checkpoint_meta(ctx: RunContext, plan: PhasePlan, *, completed: bool,
         "completed": completed,
         "config": ctx.config.to_json(),
         "record": phase_record(ctx.config, plan),
+        # The devices the phase trained on: a resume on another count is checked (run/rerun.py:check_resume_devices).
+        "device_count": int(ctx.mesh.devices.size),
         "eval": eval_metrics or {},
         "eval_history": list(eval_history or []),  # run/report.py: one record per evaluated epoch
         "warnings": list(warnings or []),  # e.g. the divergence warning (run/divergence.py)

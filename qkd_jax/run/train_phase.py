@@ -15,14 +15,16 @@ import numpy as np
 
 from qkd_jax.data.device_prefetch import DevicePrefetch
 from qkd_jax.run import build
+from qkd_jax.run.config_schema import objective_kwargs
 from qkd_jax.run.context import PhaseResult, RunContext, console
-from qkd_jax.run.divergence import DivergenceMonitor
+from qkd_jax.run.divergence import DivergenceMonitor, loss_weight
 from qkd_jax.run.evaluate import evaluate
 from qkd_jax.run.finite import all_finite, check_finite, checkpoint_advice
 from qkd_jax.run.interrupt import Interrupted, stop_requested
 from qkd_jax.run.loaders import check_batch, preprocess, train_loader
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.report import eval_record
+from qkd_jax.run.rerun import check_resume_devices
 from qkd_jax.run.states import build_state, checkpoint_meta, local_state, phase_result
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
@@ -46,7 +48,9 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     restored = ckpt.restore(state, mesh=ctx.mesh)
     data_state = None
     history: list = []  # run/report.py eval records, continued from the checkpoint on resume
-    monitor = DivergenceMonitor(name, build.num_classes(ctx.config))
+    ph = ctx.config.phases[name]
+    monitor = DivergenceMonitor(name, build.num_classes(ctx.config),
+                                loss_weight(ph.objective, objective_kwargs(ph.objective, ph)))
     if restored is not None:
         state, data_state, meta = restored
         history = list(meta.get("eval_history", []))
@@ -60,6 +64,7 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
                 f"config.teacher_checkpoint={str(plan.directory)!r} holds an unfinished "
                 f"teacher phase (step {meta['step']}); finish that run first (rerun its command)."
             )
+        check_resume_devices(ctx.config, plan, meta, int(ctx.mesh.devices.size))
         console(f"[{name}] resuming from step {meta['step']} ({ckpt.directory})")
     elif plan.from_teacher_checkpoint:
         raise FileNotFoundError(f"config.teacher_checkpoint={str(plan.directory)!r} holds no checkpoint")
@@ -115,14 +120,14 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
             ctx.writer.write(name, done, "train", {**values, **lrs})
             console(progress.line(done, values, lr=lrs["lr/weights"]))
             if warning := monitor.update(done, values["loss"]):
-                console(warning)
-                ctx.writer.write(name, done, "warning", {"divergence": 1.0, "loss": values["loss"],
-                                                         "lowest_loss": monitor.lowest})
+                _report_warning(ctx, name, done, warning, monitor)
         epoch_end = done % spe == 0
         if epoch_end and done != total and (done // spe) % plan.eval_every_epochs == 0:
             ev = evaluate(ctx, net.train_model, state.variables(), phase=name)
             ctx.writer.write(name, done, "eval", ev)
             history.append(eval_record(done // spe, ev))
+            if warning := monitor.evaluated(done, ev["top1"]):
+                _report_warning(ctx, name, done, warning, monitor)
             console(f"[{name}] epoch {done // spe}: eval top1 {ev['top1']:.2f}% top5 {ev['top5']:.2f}%")
         if done != total and (done % plan.checkpoint_every_steps == 0 or epoch_end):
             save_checkpoint(done)
@@ -136,12 +141,20 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     eval_metrics = evaluate(ctx, net.train_model, state.variables(), phase=name)
     ctx.writer.write(name, total, "eval", eval_metrics)
     history.append(eval_record(plan.epochs, eval_metrics))
+    if warning := monitor.evaluated(total, eval_metrics["top1"]):
+        _report_warning(ctx, name, total, warning, monitor)
     console(f"[{name}] done: eval top1 {eval_metrics['top1']:.2f}% top5 {eval_metrics['top5']:.2f}% "
             f"loss {eval_metrics['loss']:.4f}")
     ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=True, eval_metrics=eval_metrics,
                                           eval_history=history, warnings=monitor.warnings),
               data_state=iterator.get_state())
     return phase_result(plan, state, eval_metrics, history, monitor.warnings)
+
+
+def _report_warning(ctx: RunContext, name: str, step: int, warning: str, monitor: DivergenceMonitor) -> None:
+    """The divergence warning on the console and as a 'warning' record in metrics.jsonl."""
+    console(warning)
+    ctx.writer.write(name, step, "warning", monitor.record())
 
 
 def _refresh_deltas(ctx: RunContext, plan: PhasePlan, state: TrainState, net: build.Network, epoch: int):

@@ -74,6 +74,7 @@ def test_every_phase_records_its_settings(finished):
     assert sqakd["model.num_classes"] == 10 and sqakd["dataset.image_size"] == 16
     assert not any(k.endswith(("log_every_steps", "checkpoint_every_steps", "eval_batch_size"))
                    for k in sqakd)
+    assert all(_meta(workdir, p)["device_count"] == 1 for p in PHASES)  # checked on resume (rerun.py)
 
 
 def test_changed_batch_size_is_refused_and_config_json_kept(workdir):
@@ -158,7 +159,24 @@ def test_unchanged_rerun_reads_everything_back(workdir, finished, capsys):
     out = capsys.readouterr().out
     assert "[calibrate] already calibrated" in out and "[sqakd] already completed at step 11" in out
     assert {p: r.eval for p, r in results.items()} == {p: r.eval for p, r in finished[1].items()}
-    assert json.loads((workdir / "config.json").read_text())["log_every_steps"] == 3
+    # Nothing trained: config.json stays what the training run wrote (log_every_steps 11, not 3).
+    assert (workdir / "config.json").read_bytes() == (finished[0] / "config.json").read_bytes()
+    assert json.loads((workdir / "config.json").read_text())["log_every_steps"] == 11
+    assert "config.json is kept as the run that trained them wrote it" in out
+
+
+def test_a_subset_of_the_phases_keeps_the_other_rows_of_the_summary(workdir, finished, capsys):
+    before = json.loads((workdir / "summary.json").read_text())
+    config = record_config()
+    config.phase_order = "teacher,calibrate"
+    capsys.readouterr()
+    run(config, workdir, mesh=_mesh())
+    out = capsys.readouterr().out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert list(summary) == list(PHASES)
+    assert summary["sqakd"] == {**before["sqakd"], "earlier_run": True}
+    assert "earlier_run" not in summary["teacher"] and summary["calibrate"] == before["calibrate"]
+    assert "summary.json keeps the rows of sqakd: finished in an earlier run of this workdir" in out
 
 
 def test_checkpoints_without_record_are_accepted_with_a_warning(workdir, capsys):
@@ -195,6 +213,26 @@ def test_export_refuses_a_config_that_differs_from_the_record(workdir, tmp_path,
     code = export_main([f"--workdir={workdir}", "--phase=sqakd", f"--out={tmp_path / 'x.npz'}",
                         f"--config={tmp_path / 'w4a4.json'}"])
     assert code == 2 and "quant.a_bits: recorded 2, now 4" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("key,value,change", [
+    ("estimator", "ewgs", "quant.estimator: recorded 'ste', now 'ewgs'"),
+    ("delta", 0.3, "quant.delta: recorded 0.0, now 0.3"),
+])
+def test_export_refuses_an_estimator_or_delta_the_student_never_trained_with(workdir, tmp_path, capsys, key,
+                                                                              value, change):
+    from qkd_jax.export import main as export_main
+
+    config = record_config()
+    config.quant[key] = value
+    with pytest.raises(ConfigMismatchError, match=change):
+        export_checkpoint(workdir, "sqakd", config=config)
+    (tmp_path / "other.json").write_text(config.to_json())
+    capsys.readouterr()
+    code = export_main([f"--workdir={workdir}", "--phase=sqakd", f"--out={tmp_path / 'x.npz'}",
+                        f"--config={tmp_path / 'other.json'}"])
+    assert code == 2 and change in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
 
 

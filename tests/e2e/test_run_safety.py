@@ -247,13 +247,20 @@ def test_unwritable_workdir_fails_before_any_work(tmp_path):
 def test_checkpoint_size_estimate_is_the_variables_times_the_kept_checkpoints(tmp_path):
     config = teacher_only(keep_checkpoints=3)
     ctx = RunContext(config=config, workdir=tmp_path, mesh=None, writer=None)
-    plans = [make_plan(config, tmp_path, "teacher", 1)]
+    plan = make_plan(config, tmp_path, "teacher", 1)
     # ResNet-20, 10 classes: 269,850 parameters for RGB input (tests/models/test_param_counts.py),
     # less 2 * 9 * 16 stem weights for the digits' one channel; 1,504 BatchNorm statistics (a mean
-    # and a variance per BatchNorm channel, as many as the BN scales and biases); float32; times
-    # the 3 checkpoints kept.
+    # and a variance per BatchNorm channel, as many as the BN scales and biases); SGD's momentum, one
+    # more float per parameter, and the optimizer's step counters (int32 scalars); float32.
     params = 269_850 - 2 * 9 * 16
-    assert preflight.checkpoint_bytes_needed(ctx, plans) == 3 * 4 * (params + 1_504)
+    size = preflight.trained_size(ctx.network("teacher"), config, plan.weights, plan.quant_params)
+    assert 0 <= size.nbytes - 4 * (2 * params + 1_504) <= 16
+    one = preflight.checkpoint_size(ctx, plan)
+    assert one == (size.nbytes + preflight.ORBAX_BYTES_PER_ARRAY * size.arrays + preflight.ORBAX_BYTES_PER_CHECKPOINT
+                   + len(config.to_json()))
+    # One epoch of one step writes one checkpoint, whatever keep_checkpoints allows.
+    assert preflight.checkpoint_bytes_needed(ctx, [plan]) == (
+        preflight.FIXED_BYTES + one + preflight.RECORD_BYTES * preflight.logged_records(plan))
 
 
 def test_insufficient_disk_space_fails_before_any_work(tmp_path, monkeypatch):
@@ -263,8 +270,8 @@ def test_insufficient_disk_space_fails_before_any_work(tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage._replace(free=2 * 2**20))
     with pytest.raises(preflight.InsufficientDiskSpaceError,
-                       match=r"2.0 MiB free, but the checkpoints this run keeps need at least 2.1 MiB"):
-        loop.run(teacher_only(), tmp_path / "work")  # 2 x 1,084,264 bytes
+                       match=r"2.0 MiB free, but the checkpoints and logs this run keeps need at least 7.1 MiB"):
+        loop.run(teacher_only(), tmp_path / "work")  # (2 kept + 1 being written) x 2,431,746 bytes + logs
     assert not (tmp_path / "work").exists()
 
 

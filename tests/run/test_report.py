@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qkd_jax.run.report import eval_record, summary_cells, top1_summary
+from qkd_jax.run.report import eval_record, merge_summary, summary_cells, top1_summary
 
 
 def _history(top1s: list[float]) -> list[dict]:
@@ -33,3 +33,18 @@ def test_no_history_reports_dashes():
 def test_eval_record_keeps_epoch_and_accuracies_only():
     assert eval_record(4, {"top1": 1, "top5": 2, "loss": 3, "count": 360}) == {
         "epoch": 4, "top1": 1.0, "top5": 2.0, "loss": 3.0}
+
+
+def test_merge_keeps_finished_phases_outside_this_run_and_marks_them():
+    """A second config running a subset of the phases: the others' rows stay, marked, in their order."""
+    previous = {"teacher": {"top1": 1}, "calibrate": {"top1": 2}, "sqakd": {"top1": 3}, "qat": {"top1": 4}}
+    current = {"teacher": {"top1": 10}, "calibrate": {"top1": 20}, "new": {"top1": 50}}
+    rows, kept = merge_summary(previous, current, on_disk=lambda name: name != "qat")  # qat's dir was removed
+    assert list(rows) == ["teacher", "calibrate", "sqakd", "new"]
+    assert rows["teacher"] == {"top1": 10} and rows["new"] == {"top1": 50}
+    assert rows["sqakd"] == {"top1": 3, "earlier_run": True} and kept == ["sqakd"]
+
+
+def test_merge_without_an_earlier_summary_is_this_run():
+    current = {"teacher": {"top1": 10}}
+    assert merge_summary({}, current, on_disk=lambda name: True) == (current, [])

@@ -46,6 +46,7 @@ def main(argv: list[str]) -> None:
     from qkd_jax.run.loop import run
     from qkd_jax.run.preflight import InsufficientDiskSpaceError, TeacherCheckpointError, WorkdirNotWritableError
     from qkd_jax.run.rerun import ConfigChangedError
+    from qkd_jax.run.teacher_select import NoBestCheckpointError
     from qkd_jax.train.checkpoint import CorruptCheckpointError, DiskFullError
 
     try:
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> None:
         sys.exit(err.exit_code)
     except (ConfigError, ConfigChangedError, DatasetNotPreparedError, CorruptCheckpointError,
             NonFiniteLossError, DeadLayerError, WorkdirLockedError, TeacherCheckpointError,
-            WorkdirNotWritableError, InsufficientDiskSpaceError, DiskFullError) as err:
+            WorkdirNotWritableError, InsufficientDiskSpaceError, DiskFullError, NoBestCheckpointError) as err:
         # Problems the user fixes (config, settings changed in a used workdir, data, checkpoints,
         # divergence, calibration, a workdir in use, unwritable or full): the message, no traceback.
         sys.stderr.write(f"qkd_jax: {type(err).__name__}: {err}\n")

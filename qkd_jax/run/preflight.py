@@ -29,6 +29,7 @@ from qkd_jax.run.config_schema import ConfigError
 from qkd_jax.run.context import RunContext
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.rerun import recorded_meta
+from qkd_jax.run.teacher_select import check_has_best
 from qkd_jax.train.paths import is_remote, missing_gcs_clients
 
 
@@ -75,6 +76,8 @@ def check_teacher_checkpoint(plan: PhasePlan) -> None:
         raise TeacherCheckpointError(
             f"{key} holds an unfinished teacher phase (step {meta.get('step')}); finish that run "
             f"first (rerun its command).")
+    if plan.teacher_select == "best":  # before any work: the best epoch must have been kept
+        check_has_best(plan.directory, key)
 
 
 def _existing_ancestor(path: epath.Path) -> epath.Path:

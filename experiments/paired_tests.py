@@ -109,7 +109,8 @@ def correct_counts(path: pathlib.Path) -> dict[tuple[str, int, str], list[int]]:
 
 
 def table(counts: dict[tuple[str, int, str], list[int]]) -> list[str]:
-    lines = ["| method | bits | QAT correct / seed | SQAKD correct / seed | sums | Δ points | t | p | Holm p | verdict (Holm) |",
+    lines = ["| method | bits | QAT correct / seed | SQAKD correct / seed | sums | Δ points | t | p | Holm p "
+             "| verdict (Holm) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     rows = []
     for method in METHODS:

@@ -155,7 +155,8 @@ def checkpoint_bytes_needed(ctx: RunContext, plans: Iterable[PhasePlan]) -> int:
         if plan.from_teacher_checkpoint or _has_steps(plan.directory):
             continue
         one = size(plan.kind) + (size("teacher") if plan.train_teacher else 0)
-        total += one * (1 if plan.kind == "calibrate" else plan.keep_checkpoints)
+        kept = 1 if plan.kind == "calibrate" else plan.keep_checkpoints
+        total += one * (kept + (1 if plan.teacher_select == "best" else 0))  # + teacher/best/
     return total
 
 

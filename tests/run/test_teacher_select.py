@@ -69,3 +69,17 @@ def test_a_teacher_without_a_best_checkpoint_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(err.value) and "--config.teacher_select=last" in str(err.value)
     (tmp_path / "best" / "22").mkdir(parents=True)
     check_has_best(tmp_path, "config.teacher_checkpoint='x'")
+
+
+def test_the_disk_estimate_counts_the_best_epoch_checkpoint(tmp_path):
+    """The teacher keeps `keep_checkpoints` checkpoints plus teacher/best/ under 'best'."""
+    from qkd_jax.run import preflight
+    from qkd_jax.run.context import RunContext
+    from tests.e2e.helpers import teacher_only
+
+    sizes = {}
+    for select in ("last", "best"):
+        c = teacher_only(keep_checkpoints=3, teacher_select=select)
+        ctx = RunContext(config=c, workdir=tmp_path, mesh=None, writer=None)
+        sizes[select] = preflight.checkpoint_bytes_needed(ctx, [make_plan(c, tmp_path, "teacher", 1)])
+    assert sizes["best"] * 3 == sizes["last"] * 4

@@ -19,7 +19,10 @@ ARG (after the colon; default 'sqakd,w2a2'):
                 FitNet 100, CC 0.02, VID 1; CKTF (released 'crdst') beta 1 on the embedding
                 CRD + theta 0.8 on the stem and stage CRDs, nce_k 4096 (recipes.FEATURE_OPTIONS)
                 (recipes.FEATURE_BASELINES); the script's setting is W2A2. The script
-                passes --use_hessian True: add --config.quant.estimator=hessian for it.
+                passes --use_hessian True, but the released train_quant.py only prints
+                there, so its delta stays 0: the default STE is what it ran
+                (--config.quant.estimator=hessian is the EWGS paper's refresh, docs/method.md
+                section 5).
   ft|fsp,wBaB   the two-phase baselines (released utils_distill.init, 30 epochs, SGD lr 0.01 (the released value for CIFAR ResNets),
                 momentum 0.9, the student's weight decay, constant): 'ft' trains a 'paraphraser'
                 phase on the teacher's feats[-2], then the student with FT beta 200 and that

@@ -11,8 +11,9 @@ cktf (CKTF, the released 'crdst': beta 1 on the embedding CRD, theta 0.8 on the 
 ft (FT: a phase 'ft_paraphraser' training the paraphraser on the teacher, PARAPHRASER_EPOCHS here,
 released 30 on CIFAR, then the student phase 'ft' with beta 200; not in the default list),
 fsp (FSP: a phase 'fsp_init' training all but the classifier on the FSP losses, FSP_INIT_EPOCHS
-here, released 30, SGD at the student's learning rate, then the student phase 'fsp' with plain
-CE; not in the default list).
+here, released 30, the weights with SGD at the student's learning rate, the quantizer parameters
+with the student's own optimizer (`fsp_init_phase`: the released init SGD drives them to NaN here),
+then the student phase 'fsp' with plain CE; not in the default list).
 CRD draws nce_k = 1024 negatives here (released 16384: more than the digits of the other classes),
 CKTF too (released 4096); CKTF pools with pool='global' here: the released ResNet AvgPool2d(8)
 needs maps of at least 8x8 and the last stage of ResNet-20 on 16x16 digits is 4x4.
@@ -46,6 +47,22 @@ def _demo_config() -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def fsp_init_phase(student: ml_collections.ConfigDict, epochs: int = FSP_INIT_EPOCHS) -> ml_collections.ConfigDict:
+    """FSP's init phase on digits, from the student phase `student` (its batch size, learning rate,
+    weight decay and quantizer optimizer); experiments/feature_kd_digits.py runs this one.
+
+    recipes.fsp_init_phase (the released init: SGD at the student's learning rate, momentum 0.9,
+    the student's weight decay, constant) for the weights; one digits deviation: the quantizer
+    parameters keep the student's own optimizer (Adam 1e-4, cosine). The released init SGD (lr
+    1e-3, momentum 0.9) on them drives the W2A2 interval parameters to NaN within 3 epochs here
+    (step ~50 of 66)."""
+    init = recipes.fsp_init_phase(epochs=epochs, batch_size=student.batch_size,
+                                  learning_rate=student.weights.learning_rate,
+                                  weight_decay=student.weights.weight_decay)
+    init.quant_params = student.quant_params.copy_and_resolve_references()
+    return init
+
+
 def parse_tokens(arg: str) -> list[str]:
     """The baselines named in ARG ('' = all), in the order given."""
     tokens = [t.strip() for t in arg.split(",") if t.strip()] if arg else list(recipes.FEATURE_BASELINES)
@@ -72,8 +89,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             phases.append((token, ph))
             continue
         if token == "fsp":
-            phases.append(("fsp_init", recipes.fsp_init_phase(epochs=FSP_INIT_EPOCHS, batch_size=demo.batch_size,
-                                                              learning_rate=demo.weights.learning_rate)))
+            phases.append(("fsp_init", fsp_init_phase(demo)))
             ph = recipes.phase("student", objective="task", init_from="fsp_init", epochs=DIGITS_EPOCHS,
                                batch_size=demo.batch_size, weights=weights, quant_params=quant_params)
             ph.eval_every_epochs = demo.eval_every_epochs

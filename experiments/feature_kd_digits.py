@@ -23,12 +23,13 @@ machinery of experiments/reproduce_digits.py):
   - `ft` (recipes.TWO_PHASE_BASELINES): `ft_paraphraser`, the released init phase: the
     paraphraser trained on the FP teacher's feats[-2] (MSE, no labels; SGD lr 0.01, momentum 0.9,
     weight decay 1e-4, constant lr, recipes.paraphraser_phase);
-  - `fsp`: `fsp_init`, the released init phase: all but the classifier trained on the FSP losses
-    alone (gamma 0, alpha 0, beta 1, freeze='classifier'; the weights with SGD at the student's
-    learning rate, momentum 0.9, weight decay 1e-4, constant lr, recipes.fsp_init_phase), from
-    the calibration. One deviation: the quantizer parameters train with the student's quantizer
-    optimizer (Adam 1e-4, cosine) instead of that SGD, which turns the W2A2 interval parameters
-    to NaN within 3 epochs on digits.
+  - `fsp`: `fsp_init`, configs/digits_feature_kd.py:fsp_init_phase: the released init phase, all
+    but the classifier trained on the FSP losses alone (gamma 0, alpha 0, beta 1,
+    freeze='classifier'; the weights with SGD at the student's learning rate, momentum 0.9, the
+    student's weight decay 1e-4, constant lr, recipes.fsp_init_phase), from the calibration. One
+    deviation: the quantizer parameters train with the student's quantizer optimizer (Adam 1e-4,
+    cosine) instead of that SGD, which turns the W2A2 interval parameters to NaN within 3 epochs
+    on digits.
   Both init phases read the training split in the data order of position 2 (the same for FT and
   FSP, unlike the student's) for `--init-epochs` epochs: default min(3, --epochs) on digits,
   where the released code runs 30 (against 240 student epochs on CIFAR); --quick: 1.
@@ -70,7 +71,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from experiments import reproduce_digits as rd  # noqa: E402
-from experiments.paired_tests import ALPHA, paired_t  # noqa: E402
+from experiments.paired_tests import ALPHA, holm, paired_t  # noqa: E402
 from qkd_jax.run import recipes  # noqa: E402
 
 # One-phase baselines: token -> (criterion, beta). A criterion added to recipes in another mapping
@@ -103,6 +104,7 @@ class Options:
     methods: tuple[str, ...] = BASELINES
     quick: bool = False
     command: str = ""
+    report_only: bool = False
 
     @property
     def budget_dir(self) -> pathlib.Path:
@@ -124,6 +126,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
                    help="epochs of FT's / FSP's init phase (default min(3, --epochs))")
     p.add_argument("--methods", default=",".join(BASELINES), help="feature baselines, comma-separated, or 'none' (SQAKD vs QAT only)")
     p.add_argument("--quick", action="store_true", help="smoke setting (see the module docstring)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite OUT.md, OUT.csv and OUT.png from OUT_runs.csv (and OUT_meta.json); "
+                        "pass the options of the command that ran the grid")
     a = p.parse_args(argv)
     text = "" if a.methods.strip().lower() == "none" else a.methods
     methods = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
@@ -141,16 +146,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
             p.error(f"--{k.replace('_', '-')} must be >= 1, got {v}")
     argv_list = list(sys.argv[1:] if argv is None else argv)
     return Options(out=pathlib.Path(out).absolute(), workdirs=pathlib.Path(a.workdirs or base).absolute(),
-                   methods=methods, quick=q, command=" ".join(["python", "experiments/feature_kd_digits.py",
-                                                              *map(shlex.quote, argv_list)]), **n)
+                   methods=methods, quick=q, report_only=a.report_only,
+                   command=" ".join(["python", "experiments/feature_kd_digits.py",
+                                     *(shlex.quote(x) for x in argv_list if x != "--report-only")]), **n)
 
 
-def _digits_options() -> dict:
+def _digits_config():
+    """configs/digits_feature_kd.py as a module: its criterion options and FSP's init recipe."""
     path = ROOT / "configs" / "digits_feature_kd.py"
     spec = importlib.util.spec_from_file_location("qkd_digits_feature_kd_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.DIGITS_OPTIONS
+    return module
+
+
+def _digits_options() -> dict:
+    return _digits_config().DIGITS_OPTIONS
 
 
 def init_phase(arm: str, opts: Options, student_tmpl) -> tuple[str, object]:
@@ -158,14 +169,8 @@ def init_phase(arm: str, opts: Options, student_tmpl) -> tuple[str, object]:
     two-phase method, else `no_init` (the loaded teacher again: no training)."""
     if arm == "ft":
         return INIT_PHASE[arm], recipes.paraphraser_phase(epochs=opts.init_epochs, batch_size=student_tmpl.batch_size)
-    if arm == "fsp":
-        init = recipes.fsp_init_phase(epochs=opts.init_epochs, batch_size=student_tmpl.batch_size,
-                                      learning_rate=student_tmpl.weights.learning_rate)
-        # Digits deviation: the quantizer parameters train with the student's own optimizer (Adam
-        # 1e-4) instead of the released init SGD (lr 1e-3, momentum 0.9), which drives the W2A2
-        # interval parameters to NaN within 3 epochs here (step ~50 of 66).
-        init.quant_params = student_tmpl.quant_params.copy_and_resolve_references()
-        return INIT_PHASE[arm], init
+    if arm == "fsp":  # the config's recipe, its digits deviation included (one source of truth)
+        return INIT_PHASE[arm], _digits_config().fsp_init_phase(student_tmpl, epochs=opts.init_epochs)
     return NO_INIT, None
 
 
@@ -261,6 +266,8 @@ def comparisons(opts: Options, records: dict) -> list[dict]:
             continue
         diffs = [sq[s] - other[s] for s in seeds]
         out.append({"arm": arm, "seeds": seeds, "diffs": diffs, "test": paired_t(diffs)})
+    for c, p_holm in zip(out, holm([c["test"].p for c in out])):  # over SQAKD's comparisons with every arm
+        c["p_holm"] = p_holm
     return out
 
 
@@ -273,12 +280,13 @@ def _pm(values: Sequence[float]) -> str:
     return f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}"
 
 
-def _verdict(test) -> str:
-    if math.isnan(test.p):
+def _verdict(c: dict) -> str:
+    """From the Holm-adjusted p of comparison `c` (family-wise error over all of SQAKD's comparisons)."""
+    if math.isnan(c["p_holm"]):
         return "n/a (1 seed)"
-    if test.p >= ALPHA:
+    if c["p_holm"] >= ALPHA:
         return "not significant"
-    return "SQAKD better" if test.mean > 0 else "SQAKD worse"
+    return "SQAKD better" if c["test"].mean > 0 else "SQAKD worse"
 
 
 def missing(opts: Options, records: dict) -> list[str]:
@@ -286,7 +294,7 @@ def missing(opts: Options, records: dict) -> list[str]:
 
 
 CSV_COLUMNS = ("method", "description", "labels", "n_seeds", "mean_top1", "std_top1", "top1_per_seed",
-               "diff_sqakd_minus_method", "paired_t_p")
+               "diff_sqakd_minus_method", "paired_t_p", "holm_p")
 
 
 def write_csv(path: pathlib.Path, opts: Options, records: dict, comps: list[dict]) -> None:
@@ -304,7 +312,8 @@ def write_csv(path: pathlib.Path, opts: Options, records: dict, comps: list[dict
                         "no" if arm == "sqakd" else "yes", len(vals), f"{m:.2f}",
                         "" if math.isnan(s) else f"{s:.2f}", ";".join(f"{vals[k]:.2f}" for k in sorted(vals)),
                         f"{c['test'].mean:.4f}" if c else "",
-                        "" if not c or math.isnan(c["test"].p) else f"{c['test'].p:.4f}"])
+                        "" if not c or math.isnan(c["test"].p) else f"{c['test'].p:.4f}",
+                        "" if not c or math.isnan(c["p_holm"]) else f"{c['p_holm']:.4f}"])
 
 
 def write_runs_csv(path: pathlib.Path, records: dict) -> None:
@@ -315,15 +324,20 @@ def write_runs_csv(path: pathlib.Path, records: dict) -> None:
             w.writerow([a, s, f"{r['top1']:.4f}", f"{r['loss']:.4f}", f"{r['wall_s']:.1f}"])
 
 
-def markdown(opts: Options, records: dict, comps: list[dict], wall_s: float) -> str:
+def provenance(records: dict, wall_s: float) -> list[str]:
+    """The header lines on where the numbers come from (a training invocation)."""
     env = rd._environment()
+    return [f"- wall time of this invocation: {rd._duration(wall_s)}; summed wall time of all runs: "
+            f"{rd._duration(sum(r['wall_s'] for r in records.values()))}",
+            f"- machine: {env['machine']}; JAX {env['jax']} on {env['devices']}; date {env['date']}"]
+
+
+def markdown(opts: Options, records: dict, comps: list[dict], header: Sequence[str]) -> str:
     title = "Feature-distillation baselines vs SQAKD on the bundled digits"
     out = [f"# {title}" + (" (--quick smoke setting: not a result)" if opts.quick else ""), "",
            "Generated by `experiments/feature_kd_digits.py`; regenerate (or resume) with", "", "```",
            opts.command, "```", "",
-           f"- wall time of this invocation: {rd._duration(wall_s)}; summed wall time of all runs: "
-           f"{rd._duration(sum(r['wall_s'] for r in records.values()))}",
-           f"- machine: {env['machine']}; JAX {env['jax']} on {env['devices']}; date {env['date']}",
+           *header,
            f"- seeds: {opts.seeds}; FP teacher {opts.teacher_epochs} epochs, each student phase {opts.epochs} "
            f"epochs (the demo uses 12 and 12); ResNet-20, 16x16 digits (1437 train / 360 test), interval "
            f"quantizer W{BITS}A{BITS}, preset `sqakd_cifar`, STE.",
@@ -345,12 +359,13 @@ def markdown(opts: Options, records: dict, comps: list[dict], wall_s: float) -> 
     if teacher:
         out += [f"FP teacher: **{_pm(list(teacher.values()))}**.", ""]
     by_arm = {c["arm"]: c for c in comps}
-    out += ["| method | labels | top-1 % | per seed | Δ SQAKD − method (per seed) | mean Δ ± SE | p | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += ["| method | labels | top-1 % | per seed | Δ SQAKD − method (per seed) | mean Δ ± SE | p | Holm p "
+            "| verdict (Holm) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in opts.arms:
         vals = per_seed(records, arm)
         if not vals:
-            out.append(f"| {LABEL[arm]} | {'no' if arm == 'sqakd' else 'yes'} | missing | | | | | |")
+            out.append(f"| {LABEL[arm]} | {'no' if arm == 'sqakd' else 'yes'} | missing | | | | | | |")
             continue
         seeds = ", ".join(f"{vals[k]:.2f}" for k in sorted(vals))
         c = by_arm.get(arm)
@@ -358,14 +373,18 @@ def markdown(opts: Options, records: dict, comps: list[dict], wall_s: float) -> 
             t = c["test"]
             se = "" if math.isnan(t.se) else f" ± {t.se:.2f}"
             p = "" if math.isnan(t.p) else f"{t.p:.3f}"
-            cmp_ = (f"{', '.join(f'{d:+.2f}' for d in c['diffs'])} | {t.mean:+.2f}{se} | {p} | {_verdict(t)}")
+            p_holm = "" if math.isnan(c["p_holm"]) else f"{c['p_holm']:.3f}"
+            cmp_ = (f"{', '.join(f'{d:+.2f}' for d in c['diffs'])} | {t.mean:+.2f}{se} | {p} | {p_holm} | "
+                    f"{_verdict(c)}")
         else:
-            cmp_ = "— | — | — | —"
+            cmp_ = "— | — | — | — | —"
         out.append(f"| {LABEL[arm]} | {'no' if arm == 'sqakd' else 'yes'} | {_pm(list(vals.values()))} | {seeds} | "
                    f"{cmp_} |")
-    out += ["", "Test: two-sided paired t-test over seeds on the per-seed differences (df = seeds − 1), "
-            f"significant when p < {ALPHA}; with 3 seeds |Δ| must exceed about 4.3 standard errors "
-            "(experiments/paired_tests.py explains the choice).", "",
+    out += ["", "Test: two-sided paired t-test over seeds on the per-seed differences (df = seeds − 1; with 3 "
+            "seeds p < 0.05 needs |Δ| above about 4.3 standard errors); p is its raw value, Holm p the "
+            f"Holm-adjusted value over the {len(comps)} comparisons of SQAKD in this table (family-wise "
+            f"error); the verdict is significant when the Holm p < {ALPHA} (experiments/paired_tests.py "
+            "explains the choice).", "",
             f"![top-1 per method]({opts.out.name}.png)", "", "## Reading", ""]
     out += reading(opts, records, comps) + [""]
     return "\n".join(out)
@@ -386,18 +405,28 @@ def reading(opts: Options, records: dict, comps: list[dict]) -> list[str]:
     if lower:
         lines.append("- Where SQAKD does not win (its mean is lower): " + ", ".join(
             f"{LABEL[c['arm']]} ({c['test'].mean:+.2f})" for c in lower) + ".")
-    sig = [c for c in comps if not math.isnan(c["test"].p) and c["test"].p < ALPHA]
+    raw = [c for c in comps if not math.isnan(c["test"].p) and c["test"].p < ALPHA]
+    sig = [c for c in comps if not math.isnan(c["p_holm"]) and c["p_holm"] < ALPHA]
     if any(not math.isnan(c["test"].p) for c in comps):
-        lines.append(f"- Significant at p < {ALPHA} (paired t-test over seeds): "
-                     + (", ".join(f"{LABEL[c['arm']]}: {_verdict(c['test'])} (p = {c['test'].p:.3f})" for c in sig)
+        lines.append(f"- Significant with Holm's correction over the {len(comps)} comparisons (adjusted p < {ALPHA}): "
+                     + (", ".join(f"{LABEL[c['arm']]}: {_verdict(c)} (Holm p = {c['p_holm']:.3f})" for c in sig)
                         if sig else "none") + ".")
+        lines.append(f"- Raw p < {ALPHA} before the correction: "
+                     + (", ".join(f"{LABEL[c['arm']]} (p = {c['test'].p:.3f}, Holm p = {c['p_holm']:.3f})"
+                                  for c in raw) if raw else "none")
+                     + (f"; with {len(comps)} tests about {ALPHA * len(comps):.1f} such p are expected by chance."
+                        if raw else "."))
     else:
         lines.append("- One seed: no noise estimate, so no test verdicts.")
     means = {a: _mean_std(list(per_seed(records, a).values()))[0] for a in opts.arms if per_seed(records, a)}
     top = max(means.values())
-    tied = [LABEL[a] for a, m in means.items() if abs(m - top) < 1e-9]
+    tops = [a for a, m in means.items() if abs(m - top) < 1e-9]
+    tied = [LABEL[a] for a in tops]
+    extra = [a for a in tops if a in TWO_PHASE]
     lines.append(f"- Best mean ({top:.2f}): " + (", ".join(tied) if len(tied) > 1 else tied[0])
-                 + (f" (a {len(tied)}-way tie)." if len(tied) > 1 else "."))
+                 + (f" (a {len(tied)}-way tie)" if len(tied) > 1 else "")
+                 + (f"; {' and '.join(a.upper() for a in extra)} trained {opts.init_epochs} init epoch(s) before its "
+                    f"{opts.epochs} student epochs, more training than the one-phase methods get." if extra else "."))
     lines.append(f"- Caveats: {opts.epochs} student epoch(s) on 1437 training images, accuracy after the last "
                  "epoch, betas tuned for CIFAR (not for digits); differences of a point or two are within what "
                  "seeds and the schedule change.")
@@ -433,16 +462,50 @@ def plot(path: pathlib.Path, opts: Options, records: dict) -> None:
     plt.close(fig)
 
 
+def _paths(out: pathlib.Path) -> dict[str, pathlib.Path]:
+    return {"md": out.with_name(out.name + ".md"), "csv": out.with_name(out.name + ".csv"),
+            "runs_csv": out.with_name(out.name + "_runs.csv"), "png": out.with_name(out.name + ".png"),
+            "meta": out.with_name(out.name + "_meta.json")}
+
+
+def _write_report(opts: Options, records: dict, paths: dict[str, pathlib.Path], header: Sequence[str]) -> None:
+    comps = comparisons(opts, records)
+    write_csv(paths["csv"], opts, records, comps)
+    plot(paths["png"], opts, records)
+    paths["md"].write_text(markdown(opts, records, comps, header), encoding="utf-8")
+
+
 def write_outputs(opts: Options, records: dict, wall_s: float) -> dict[str, pathlib.Path]:
     out = opts.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out.with_name(out.name + ".md"), "csv": out.with_name(out.name + ".csv"),
-             "runs_csv": out.with_name(out.name + "_runs.csv"), "png": out.with_name(out.name + ".png")}
-    comps = comparisons(opts, records)
-    write_csv(paths["csv"], opts, records, comps)
+    paths = _paths(out)
+    header = provenance(records, wall_s)
     write_runs_csv(paths["runs_csv"], records)
-    plot(paths["png"], opts, records)
-    paths["md"].write_text(markdown(opts, records, comps, wall_s), encoding="utf-8")
+    paths["meta"].write_text(json.dumps({"command": opts.command, "header": header}, indent=1) + "\n",
+                             encoding="utf-8")
+    _write_report(opts, records, paths, header)
+    return paths
+
+
+def read_runs_csv(path: pathlib.Path) -> dict[tuple[int, str], dict]:
+    """OUT_runs.csv back as the records `execute` returns, keyed (seed, method)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return {(int(r["seed"]), r["method"]): {"top1": float(r["top1"]), "loss": float(r["loss"]),
+                                                "wall_s": float(r["run_wall_s"])} for r in csv.DictReader(f)}
+
+
+def report_only(opts: Options, log=print) -> dict[str, pathlib.Path]:
+    """Rewrites OUT.md, OUT.csv and OUT.png from OUT_runs.csv (and OUT_meta.json): no training."""
+    paths = _paths(opts.out)
+    if not paths["runs_csv"].exists():
+        raise FileNotFoundError(f"--report-only: {paths['runs_csv']} does not exist (run the grid first)")
+    meta = json.loads(paths["meta"].read_text(encoding="utf-8")) if paths["meta"].exists() else {}
+    records = read_runs_csv(paths["runs_csv"])
+    header = list(meta.get("header", [])) + [
+        f"- tables regenerated from `{paths['runs_csv'].name}` without training (`--report-only`), "
+        f"{rd._environment()['date']}"]
+    _write_report(opts, records, paths, header)
+    log("wrote " + ", ".join(str(paths[k]) for k in ("md", "csv", "png")))
     return paths
 
 
@@ -466,8 +529,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     rd._setup_jax(str(ROOT / ".cache" / "jax"))
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
-        reproduce(opts)
+        report_only(opts) if opts.report_only else reproduce(opts)
     except rd.ConfigMismatchError as err:
+        sys.exit(f"error: {err}")
+    except FileNotFoundError as err:  # --report-only without the runs CSV
+        if not opts.report_only:
+            raise
         sys.exit(f"error: {err}")
 
 

@@ -17,6 +17,11 @@ it would only measure test-set sampling, not the seed-to-seed spread that domina
 3 seeds the t-test has 2 degrees of freedom: a difference must exceed about 4.3 standard errors
 for p < 0.05 (the earlier "2 standard errors" bar corresponds to p of about 0.18). A sign test
 over 3 seeds can never reach p < 0.05 (3 of 3 gives p = 0.25), so it is not used.
+
+Many settings are tested at once (12 in the grid), so some raw p < 0.05 are expected by chance
+alone (0.6 of 12 under the null). Every table reports the raw p and Holm's step-down adjusted p
+over the tests of that table (family-wise error at ALPHA, no independence assumption); the
+verdicts use the adjusted p.
 """
 
 from __future__ import annotations
@@ -66,6 +71,22 @@ def paired_t(diffs: Sequence[float]) -> PairedT:
     return PairedT(mean, se, t, t_two_sided_p(t, n - 1))
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (family-wise error control over the m tests), in input order.
+
+    Sorted ascending p_(1) <= ... <= p_(m): adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)).
+    Rejecting where the adjusted p < alpha is Holm's procedure at level alpha. NaN p-values (one
+    seed) are no test: they stay NaN and do not count in m."""
+    finite = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    m = len(finite)
+    out = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
 def verdict(test: PairedT, alpha: float = ALPHA) -> str:
     """'SQAKD better' / 'QAT better' when p < alpha, else 'not significant'."""
     if math.isnan(test.p):
@@ -88,15 +109,20 @@ def correct_counts(path: pathlib.Path) -> dict[tuple[str, int, str], list[int]]:
 
 
 def table(counts: dict[tuple[str, int, str], list[int]]) -> list[str]:
-    lines = ["| method | bits | QAT correct / seed | SQAKD correct / seed | sums | Δ points | t | p | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | bits | QAT correct / seed | SQAKD correct / seed | sums | Δ points | t | p | Holm p "
+             "| verdict (Holm) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for method in METHODS:
         for bits in sorted({b for m, b, _ in counts if m == method}):
             qat, sq = counts[(method, bits, "qat")], counts[(method, bits, "sqakd")]
-            test = paired_t([100.0 * (s - q) / TEST_IMAGES for s, q in zip(sq, qat)])
-            lines.append(
-                f"| {LABEL[method]} | W{bits}A{bits} | {', '.join(map(str, qat))} | {', '.join(map(str, sq))} | "
-                f"{sum(qat)} vs {sum(sq)} | {test.mean:+.2f} | {test.t:+.2f} | {test.p:.3f} | {verdict(test)} |")
+            rows.append((method, bits, qat, sq, paired_t([100.0 * (s - q) / TEST_IMAGES for s, q in zip(sq, qat)])))
+    adjusted = holm([r[4].p for r in rows])
+    for (method, bits, qat, sq, test), p_holm in zip(rows, adjusted):
+        lines.append(
+            f"| {LABEL[method]} | W{bits}A{bits} | {', '.join(map(str, qat))} | {', '.join(map(str, sq))} | "
+            f"{sum(qat)} vs {sum(sq)} | {test.mean:+.2f} | {test.t:+.2f} | {test.p:.4f} | {p_holm:.4f} | "
+            f"{verdict(test._replace(p=p_holm))} |")
     return lines
 
 
@@ -113,17 +139,20 @@ def run_counts(path: pathlib.Path) -> dict[tuple[str, str, int, str], dict[int, 
 
 
 def compare_table(before: dict, after: dict) -> list[str]:
-    """Per setting in both reports: correct images per seed (seeds in both), Δ after - before, paired t."""
-    lines = ["| setting | before correct / seed | after correct / seed | Δ points | t | p | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    """Per setting in both reports: correct images per seed (seeds in both), Δ after - before, paired t
+    (raw p and Holm's over the settings compared)."""
+    lines = ["| setting | before correct / seed | after correct / seed | Δ points | t | p | Holm p | verdict (Holm) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = []
     for key in sorted(set(before) & set(after)):
         seeds = sorted(set(before[key]) & set(after[key]))
         b, a = [before[key][s] for s in seeds], [after[key][s] for s in seeds]
-        test = paired_t([100.0 * (y - x) / TEST_IMAGES for x, y in zip(b, a)])
-        verdict_text = ("n/a (1 seed)" if math.isnan(test.p) else "not significant" if test.p >= ALPHA
+        rows.append((key, b, a, paired_t([100.0 * (y - x) / TEST_IMAGES for x, y in zip(b, a)])))
+    for (key, b, a, test), p_holm in zip(rows, holm([r[3].p for r in rows])):
+        verdict_text = ("n/a (1 seed)" if math.isnan(p_holm) else "not significant" if p_holm >= ALPHA
                         else "after better" if test.mean > 0 else "before better")
         lines.append(f"| {' '.join(map(str, key))} | {', '.join(map(str, b))} | {', '.join(map(str, a))} | "
-                     f"{test.mean:+.2f} | {test.t:+.2f} | {test.p:.3f} | {verdict_text} |")
+                     f"{test.mean:+.2f} | {test.t:+.2f} | {test.p:.4f} | {p_holm:.4f} | {verdict_text} |")
     return lines
 
 
@@ -132,11 +161,13 @@ def main(argv: Sequence[str]) -> None:
         if len(argv) != 4:
             raise SystemExit("usage: paired_tests.py --compare BEFORE_runs.csv AFTER_runs.csv")
         print("\n".join(compare_table(run_counts(pathlib.Path(argv[2])), run_counts(pathlib.Path(argv[3])))))
-        print(f"\nTwo-sided paired t-test over the seeds in both (df = seeds - 1), significant when p < {ALPHA}.")
+        print(f"\nTwo-sided paired t-test over the seeds in both (df = seeds - 1); Holm p: Holm's correction over "
+              f"the settings in the table; the verdict is significant when the Holm p < {ALPHA}.")
         return
     path = pathlib.Path(argv[1] if len(argv) > 1 else pathlib.Path(__file__).parents[1] / "docs/reproduction_runs.csv")
     print("\n".join(table(correct_counts(path))))
-    print(f"\nTwo-sided paired t-test over seeds (df = seeds - 1), significant when p < {ALPHA}; "
+    print(f"\nTwo-sided paired t-test over seeds (df = seeds - 1); Holm p: Holm's correction over the "
+          f"settings in the table; the verdict is significant when the Holm p < {ALPHA}; "
           f"correct counts = top-1 x {TEST_IMAGES} / 100.")
 
 

@@ -114,6 +114,8 @@ class Options:
     command: str = ""
     hessian_batch_size: int = 32
     hessian_probes: int = 10
+    report_only: bool = False
+    merge_runs: Optional[pathlib.Path] = None
 
     @property
     def budget_dir(self) -> pathlib.Path:
@@ -172,7 +174,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     p.add_argument("--hessian-probes", "--hessian_probes", type=int, default=10,
                    help="most Hutchinson probes per Hessian batch of the EWGS run (default 10)")
     p.add_argument("--quick", action="store_true", help="smoke setting (see the module docstring)")
+    p.add_argument("--report-only", "--report_only", action="store_true",
+                   help="train nothing: rewrite OUT.md, OUT.csv and OUT.png from OUT_runs.csv (and OUT_meta.json)")
+    p.add_argument("--merge-runs", "--merge_runs", default=None,
+                   help="with --report-only: the student rows of this OTHER_runs.csv replace those of OUT_runs.csv "
+                        "with the same section, method, bits, variant and seed (a rerun of some rows)")
     a = p.parse_args(argv)
+    if a.merge_runs and not a.report_only:
+        p.error("--merge-runs needs --report-only")
     q = a.quick
     try:
         methods = _csv_list(a.methods if a.methods is not None else ("interval,dorefa" if q else ",".join(METHODS)),
@@ -200,6 +209,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
         epochs=epochs, teacher_epochs=teacher_epochs, methods=methods, bits=bits, ablations=ablations,
         jobs=a.jobs, quick=q, hessian_batch_size=a.hessian_batch_size, hessian_probes=a.hessian_probes,
         command=" ".join(["python", "experiments/reproduce_digits.py", *map(shlex.quote, argv_list)]),
+        report_only=a.report_only, merge_runs=pathlib.Path(a.merge_runs).absolute() if a.merge_runs else None,
     )
 
 
@@ -511,6 +521,11 @@ def collect(opts: Options, records: dict[RunSpec, dict]) -> tuple[list[Row], lis
             add("qkd", spec.method, spec.bits, "qkd", spec.seed, ph["tutoring"], wall)
             add("qkd", spec.method, spec.bits, "tutoring_only", spec.seed, ph["tutoring_only"], wall)
             add("qkd", spec.method, spec.bits, "self_study_only", spec.seed, ph["self_study_only"], wall)
+    return group_rows(raw), raw
+
+
+def group_rows(raw: Sequence[dict]) -> list[Row]:
+    """Per-run dicts (collect's, or OUT_runs.csv's rows) grouped into one Row per setting."""
     section_order = {"teacher": 0, "grid": 1, "ewgs": 2, "qkd": 3}
     variant_order = {v: i for i, (_, v) in enumerate(VARIANT_INFO)}
     method_order = {m: i for i, m in enumerate(METHODS + ("qkd",))}
@@ -520,9 +535,8 @@ def collect(opts: Options, records: dict[RunSpec, dict]) -> tuple[list[Row], lis
         row = groups.setdefault(key, Row(*key, values=[], seeds=[]))
         row.values.append(r["top1"])
         row.seeds.append(r["seed"])
-    rows = sorted(groups.values(), key=lambda r: (section_order[r.section], method_order.get(r.method, -1),
+    return sorted(groups.values(), key=lambda r: (section_order[r.section], method_order.get(r.method, -1),
                                                   r.bits, variant_order[r.variant]))
-    return rows, raw
 
 
 CSV_COLUMNS = ("section", "method", "bits", "variant", "description", "labels", "n_seeds", "mean_top1",
@@ -550,6 +564,44 @@ def write_runs_csv(path: pathlib.Path, raw: Sequence[dict]) -> None:
         w.writeheader()
         for r in raw:
             w.writerow({k: (_fmt(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def read_runs_csv(path: pathlib.Path) -> list[dict]:
+    """OUT_runs.csv back as the per-run dicts `collect` makes (numbers as numbers)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{**r, "bits": int(r["bits"]), "seed": int(r["seed"]),
+                 **{k: float(r[k]) if r[k] != "" else math.nan for k in ("top1", "top5", "loss", "run_wall_s")}}
+                for r in csv.DictReader(f)]
+
+
+def _run_key(r: dict) -> tuple:
+    return r["section"], r["method"], r["bits"], r["variant"], r["seed"]
+
+
+def merge_runs(base: Sequence[dict], other: Sequence[dict]) -> tuple[list[dict], list[str], list[dict]]:
+    """`base` with its student rows replaced by `other`'s of the same setting and seed.
+
+    Returns (merged rows, the sections replaced, other's teacher rows). Teacher rows are not
+    merged (the report's FP teacher stays base's); other's are returned for the note. Raises
+    ValueError when `other` holds a student row that `base` lacks (a merge never adds settings)."""
+    replacement = {_run_key(r): r for r in other if r["section"] != "teacher"}
+    missing = sorted(set(replacement) - {_run_key(r) for r in base})
+    if missing:
+        raise ValueError(f"--merge-runs: rows not in the report: {missing[:3]}")
+    merged = [replacement.get(_run_key(r), r) for r in base]
+    sections = sorted({k[0] for k in replacement})
+    return merged, sections, [r for r in other if r["section"] == "teacher"]
+
+
+def meta_path(out: pathlib.Path) -> pathlib.Path:
+    return out.with_name(out.name + "_meta.json")
+
+
+def read_meta(out: pathlib.Path) -> dict:
+    """OUT_meta.json: what the tables cannot carry (the training command, machine, wall times,
+    the EWGS deltas, notes on merged reruns); {} when absent."""
+    path = meta_path(out)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def _pm(row: Optional[Row]) -> str:
@@ -581,15 +633,69 @@ NOT_SIGNIFICANT = "not significant"
 
 
 def _verdict(d: float, se: float, n: int) -> str:
-    """Two-sided paired t-test over the n seeds at p < 0.05 (see experiments/paired_tests.py)."""
-    from experiments.paired_tests import ALPHA, t_two_sided_p
+    """One two-sided paired t-test over the n seeds at p < 0.05 (a single test: no correction)."""
+    from experiments.paired_tests import ALPHA
 
-    if math.isnan(se):
+    p = _p_value(d, se, n)
+    if math.isnan(p):
         return "n/a (1 seed)"
-    t = (0.0 if d == 0 else math.copysign(math.inf, d)) if se == 0 else d / se
-    if t_two_sided_p(t, n - 1) >= ALPHA:
+    if p >= ALPHA:
         return NOT_SIGNIFICANT
     return "better" if d > 0 else "worse"
+
+
+def _p_value(d: float, se: float, n: int) -> float:
+    """Two-sided paired t-test p over the n seeds (experiments/paired_tests.py); NaN with one seed."""
+    from experiments.paired_tests import t_two_sided_p
+
+    if math.isnan(se):
+        return math.nan
+    t = (0.0 if d == 0 else math.copysign(math.inf, d)) if se == 0 else d / se
+    return t_two_sided_p(t, n - 1)
+
+
+def _p(p: float) -> str:
+    return "n/a" if math.isnan(p) else f"{p:.4f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """SQAKD vs plain QAT at one (method, bits): Δ, its SE, the raw and the Holm-adjusted p."""
+
+    method: str
+    bits: int
+    d: float
+    se: float
+    p: float
+    p_holm: float
+    qat: Row
+    sqakd: Row
+
+    @property
+    def verdict(self) -> str:
+        """From the Holm-adjusted p (family-wise error over the grid's settings)."""
+        from experiments.paired_tests import ALPHA
+
+        if math.isnan(self.p_holm):
+            return "n/a (1 seed)"
+        if self.p_holm >= ALPHA:
+            return NOT_SIGNIFICANT
+        return "better" if self.d > 0 else "worse"
+
+
+def grid_comparisons(opts: Options, rows: Sequence[Row]) -> list[Comparison]:
+    """Every (method, bits) of the grid with both arms, Holm's correction over all of them."""
+    from experiments.paired_tests import holm
+
+    found = []
+    for method in opts.methods:
+        for bits in opts.bits:
+            qat, sq = _find(rows, "grid", method, bits, "qat"), _find(rows, "grid", method, bits, "sqakd")
+            if qat and sq:
+                d, se = _diff(sq, qat)
+                found.append((method, bits, d, se, _p_value(d, se, sq.n), qat, sq))
+    adjusted = holm([f[4] for f in found])
+    return [Comparison(m, b, d, se, p, ph, q, sq) for (m, b, d, se, p, q, sq), ph in zip(found, adjusted)]
 
 
 def _delta_summary(records: dict[RunSpec, dict]) -> str:
@@ -606,21 +712,27 @@ def _delta_summary(records: dict[RunSpec, dict]) -> str:
     return "; ".join(parts)
 
 
-def markdown(opts: Options, rows: Sequence[Row], wall_s: float, compute_s: float, env: dict,
-             deltas: str = "") -> str:
+def provenance(opts: Options, wall_s: float, compute_s: float, env: dict) -> list[str]:
+    """The header lines on where the numbers come from (a training invocation)."""
+    return [f"- wall time of this invocation: {_duration(wall_s)}; summed wall time of all runs (including "
+            f"runs finished by earlier invocations and read back): {_duration(compute_s)}",
+            f"- machine: {env['machine']}; JAX {env['jax']} on {env['devices']}",
+            f"- date: {env['date']}"]
+
+
+def markdown(opts: Options, rows: Sequence[Row], header: Sequence[str], deltas: str = "",
+             command: str = "") -> str:
+    """OUT.md. `header`: the provenance lines; `command`: the training command (default opts.command)."""
     title = "Reproduction on the bundled digits" + (" (--quick smoke setting: not a result)" if opts.quick else "")
     out = [f"# {title}", ""]
     out += [
         "Generated by `experiments/reproduce_digits.py`; regenerate with",
         "",
         "```",
-        opts.command or "python experiments/reproduce_digits.py --out=docs/reproduction",
+        command or opts.command or "python experiments/reproduce_digits.py --out=docs/reproduction",
         "```",
         "",
-        f"- wall time of this invocation: {_duration(wall_s)}; summed wall time of all runs (including "
-        f"runs finished by earlier invocations and read back): {_duration(compute_s)}",
-        f"- machine: {env['machine']}; JAX {env['jax']} on {env['devices']}",
-        f"- date: {env['date']}",
+        *header,
         f"- seeds: {opts.seeds} (0..{opts.seeds - 1}); FP teacher {opts.teacher_epochs} epochs, "
         f"each student phase {opts.epochs} epochs; ResNet-20, 16x16 digits (1437 train / 360 test), "
         f"preset `sqakd_cifar` (stem, BatchNorms and classifier full precision).",
@@ -634,27 +746,23 @@ def markdown(opts: Options, rows: Sequence[Row], wall_s: float, compute_s: float
     if teacher:
         out += ["## FP teacher", "", f"FP32 ResNet-20 teacher (cross-entropy): **{_pm(teacher)}** "
                 f"(per seed: {', '.join(f'{v:.2f}' for v in teacher.values)})", ""]
-    grid = [r for r in rows if r.section == "grid"]
-    comparisons = []
-    if grid:
+    comparisons = grid_comparisons(opts, rows)
+    if comparisons:
         out += ["## Plain QAT (labels) vs SQAKD (no labels)", "",
-                "| method | W/A bits | plain QAT (labels) | SQAKD (no labels) | Δ SQAKD − QAT | SQAKD > QAT (seeds) | verdict |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
-        for method in opts.methods:
-            for bits in opts.bits:
-                qat, sq = _find(rows, "grid", method, bits, "qat"), _find(rows, "grid", method, bits, "sqakd")
-                if not (qat and sq):
-                    continue
-                d, se = _diff(sq, qat)
-                wins = sum(s > q for s, q in zip(sq.values, qat.values))
-                verdict = _verdict(d, se, sq.n)
-                comparisons.append((method, bits, d, se, verdict, qat, sq))
-                se_txt = "" if math.isnan(se) else f" ± {se:.2f}"
-                out.append(f"| {METHOD_LABEL[method]} | W{bits}A{bits} | {_pm(qat)} | {_pm(sq)} | {d:+.2f}{se_txt} | "
-                           f"{wins}/{sq.n} | {TABLE_VERDICT.get(verdict, verdict)} |")
-        out += ["", "Δ is the mean of the per-seed differences ± its standard error; the verdict is a "
-                "two-sided paired t-test over seeds at p < 0.05 (with 3 seeds: |Δ| above about 4.3 "
-                "standard errors); `python experiments/paired_tests.py` prints the p-values.", ""]
+                "| method | W/A bits | plain QAT (labels) | SQAKD (no labels) | Δ SQAKD − QAT | SQAKD > QAT (seeds) "
+                "| p | Holm p | verdict (Holm) |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in comparisons:
+            se_txt = "" if math.isnan(c.se) else f" ± {c.se:.2f}"
+            wins = sum(s > q for s, q in zip(c.sqakd.values, c.qat.values))
+            out.append(f"| {METHOD_LABEL[c.method]} | W{c.bits}A{c.bits} | {_pm(c.qat)} | {_pm(c.sqakd)} | "
+                       f"{c.d:+.2f}{se_txt} | {wins}/{c.sqakd.n} | {_p(c.p)} | {_p(c.p_holm)} | "
+                       f"{TABLE_VERDICT.get(c.verdict, c.verdict)} |")
+        out += ["", "Δ is the mean of the per-seed differences ± its standard error; p is the two-sided paired "
+                "t-test over seeds (with 3 seeds p < 0.05 needs |Δ| above about 4.3 standard errors), Holm p "
+                f"its Holm-adjusted value over the {len(comparisons)} settings of this table (family-wise error); "
+                "the verdict is significant when the Holm p < 0.05. `python experiments/paired_tests.py` "
+                "recomputes both from the correct-image counts.", ""]
     ewgs = (_find(rows, "ewgs", "interval", ABLATION_BITS, "ste"), _find(rows, "ewgs", "interval", ABLATION_BITS, "hessian"))
     if all(ewgs):
         d, se = _diff(ewgs[1], ewgs[0])
@@ -693,52 +801,58 @@ def reading(opts, rows, comparisons, ewgs, qkd_rows, deltas: str = "") -> list[s
                      f"seed(s)): the numbers only show that the pipeline runs; they say nothing about the methods.")
 
     def names(cs):
-        return ", ".join(f"{METHOD_LABEL[m]} W{b}A{b} ({d:+.2f})" for m, b, d, *_ in cs)
+        return ", ".join(f"{METHOD_LABEL[c.method]} W{c.bits}A{c.bits} ({c.d:+.2f})" for c in cs)
 
     if comparisons:
         # Equal correct-image sums: one image in the sum over n seeds moves the mean Δ by 100 / (360 n)
         # points (>= 0.09 for n <= 3), far above this bound and above the CSV's 4-decimal rounding.
         tie = 0.01
-        higher = [c for c in comparisons if c[2] > tie]
-        ties = [c for c in comparisons if abs(c[2]) <= tie]
-        better = [c for c in comparisons if c[4] == "better"]
-        worse = [c for c in comparisons if c[4] == "worse"]
-        noise = [c for c in comparisons if c[4] == NOT_SIGNIFICANT]
+        higher = [c for c in comparisons if c.d > tie]
+        ties = [c for c in comparisons if abs(c.d) <= tie]
+        better = [c for c in comparisons if c.verdict == "better"]
+        worse = [c for c in comparisons if c.verdict == "worse"]
+        noise = [c for c in comparisons if c.verdict == NOT_SIGNIFICANT]
+        raw = [c for c in comparisons if not math.isnan(c.p) and c.p < 0.05]
         text = (f"- SQAKD, which never reads a label, has the higher mean in {len(higher)} of "
                 f"{len(comparisons)} settings")
         if ties:
-            tied = ", ".join(f"{METHOD_LABEL[m]} W{b}A{b}" for m, b, *_ in ties)
+            tied = ", ".join(f"{METHOD_LABEL[c.method]} W{c.bits}A{c.bits}" for c in ties)
             text += f", and the same number of correct test images over the seeds in {len(ties)} ({tied})"
         if opts.seeds > 1:
-            text += (f"; by a two-sided paired t-test over seeds (p < 0.05) it is better in {len(better)}, "
+            text += (f"; by a two-sided paired t-test over seeds with Holm's correction over the "
+                     f"{len(comparisons)} settings (adjusted p < 0.05) it is better in {len(better)}, "
                      f"worse in {len(worse)}, and not significantly different in {len(noise)}")
         else:
             text += " (one seed: no noise estimate, so no verdicts)"
         lines.append(text + ".")
+        if opts.seeds > 1:
+            lines.append(f"- Raw p < 0.05 before the correction: "
+                         + (", ".join(f"{METHOD_LABEL[c.method]} W{c.bits}A{c.bits} (p = {c.p:.4f}, Holm "
+                                      f"{c.p_holm:.4f})" for c in raw) if raw else "none") + ".")
 
-        lower = [c for c in comparisons if c[2] < -tie]
+        lower = [c for c in comparisons if c.d < -tie]
         if better:
-            lines.append(f"- SQAKD better than plain QAT (paired t-test, p < 0.05): {names(better)}.")
+            lines.append(f"- SQAKD better than plain QAT (Holm-adjusted p < 0.05): {names(better)}.")
         if worse:
-            lines.append(f"- SQAKD worse than plain QAT (paired t-test, p < 0.05): {names(worse)}.")
+            lines.append(f"- SQAKD worse than plain QAT (Holm-adjusted p < 0.05): {names(worse)}.")
         if lower:
             lines.append(f"- SQAKD's mean is lower than plain QAT's at: {names(lower)}.")
         if noise:
             lines.append(f"- Not significant (no winner shown): {names(noise)}.")
         for bits in opts.bits:
-            ds = [c[2] for c in comparisons if c[1] == bits]
+            ds = [c.d for c in comparisons if c.bits == bits]
             if ds:
                 lines.append(f"- W{bits}A{bits}: mean Δ SQAKD − QAT over methods {statistics.fmean(ds):+.2f} points.")
         for method in opts.methods:
-            ds = [c[2] for c in comparisons if c[0] == method]
+            ds = [c.d for c in comparisons if c.method == method]
             if ds:
                 lines.append(f"- {METHOD_LABEL[method]}: mean Δ over bit widths {statistics.fmean(ds):+.2f} points.")
         teacher = _find(rows, "teacher", "fp", 32, "fp")
         if teacher:
-            best = max(comparisons, key=lambda c: max(c[5].mean, c[6].mean))
-            top = max(best[5].mean, best[6].mean)
+            best = max(comparisons, key=lambda c: max(c.qat.mean, c.sqakd.mean))
+            top = max(best.qat.mean, best.sqakd.mean)
             lines.append(f"- The FP teacher reaches {teacher.mean:.2f}; the best quantized student "
-                         f"({METHOD_LABEL[best[0]]} W{best[1]}A{best[1]}) {top:.2f}.")
+                         f"({METHOD_LABEL[best.method]} W{best.bits}A{best.bits}) {top:.2f}.")
     if all(ewgs):
         d, se = _diff(ewgs[1], ewgs[0])
         lines.append(f"- EWGS Hessian delta vs STE (interval W{ABLATION_BITS}A{ABLATION_BITS} QAT): {d:+.2f} points "
@@ -835,18 +949,65 @@ def _environment() -> dict:
     }
 
 
+def _paths(out: pathlib.Path) -> dict[str, pathlib.Path]:
+    return {"md": out.with_name(out.name + ".md"), "csv": out.with_name(out.name + ".csv"),
+            "runs_csv": out.with_name(out.name + "_runs.csv"), "png": out.with_name(out.name + ".png"),
+            "meta": meta_path(out)}
+
+
+def _write_report(opts: Options, rows: Sequence[Row], paths: dict[str, pathlib.Path], header: Sequence[str],
+                  deltas: str, command: str = "") -> None:
+    """OUT.csv, OUT.png and OUT.md from the grouped rows."""
+    write_csv(paths["csv"], rows)
+    plot(paths["png"], opts, rows)
+    paths["md"].write_text(markdown(opts, rows, header, deltas, command), encoding="utf-8")
+
+
 def write_outputs(opts: Options, records: dict[RunSpec, dict], wall_s: float) -> dict[str, pathlib.Path]:
     rows, raw = collect(opts, records)
     compute_s = sum(rec["wall_s"] for rec in records.values())
-    out = opts.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out.with_name(out.name + ".md"), "csv": out.with_name(out.name + ".csv"),
-             "runs_csv": out.with_name(out.name + "_runs.csv"), "png": out.with_name(out.name + ".png")}
-    write_csv(paths["csv"], rows)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    paths = _paths(opts.out)
+    env = _environment()
+    deltas = _delta_summary(records)
     write_runs_csv(paths["runs_csv"], raw)
-    plot(paths["png"], opts, rows)
-    paths["md"].write_text(markdown(opts, rows, wall_s, compute_s, _environment(), _delta_summary(records)),
-                           encoding="utf-8")
+    header = provenance(opts, wall_s, compute_s, env)
+    paths["meta"].write_text(json.dumps({"command": opts.command, "header": header, "deltas": deltas, "notes": []},
+                                        indent=1) + "\n", encoding="utf-8")
+    _write_report(opts, rows, paths, header, deltas)
+    return paths
+
+
+def report_only(opts: Options, log=print) -> dict[str, pathlib.Path]:
+    """Rewrites OUT.md, OUT.csv and OUT.png from OUT_runs.csv and OUT_meta.json: no training.
+
+    With `opts.merge_runs`, that file's student rows first replace the matching rows of
+    OUT_runs.csv (which is rewritten), and OUT_meta.json gains a note naming the rerun."""
+    paths = _paths(opts.out)
+    if not paths["runs_csv"].exists():
+        raise FileNotFoundError(f"--report-only: {paths['runs_csv']} does not exist (run the grid first)")
+    meta = read_meta(opts.out)
+    meta.setdefault("notes", [])
+    raw = read_runs_csv(paths["runs_csv"])
+    if opts.merge_runs is not None:
+        other = opts.merge_runs
+        raw, sections, teachers = merge_runs(raw, read_runs_csv(other))
+        other_meta = read_meta(other.with_name(other.name[:-len("_runs.csv")]))
+        teacher_txt = ", ".join(f"{r['top1']:.2f}" for r in sorted(teachers, key=lambda r: r["seed"]))
+        note = (f"- rows of section(s) {', '.join(sections)} rerun with newer code"
+                + (f" (`{other_meta['command']}`; {'; '.join(h.lstrip('- ') for h in other_meta.get('header', []))})"
+                   if other_meta.get("command") else "")
+                + (f"; those runs trained their own FP teachers (top-1 per seed: {teacher_txt}), the FP teacher "
+                   f"row above is the original runs'" if teachers else "") + ".")
+        meta["notes"].append(note)
+        write_runs_csv(paths["runs_csv"], raw)
+        paths["meta"].write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    rows = group_rows(raw)
+    env = _environment()
+    header = list(meta.get("header", [])) + list(meta["notes"]) + [
+        f"- tables regenerated from `{paths['runs_csv'].name}` without training (`--report-only`), {env['date']}"]
+    _write_report(opts, rows, paths, header, meta.get("deltas", ""), meta.get("command", ""))
+    log("wrote " + ", ".join(str(paths[k]) for k in ("md", "csv", "png")))
     return paths
 
 
@@ -866,8 +1027,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     _setup_jax(str(ROOT / ".cache" / "jax"))
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
-        reproduce(opts)
+        report_only(opts) if opts.report_only else reproduce(opts)
     except ConfigMismatchError as err:
+        sys.exit(f"error: {err}")
+    except (FileNotFoundError, ValueError) as err:  # --report-only: a missing or mismatched CSV
+        if not opts.report_only:
+            raise
         sys.exit(f"error: {err}")
 
 

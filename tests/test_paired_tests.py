@@ -56,4 +56,32 @@ def test_compare_pairs_by_seed(pt, tmp_path):
     # diffs in points: 3/3.6, 6/3.6, 9/3.6 -> mean 6/3.6, sd 3/3.6, t = 2 sqrt(3)
     assert math.isclose(float(cells[3]), 6 / 3.6, abs_tol=5e-3)
     assert math.isclose(float(cells[4]), 2 * math.sqrt(3), abs_tol=5e-3)
-    assert cells[6] == "not significant"  # p = 0.074 with 2 degrees of freedom
+    assert cells[5] == cells[6] == "0.0742"  # p with 2 degrees of freedom; one test: Holm changes nothing
+    assert cells[7] == "not significant"
+
+
+def test_holm_by_hand(pt):
+    """p = 0.01, 0.04, 0.03, 0.005 (m = 4). Sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 gives
+    0.02, 0.03, 0.06, 0.04; the running maximum makes the last 0.06. Holm at 0.05 rejects the two
+    smallest only (0.005 < 0.05/4, 0.01 < 0.05/3, 0.03 > 0.05/2)."""
+    adjusted = pt.holm([0.01, 0.04, 0.03, 0.005])
+    for got, want in zip(adjusted, [0.03, 0.06, 0.06, 0.02]):
+        assert math.isclose(got, want, rel_tol=1e-12)
+    assert [p < 0.05 for p in adjusted] == [True, False, False, True]
+
+
+def test_holm_caps_at_one_and_skips_untested(pt):
+    adjusted = pt.holm([0.5, math.nan, 0.6])  # m = 2: 2 x 0.5 = 1.0, then max(1.0, 0.6)
+    assert adjusted[0] == adjusted[2] == 1.0 and math.isnan(adjusted[1])
+    assert pt.holm([]) == [] and pt.holm([0.2]) == [0.2]
+
+
+def test_holm_on_the_stored_grid(pt):
+    """The grid's smallest raw p (PACT W1A1, t = 15.5 on 2 df) is multiplied by the 12 settings."""
+    rows = [line.split(" | ") for line in pt.table(pt.correct_counts(ROOT / "docs" / "reproduction_runs.csv"))[2:]]
+    assert len(rows) == 12
+    raw = {(r[0].lstrip("| "), r[1]): (float(r[7]), float(r[8])) for r in rows}
+    p, p_holm = raw[("PACT", "W1A1")]
+    assert p == min(v[0] for v in raw.values())
+    assert math.isclose(p_holm, 12 * p, abs_tol=13 * 5e-5)  # both printed to 4 decimals
+    assert all(h >= r for r, h in raw.values())

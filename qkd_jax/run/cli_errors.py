@@ -43,11 +43,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from qkd_jax.run.lock import WorkdirLockedError
     from qkd_jax.run.preflight import InsufficientDiskSpaceError, TeacherCheckpointError, WorkdirNotWritableError
     from qkd_jax.run.rerun import ConfigChangedError
+    from qkd_jax.run.teacher_select import NoBestCheckpointError
     from qkd_jax.train.checkpoint import CorruptCheckpointError, DiskFullError
 
     return (ConfigError, ConfigChangedError, DatasetNotPreparedError, CorruptCheckpointError, NonFiniteLossError,
             DeadLayerError, WorkdirLockedError, TeacherCheckpointError, WorkdirNotWritableError,
-            InsufficientDiskSpaceError, DiskFullError, NotAWorkdirError, BackendUnavailableError)
+            InsufficientDiskSpaceError, DiskFullError, NotAWorkdirError, BackendUnavailableError,
+            NoBestCheckpointError)
 
 
 def run_reporting(prog: str, command: Callable[[], T]) -> T:

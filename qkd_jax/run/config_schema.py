@@ -44,6 +44,8 @@ ESTIMATORS = ("ste", "ewgs", "hessian")
 # own (released EWGS code) or one joint probe; the cross-entropy with labels (released) or the phase's loss.
 HESSIAN_PROBES = ("per_layer", "joint")
 HESSIAN_LOSSES = ("ce", "phase")
+# config.teacher_select: which epoch of the run's FP teacher the later phases read (run/teacher_select.py).
+TEACHER_SELECT = ("last", "best")
 
 
 def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -160,6 +162,11 @@ def base_config() -> ml_collections.ConfigDict:
     # parameters, optimizer state, BatchNorm statistics, quantizers and losses).
     c.compute_dtype = "float32"
     c.teacher_checkpoint = ""
+    # Which of the teacher phase's epochs later phases read: 'last' (the final epoch) or 'best'
+    # (the evaluated epoch of highest top-1 on the eval split, as the released scripts' best
+    # checkpoint; selected on the test data, docs/method.md "Teacher selection"). Per run, not per
+    # phase: every phase of a run reads the same teacher.
+    c.teacher_select = "last"
     # Rerun in a workdir with changed settings: delete this phase's checkpoints and every later
     # phase's, and train them again ("" = refuse changed settings; see run/rerun.py).
     c.retrain_from = ""
@@ -323,6 +330,8 @@ def validate(config: ml_collections.ConfigDict, *, known_models: Iterable[str] =
     _int_in("log_every_steps", config.log_every_steps, 1)
     _int_in("checkpoint_every_steps", config.checkpoint_every_steps, 1)
     _int_in("keep_checkpoints", config.keep_checkpoints, 1)
+    if config.teacher_select not in TEACHER_SELECT:
+        _fail("teacher_select", config.teacher_select, f"must be one of {TEACHER_SELECT}")
     _validate_phases(config)
 
 

@@ -56,6 +56,9 @@ class PhasePlan:
     log_every_steps: int
     checkpoint_every_steps: int
     keep_checkpoints: int
+    # A teacher phase's config.teacher_select: 'best' keeps the best-epoch checkpoint and hands it
+    # on (run/teacher_select.py); 'last' for every other phase kind.
+    teacher_select: str = "last"
 
     @property
     def total_steps(self) -> int:
@@ -115,4 +118,5 @@ def make_plan(config: ml_collections.ConfigDict, workdir: epath.Path, name: str,
         log_every_steps=config.log_every_steps,
         checkpoint_every_steps=config.checkpoint_every_steps,
         keep_checkpoints=config.keep_checkpoints,
+        teacher_select=config.teacher_select if ph.kind == "teacher" else "last",
     )

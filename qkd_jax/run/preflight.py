@@ -31,6 +31,7 @@ from qkd_jax.run.config_schema import ConfigError, group_spec
 from qkd_jax.run.context import RunContext
 from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.rerun import recorded_meta
+from qkd_jax.run.teacher_select import check_has_best
 from qkd_jax.train.optim import build_optimizer
 from qkd_jax.train.paths import is_remote, missing_gcs_clients
 
@@ -78,6 +79,8 @@ def check_teacher_checkpoint(plan: PhasePlan) -> None:
         raise TeacherCheckpointError(
             f"{key} holds an unfinished teacher phase (step {meta.get('step')}); finish that run "
             f"first (rerun its command).")
+    if plan.teacher_select == "best":  # before any work: the best epoch must have been kept
+        check_has_best(plan.directory, key)
 
 
 def _existing_ancestor(path: epath.Path) -> epath.Path:
@@ -221,7 +224,8 @@ def checkpoint_bytes_needed(ctx: RunContext, plans: Iterable[PhasePlan]) -> int:
         if plan.from_teacher_checkpoint or has_steps(plan.directory):
             continue
         one, written = checkpoint_size(ctx, plan), saves(plan)
-        total += one * min(written, plan.keep_checkpoints) + RECORD_BYTES * logged_records(plan)
+        best = 1 if plan.teacher_select == "best" else 0  # + <phase>/best/ (run/teacher_select.py)
+        total += one * (min(written, plan.keep_checkpoints) + best) + RECORD_BYTES * logged_records(plan)
         if written > plan.keep_checkpoints:
             extra = max(extra, one)
     return total + extra

@@ -68,8 +68,9 @@ FEATURE_OPTIONS = {
 # phase first (paraphraser_phase), so it is not in FEATURE_BASELINES (one student phase each).
 FT_BASELINE = ("factor", 200.0)
 # Released CIFAR/utils_distill.py `init`: SGD lr 0.01 (CIFAR ResNets; other models: the model lr),
-# momentum 0.9 and weight decay 1e-4 (train_quant.py defaults, the scripts set neither), a
-# constant learning rate, init_epochs = 30.
+# momentum 0.9 (train_quant.py default), weight decay args.weight_decay = the student's (1e-4, the
+# train_quant.py default, in the CIFAR-10 scripts; 5e-4 in the CIFAR-100 scripts: two_phase_baseline
+# passes the recipe's student_wd), a constant learning rate, init_epochs = 30.
 PARAPHRASER_EPOCHS = 30
 
 
@@ -97,10 +98,13 @@ def ft_phase(*, paraphraser: str, epochs: int, batch_size: int, weights: ml_coll
                  weights=weights, quant_params=quant_params)
 
 
-# FSP: released CIFAR/utils_distill.py `init` trains the student's feature modules (all but the
-# classifier, quantizers included) on the unweighted sum of FSP losses over feat[:-1] for
-# init_epochs = 30 with SGD (the model lr, momentum 0.9, weight decay 1e-4); the main phase's
-# feature term is 0 (`get_loss_kd`), so it trains gamma * CE (gamma 1, alpha 0) alone.
+# FSP: released CIFAR/utils_distill.py `init` trains the student's feature modules (stem, its
+# BatchNorm and the three stages, quantizers included; not the ResNet head BatchNorm nor the
+# classifier) on the unweighted sum of FSP losses over feat[:-1] for init_epochs = 30 with SGD (the
+# model lr, momentum 0.9, weight decay args.weight_decay: the student's, 1e-4 on CIFAR-10, 5e-4 on
+# CIFAR-100); the main phase's feature term is 0 (`get_loss_kd`), so it trains gamma * CE (gamma 1,
+# alpha 0) alone. Differences here (docs/method.md section 7): only the classifier is frozen (the
+# head BatchNorm trains, in training mode) and the quantizer parameters get no weight decay.
 FSP_INIT_EPOCHS = 30
 
 

@@ -76,6 +76,11 @@ def phase_record(config: ml_collections.ConfigDict, plan: PhasePlan) -> dict[str
     # (float32 by definition) still rerun; a float32 record vs bfloat16 now is still a change.
     if config.get("compute_dtype", "float32") != "float32":
         record["compute_dtype"] = config.compute_dtype
+    # Which teacher epoch the phases read (config.teacher_select): the teacher phase keeps another
+    # checkpoint and every later phase starts from another network. Recorded only when not the
+    # default, so workdirs written before the key existed ('last' by definition) still rerun.
+    if config.get("teacher_select", "last") != "last":
+        record["teacher_select"] = config.teacher_select
     if plan.kind != "calibrate" and config.get("data", {}).get("jpeg", False):
         record["data.jpeg"] = True  # the JPEG path's pixels differ slightly (docs/method.md section 10)
     record.update({f"{key}.kind": plan.kind, f"{key}.batch_size": plan.batch_size})

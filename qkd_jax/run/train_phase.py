@@ -26,6 +26,7 @@ from qkd_jax.run.plan import PhasePlan
 from qkd_jax.run.report import eval_record
 from qkd_jax.run.rerun import check_resume_devices
 from qkd_jax.run.states import build_state, checkpoint_meta, local_state, phase_result
+from qkd_jax.run.teacher_select import check_has_best, is_new_best, open_best
 from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
 from qkd_jax.train.ewgs_update import compute_ewgs_deltas
@@ -57,6 +58,8 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
         monitor.warnings = list(meta.get("warnings", []))
         if meta.get("completed"):
             console(f"[{name}] already completed at step {meta['step']}: read from {ckpt.directory}")
+            if plan.teacher_select == "best":
+                return _best_result(ctx, plan, state, history, monitor.warnings)
             return phase_result(plan, state, meta.get("eval", {}), history, monitor.warnings)
         if plan.from_teacher_checkpoint:
             # Never train on in another run's directory.
@@ -94,6 +97,17 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
         console(f"[{name}] compiling the train step (the first step) ...")
     last_saved = start  # the step of the newest checkpoint of this phase
 
+    def keep_if_best(ev: dict, epoch: int) -> None:
+        """teacher_select='best': the epoch's state replaces <phase>/best/ when its top-1 is the highest yet."""
+        if plan.teacher_select != "best" or not is_new_best(history, ev["top1"]):
+            return
+        best = open_best(plan.directory, read_only=False)
+        try:
+            best.save_only(state, meta={**checkpoint_meta(ctx, plan, completed=False, eval_metrics=ev,
+                                                          eval_history=history), "best_epoch": epoch})
+        finally:
+            best.close()
+
     def save_checkpoint(done: int) -> None:
         """An unfinished checkpoint at step `done`, after checking the loss and parameters."""
         nonlocal last_saved
@@ -125,6 +139,7 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
         if epoch_end and done != total and (done // spe) % plan.eval_every_epochs == 0:
             ev = evaluate(ctx, net.train_model, state.variables(), phase=name)
             ctx.writer.write(name, done, "eval", ev)
+            keep_if_best(ev, done // spe)
             history.append(eval_record(done // spe, ev))
             if warning := monitor.evaluated(done, ev["top1"]):
                 _report_warning(ctx, name, done, warning, monitor)
@@ -140,6 +155,7 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
         check_finite({"params": all_finite(state.params)}, name, total, advice)
     eval_metrics = evaluate(ctx, net.train_model, state.variables(), phase=name)
     ctx.writer.write(name, total, "eval", eval_metrics)
+    keep_if_best(eval_metrics, plan.epochs)
     history.append(eval_record(plan.epochs, eval_metrics))
     if warning := monitor.evaluated(total, eval_metrics["top1"]):
         _report_warning(ctx, name, total, warning, monitor)
@@ -148,6 +164,8 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     ckpt.save(state, meta=checkpoint_meta(ctx, plan, completed=True, eval_metrics=eval_metrics,
                                           eval_history=history, warnings=monitor.warnings),
               data_state=iterator.get_state())
+    if plan.teacher_select == "best":
+        return _best_result(ctx, plan, state, history, monitor.warnings)
     return phase_result(plan, state, eval_metrics, history, monitor.warnings)
 
 
@@ -155,6 +173,24 @@ def _report_warning(ctx: RunContext, name: str, step: int, warning: str, monitor
     """The divergence warning on the console and as a 'warning' record in metrics.jsonl."""
     console(warning)
     ctx.writer.write(name, step, "warning", monitor.record())
+
+
+def _best_result(ctx: RunContext, plan: PhasePlan, template: TrainState, history: list,
+                 warnings: list) -> PhaseResult:
+    """The teacher phase's result under teacher_select='best': the state of <phase>/best/ (the
+    evaluated epoch of highest top-1) with that epoch's eval; the history stays the whole phase's."""
+    key = (f"config.teacher_checkpoint={str(plan.directory)!r}" if plan.from_teacher_checkpoint
+           else f"the teacher phase {str(plan.directory)!r}")
+    check_has_best(plan.directory, key)
+    best = open_best(plan.directory, read_only=True)
+    try:
+        restored = best.restore(template, mesh=ctx.mesh)
+    finally:
+        best.close()
+    state, _, meta = restored
+    console(f"[{plan.name}] teacher_select='best': later phases read epoch {meta.get('best_epoch')} "
+            f"(eval top1 {meta['eval']['top1']:.2f}%, step {meta['step']})")
+    return phase_result(plan, state, meta.get("eval", {}), history, warnings)
 
 
 def _refresh_deltas(ctx: RunContext, plan: PhasePlan, state: TrainState, net: build.Network, epoch: int):

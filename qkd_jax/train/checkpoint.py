@@ -11,7 +11,8 @@ The directory may be local or in a bucket (`gs://bucket/run/<phase>`): orbax tak
 finalising rename is not atomic; orbax then marks a finished step with a commit file instead.
 
 A frozen teacher is not stored in student checkpoints: the teacher phase's checkpoint is the
-reference. A trainable teacher (QKD co-studying) and a feature criterion's auxiliary parts
+reference (with config.teacher_select='best' its `best/` subdirectory holds the best epoch
+alone, written by `save_only`). A trainable teacher (QKD co-studying) and a feature criterion's auxiliary parts
 (their params, optimizer state and e.g. CRD's memory banks) are stored with the student.
 """
 
@@ -210,6 +211,16 @@ class PhaseCheckpointer:
                 f"nothing was lost: the newest checkpoint is "
                 f"{f'step {kept[-1]}' if kept else 'none (this phase starts again)'}. Free space "
                 f"and rerun the same command to resume.") from None
+        return step
+
+    def save_only(self, state: TrainState, *, meta: dict) -> int:
+        """Writes a checkpoint at the state's step, then deletes every other step: the directory
+        then holds exactly this one (a teacher's best epoch, run/teacher_select.py). The old
+        steps go only after the new one is finalised, so an interruption never leaves none."""
+        step = self.save(state, meta=meta)
+        for old in self.steps():
+            if old != step:
+                self._manager.delete(old)
         return step
 
     def read_meta(self, step: Optional[int] = None) -> Optional[dict]:

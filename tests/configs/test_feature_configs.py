@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 
@@ -205,7 +206,11 @@ def test_digits_fsp_token_adds_the_init_phase_with_the_classifier_frozen():
     init, main = c.phases.fsp_init, c.phases.fsp
     assert (init.objective, init.gamma, init.alpha, init.beta, init.feature, init.freeze) == (
         "kd", 0.0, 0.0, 1.0, "fsp", "classifier")
-    assert init.weights.optimizer == init.quant_params.optimizer == "sgd"
+    assert (init.weights.optimizer, init.weights.learning_rate, init.weights.schedule) == ("sgd", 1e-3, "constant")
+    # Digits deviation (what experiments/feature_kd_digits.py ran): the quantizer parameters keep the
+    # student's Adam; the released init SGD drives them to NaN on digits.
+    assert init.quant_params.to_dict() == main.quant_params.to_dict()
+    assert (init.quant_params.optimizer, init.quant_params.learning_rate) == ("adam", 1e-4)
     assert (main.objective, main.init_from, main.feature) == ("task", "fsp_init", "")
     plan = make_plan(c, pathlib.Path("/tmp/unused"), "fsp_init", steps_per_epoch=3)
     assert plan.freeze == ("classifier",)
@@ -239,3 +244,17 @@ def test_cifar_ft_and_fsp_tokens_follow_the_released_init(name, lr, wd, ft_lr):
     assert (init.weights.learning_rate, init.weights.weight_decay, init.epochs, init.freeze) == (lr, wd, 30,
                                                                                                 "classifier")
     assert (fsp.phases.student.objective, fsp.phases.student.init_from) == ("task", "fsp_init")
+
+
+def test_the_digits_experiment_runs_the_configs_fsp_init_phase():
+    """experiments/feature_kd_digits.py reads FSP's init recipe from configs/digits_feature_kd.py."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "feature_kd_digits.py"
+    spec = importlib.util.spec_from_file_location("_feature_kd_digits_for_config_test", path)
+    fk = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = fk  # its dataclasses look their module up
+    spec.loader.exec_module(fk)
+    opts = fk.parse_args(["--methods=fsp", "--epochs=12", "--init-epochs=3", "--workdirs=/tmp/unused"])
+    ran = fk.build_config(0, "fsp", opts).phases.fsp_init
+    assert ran.to_dict() == _load("digits_feature_kd", "fsp").phases.fsp_init.to_dict()

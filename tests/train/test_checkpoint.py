@@ -259,3 +259,19 @@ def test_saving_the_step_of_an_unreadable_checkpoint_replaces_it(tmp_path, caplo
         restored, _, meta = ckpt.restore(_state(seed=10))
     assert meta == {"again": True, "step": 2}
     assert_trees_identical(state_to_tree(restored), state_to_tree(jax.device_get(s2)))
+
+
+def test_save_only_leaves_exactly_the_new_step_even_below_the_old_one(tmp_path):
+    """A teacher's best-epoch directory holds one checkpoint; a replay may write an earlier step."""
+    s1, s3 = _trained(1), _trained(3)
+    with _closing(PhaseCheckpointer(tmp_path, max_to_keep=2)) as ckpt:
+        ckpt.save_only(s1, meta={"epoch": 1})
+        assert ckpt.save_only(s3, meta={"epoch": 3}) == 3
+        assert ckpt.steps() == [3]
+        assert ckpt.save_only(s1, meta={"epoch": 1}) == 1  # lower than the kept step
+        assert ckpt.steps() == [1]
+    assert _step_dirs(tmp_path) == ["1"]
+    with _closing(PhaseCheckpointer(tmp_path, read_only=True)) as ckpt:
+        restored, _, meta = ckpt.restore(_state(seed=4))
+    assert meta == {"epoch": 1, "step": 1}
+    assert_trees_identical(state_to_tree(restored), state_to_tree(jax.device_get(s1)))

@@ -42,6 +42,9 @@ from qkd_jax.run.plan import make_plan
 from qkd_jax.run.train_phase import compiled_train_step, initial_state, train_batches
 from qkd_jax.train import parallel
 
+# 72 exports of whole steps: 2.5 to 5 minutes on 2 busy CPU cores.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 IMAGE = 32
 BATCH = 16
@@ -236,7 +239,7 @@ def test_bfloat16_step_convolves_in_bfloat16_and_quantizes_in_float32(case, plat
     convs, dots = op_types(text, "convolution"), op_types(text, "dot_general")
     # Every convolution of the networks takes and gives bfloat16; so does the classifier's matmul.
     assert len(convs) >= 19 and all(t == ("bf16", "bf16", "bf16") for t in convs), set(convs)
-    if step != "calibrate":  # the calibration pass stops before the (full-precision) classifier
+    if step != "calibrate":  # calibrating, a full-precision classifier's output has no use and is dropped
         assert ("bf16", "bf16", "bf16") in dots
     # The only float32 matmuls are the feature criterion's own (its heads and contrasts work on
     # the float32 features); nothing else mixes precisions.

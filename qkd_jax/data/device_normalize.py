@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
@@ -20,9 +21,11 @@ def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float],
 
     The same float32 operations, in the same order, as `augment.normalize` on the host.
     """
-    mean_ = jnp.asarray(mean, jnp.float32)
-    std_ = jnp.asarray(std, jnp.float32)
-    x = images.astype(jnp.float32) / jnp.float32(255.0)
+    # NumPy constants, embedded in the compiled step (a jax.Array made here would be a hidden
+    # argument of the jitted step, which jax.export cannot map back to the step's inputs).
+    mean_ = np.asarray(mean, np.float32)
+    std_ = np.asarray(std, np.float32)
+    x = images.astype(jnp.float32) / np.float32(255.0)
     return ((x - mean_) / std_).astype(dtype)
 
 

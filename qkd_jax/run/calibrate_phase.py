@@ -25,6 +25,15 @@ from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
 
 
+def calibration_forward(ctx: RunContext, net: build.Network):
+    """The jitted calibration pass `(variables, images) -> (variables, checks)` of the student.
+
+    One compiled forward pass (op-by-op it takes ~20 s for a ResNet-20 on CPU). The released
+    variant calibrates every layer on full-precision inputs (MQBench's observer pass)."""
+    fp_inputs = ctx.config.quant.variant == "released"
+    return jax.jit(lambda v, x: calibrate_with_report(net.local_model, v, x, train=True, fp_inputs=fp_inputs))
+
+
 def run_calibrate(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> PhaseResult:
     name = plan.name
     net = ctx.network("student")
@@ -50,12 +59,7 @@ def run_calibrate(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> 
     console(f"[{name}] calibrating every quantizer on one batch of {plan.batch_size} "
             f"(compiling the forward pass) ...")
     t0 = time.perf_counter()
-    # One compiled forward pass (op-by-op it takes ~20 s for a ResNet-20 on CPU). The released
-    # variant calibrates every layer on full-precision inputs (MQBench's observer pass).
-    fp_inputs = ctx.config.quant.variant == "released"
-    variables, checks = jax.jit(lambda v, x: calibrate_with_report(net.local_model, v, x, train=True,
-                                                                   fp_inputs=fp_inputs))(
-        variables, jnp.asarray(batch["image"]))
+    variables, checks = calibration_forward(ctx, net)(variables, jnp.asarray(batch["image"]))
     raise_on_calibration_problems(jax.device_get(checks))
     q = ctx.config.quant
     console(f"[{name}] calibrated every quantizer on one batch of {plan.batch_size} "

@@ -42,10 +42,27 @@ def _initial_variables(ctx: RunContext, plan: PhasePlan, net: build.Network) -> 
     return ctx.results[plan.init_from].student
 
 
+def initial_state(ctx: RunContext, plan: PhasePlan, net: build.Network) -> TrainState:
+    """The phase's fresh TrainState (before any checkpoint is restored into it)."""
+    return build_state(ctx, plan, _initial_variables(ctx, plan, net), net)
+
+
+def train_batches(ctx: RunContext, plan: PhasePlan):
+    """The phase's training batches (this process's part), as its train step takes them."""
+    return train_loader(ctx, plan.batch_size, plan.epochs, plan.seed, labels=plan.needs_labels, uint8=True,
+                        with_index=plan.needs_index)
+
+
+def compiled_train_step(ctx: RunContext, plan: PhasePlan):
+    """The phase's train step as the loop runs it: jit(shard_map(train_step)) over the run's mesh."""
+    return parallel.compile_train_step(
+        functools.partial(train_step, objective=plan.objective, preprocess=preprocess(ctx)), ctx.mesh)
+
+
 def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> PhaseResult:
     name = plan.name
     net = ctx.network(plan.kind)
-    state = build_state(ctx, plan, _initial_variables(ctx, plan, net), net)
+    state = initial_state(ctx, plan, net)
     restored = ckpt.restore(state, mesh=ctx.mesh)
     data_state = None
     history: list = []  # run/report.py eval records, continued from the checkpoint on resume
@@ -76,14 +93,12 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
     spe, total = plan.steps_per_epoch, plan.total_steps
     start = int(jax.device_get(state.step))
     ctx.writer.drop_after(name, start if restored is not None else -1)  # each step once in metrics.jsonl
-    loader = train_loader(ctx, plan.batch_size, plan.epochs, plan.seed, labels=plan.needs_labels, uint8=True,
-                          with_index=plan.needs_index)
+    loader = train_batches(ctx, plan)
     iterator = DevicePrefetch(iter(loader), functools.partial(parallel.shard_batch, mesh=ctx.mesh),
                               ctx.config.data.prefetch)
     if data_state is not None:
         iterator.set_state(data_state)
-    p_step = parallel.compile_train_step(
-        functools.partial(train_step, objective=plan.objective, preprocess=preprocess(ctx)), ctx.mesh)
+    p_step = compiled_train_step(ctx, plan)
     progress = ProgressLine(name, total, plan.batch_size, start_step=start)
     lr_args = dict(steps_per_epoch=spe, total_steps=max(total, 1))
     console(f"[{name}] {plan.kind}: objective {plan.objective_name}, {plan.epochs} epochs x {spe} steps, "

@@ -18,6 +18,7 @@ import math
 from typing import Sequence
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 SCHEDULES = ("constant", "cosine_epoch", "cosine_step", "warmup_cosine", "step")
@@ -61,7 +62,9 @@ def warmup_cosine(lr0: float, warmup_steps: int, total_steps: int, init_lr: floa
 
 def step_decay(lr0: float, steps_per_epoch: int, decay_epochs: Sequence[int], factor: float) -> optax.Schedule:
     """Multiply by `factor` at the start of each epoch in `decay_epochs`."""
-    milestones = jnp.asarray(sorted(decay_epochs), jnp.int32).reshape(-1)
+    # A NumPy constant: embedded in the compiled step (a jax.Array closed over by a jitted step
+    # becomes a hidden argument, which jax.export cannot map back to the step's inputs).
+    milestones = np.asarray(sorted(decay_epochs), np.int32).reshape(-1)
 
     def schedule(step):
         epoch = jnp.asarray(step) // steps_per_epoch

@@ -826,7 +826,7 @@ def reading(opts, rows, comparisons, ewgs, qkd_rows, deltas: str = "") -> list[s
             text += " (one seed: no noise estimate, so no verdicts)"
         lines.append(text + ".")
         if opts.seeds > 1:
-            lines.append(f"- Raw p < 0.05 before the correction: "
+            lines.append("- Raw p < 0.05 before the correction: "
                          + (", ".join(f"{METHOD_LABEL[c.method]} W{c.bits}A{c.bits} (p = {c.p:.4f}, Holm "
                                       f"{c.p_holm:.4f})" for c in raw) if raw else "none") + ".")
 

@@ -48,6 +48,7 @@ def test_peak_table(accelerator):
     assert accelerator.peak_tflops("cpu", "float32") is None
 
 
+@pytest.mark.slow  # runs the step-time benchmark end to end at a tiny size
 def test_tiny_run_figures_are_consistent(accelerator, tmp_path):
     out = tmp_path / "bench.json"
     accelerator.main(["--tiny", "--models=resnet18", "--dtypes=bfloat16", "--cases=fp", "--peak-tflops=2",

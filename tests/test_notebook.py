@@ -17,10 +17,11 @@ import sys
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("matplotlib")
+# The test extras install these: a missing one is a broken install, so it fails (no skip).
+import ipykernel  # noqa: F401
+import matplotlib  # noqa: F401
+import nbclient
+import nbformat
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"

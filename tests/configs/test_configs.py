@@ -32,8 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarni
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs"
-HELPERS: set[str] = set()  # every .py file under configs/ is an experiment
-CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.py") if p.name not in HELPERS)
+CONFIG_FILES = sorted(p.name for p in CONFIG_DIR.glob("*.py"))  # every .py file under configs/ is an experiment
 EXPERIMENT_FILES = [n for n in CONFIG_FILES if not n.startswith("digits_")]  # digits_*: the demos on bundled data
 
 
@@ -138,8 +137,8 @@ def test_docstring_documents_variants_and_commands(name):
     assert f"python -m qkd_jax.main --config=configs/{name}:" in doc
     assert "ARG" in doc
     assert m.VARIANTS[0] == "fp"
-    for variant in m.VARIANTS:  # every documented variant parses to a distinct config
-        assert get(name, variant) is not None
+    for variant in m.VARIANTS:  # every documented variant builds a config with phases
+        assert phase_names(get(name, variant)), variant
     keys = {get(name, v).to_json() for v in m.VARIANTS}
     assert len(keys) == len(m.VARIANTS)
 
@@ -372,8 +371,7 @@ def test_tiny_imagenet_recipe(name, method):
 ])
 def test_tiny_imagenet_sqakd_alpha(name, bits, method, alpha):
     s = get(name, f"sqakd,{method},{bits}").phases.student
-    assert s.alpha == alpha
-    assert 1.0 <= s.alpha <= 800.0  # docs/method.md section 8: alpha 1 (ResNet-18), 10-800 others
+    assert s.alpha == alpha  # docs/method.md section 8: alpha 1 (ResNet-18), 10-800 others
 
 
 @pytest.mark.parametrize("method", ["pact", "lsq", "dorefa"])
@@ -432,7 +430,6 @@ def test_imagenet_qkd(name, model, bits):
     assert cs.temperature == tu.temperature == 2.0
     # 30/100/70 of 200 CIFAR epochs scaled to 100: the phases share the ImageNet 100-epoch budget.
     assert (ss.epochs, cs.epochs, tu.epochs) == (15, 50, 35)
-    assert ss.epochs / 30 == cs.epochs / 100 == tu.epochs / 70
     for ph in (ss, cs, tu):
         assert ph.batch_size == 256
         _opt(ph.weights, optimizer="sgd", learning_rate=1e-2, momentum=0.9, weight_decay=1e-4, schedule="cosine_epoch")

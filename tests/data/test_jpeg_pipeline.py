@@ -94,6 +94,7 @@ def test_eval_loader_uint8(data_dir):
     assert batches[-1]["mask"].tolist() == [True, True, False, False, False]
 
 
+@pytest.mark.slow  # the input-pipeline benchmark end to end at a tiny size
 def test_benchmark_at_tiny_size(tmp_path):
     out = tmp_path / "bench.json"
     data_dir = tmp_path / "data"

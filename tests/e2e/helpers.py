@@ -105,69 +105,94 @@ def safety_config():
 FEATURE_TEST_OPTIONS = {"crd": {"nce_k": 1024}, "cktf": {"nce_k": 1024, "pool": "global"}}
 
 
-def feature_config(tokens: str = ""):
-    """Digits teacher (0 epochs) -> calibrate -> one feature-distillation phase per token of
-    `tokens` ('-'-separated baselines of qkd_jax.run.recipes.FEATURE_BASELINES, '' = all), each
-    1 epoch of 11 steps (batch 128) from the calibration with the released beta, a checkpoint
-    every 3 steps (so a run can be killed in the middle of a phase)."""
+# The feature suite's phases after teacher (0 epochs) and calibrate: first the ones with
+# auxiliary state that tests interrupt and resume (their seeds depend on their position only),
+# then the other one-phase baselines, FT's student phase and FSP's two phases.
+FEATURE_SUITE_INTERRUPTED = ("crd", "cktf", "ft_paraphraser")
+FEATURE_SUITE_BASELINES = ("crd", "cktf", "at", "nst", "sp", "rkd", "fitnet", "cc", "vid")
+
+
+def feature_suite_config():
+    """Digits teacher (0 epochs) -> calibrate -> every feature-distillation method, each 1 epoch of
+    11 steps (batch 128) from the calibration, a checkpoint every 3 steps: crd, cktf,
+    ft_paraphraser (FT's paraphraser), at, nst, sp, rkd, fitnet, cc, vid, ft (feature='factor'),
+    fsp_init (FSP losses alone, classifier frozen), fsp (plain CE from fsp_init)."""
     from qkd_jax.run import recipes
 
-    names = tokens.split("-") if tokens else list(recipes.FEATURE_BASELINES)
     c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=3, log_every_steps=1)
-    phases = [("teacher", c.phases.teacher), ("calibrate", phase("calibrate", init_from="teacher", batch_size=128))]
-    for name in names:
-        phases.append((name, recipes.feature_phase(
-            name, epochs=1, batch_size=128,
-            weights=optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch"),
-            quant_params=optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch"),
-            options=FEATURE_TEST_OPTIONS.get(name))))
+    weights = optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch")
+    quant = optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch")
+
+    def baseline(token):
+        return (token, recipes.feature_phase(token, epochs=1, batch_size=128, weights=weights.copy_and_resolve_references(),
+                                             quant_params=quant.copy_and_resolve_references(),
+                                             options=FEATURE_TEST_OPTIONS.get(token)))
+
+    # FSP's init as the digits config runs it (configs/digits_feature_kd.py): the released init SGD
+    # for the weights at the student's rate, the quantizer parameters on the student's Adam.
+    fsp_init = recipes.fsp_init_phase(epochs=1, batch_size=128, learning_rate=1e-3)
+    fsp_init.quant_params = quant.copy_and_resolve_references()
+    phases = [("teacher", c.phases.teacher), ("calibrate", phase("calibrate", init_from="teacher", batch_size=128)),
+              baseline("crd"), baseline("cktf"), ("ft_paraphraser", recipes.paraphraser_phase(epochs=1, batch_size=128))]
+    phases += [baseline(token) for token in FEATURE_SUITE_BASELINES[2:]]
+    phases += [
+        ("ft", recipes.ft_phase(paraphraser="ft_paraphraser", epochs=1, batch_size=128,
+                                weights=weights.copy_and_resolve_references(),
+                                quant_params=quant.copy_and_resolve_references())),
+        ("fsp_init", fsp_init),
+        ("fsp", phase("student", objective="task", init_from="fsp_init", epochs=1, batch_size=128,
+                      weights=weights.copy_and_resolve_references(), quant_params=quant.copy_and_resolve_references())),
+    ]
     _set_phases(c, phases)
     return c
 
 
-def ft_config():
-    """Digits teacher (0 epochs) -> calibrate -> 'ft_paraphraser' (1 epoch of 11 steps, the
-    released paraphraser optimizer) -> 'ft' (feature='factor', 1 epoch), batch 128."""
-    from qkd_jax.run import recipes
+def interrupt_after(monkeypatch, steps: int) -> None:
+    """From now on, the runner's training loops (train_phase, paraphraser_phase) see a SIGTERM
+    request after `steps` more training steps of this process: the phase saves a checkpoint at
+    that step boundary and raises `Interrupted`, exactly as on a real signal (run/interrupt.py;
+    the real-signal path is tested in test_run_safety.py)."""
+    import signal
 
-    c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=3, log_every_steps=1)
-    _set_phases(c, [
-        ("teacher", c.phases.teacher), ("calibrate", phase("calibrate", init_from="teacher", batch_size=128)),
-        ("ft_paraphraser", recipes.paraphraser_phase(epochs=1, batch_size=128)),
-        ("ft", recipes.ft_phase(
-            paraphraser="ft_paraphraser", epochs=1, batch_size=128,
-            weights=optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch"),
-            quant_params=optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch"))),
-    ])
-    return c
+    from qkd_jax.run import paraphraser_phase, train_phase
 
+    calls, requested = [0], []
 
-def fsp_config():
-    """Digits teacher (0 epochs) -> calibrate -> 'fsp_init' (11 steps, FSP losses only, the
-    classifier frozen) -> 'fsp' (plain CE, 11 steps), batch 128."""
-    from qkd_jax.run import recipes
+    def stop_requested():
+        if not requested:
+            calls[0] += 1
+            if calls[0] >= steps:
+                requested.append(int(signal.SIGTERM))
+        return requested[0] if requested else None
 
-    c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=3, log_every_steps=1)
-    _set_phases(c, [
-        ("teacher", c.phases.teacher), ("calibrate", phase("calibrate", init_from="teacher", batch_size=128)),
-        ("fsp_init", recipes.fsp_init_phase(epochs=1, batch_size=128, learning_rate=0.01)),
-        ("fsp", phase("student", objective="task", init_from="fsp_init", epochs=1, batch_size=128,
-                      weights=optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch"),
-                      quant_params=optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch"))),
-    ])
-    return c
+    for module in (train_phase, paraphraser_phase):
+        monkeypatch.setattr(module, "stop_requested", stop_requested)
 
 
 def get_config(arg: str = "teacher"):
-    """CLI entry: 'teacher' (teacher_only), 'resume' (resume_config), 'record' (record_config),
-    'safety' (safety_config), 'ft' (ft_config), 'fsp' (fsp_config), or 'feature' / 'feature=TOKENS' (feature_config)."""
-    if arg == "feature" or arg.startswith("feature="):
-        return feature_config(arg.partition("=")[2])
+    """CLI entry: 'teacher' (teacher_only), 'resume' (resume_config), 'record' (record_config) or
+    'safety' (safety_config)."""
     configs = {"teacher": teacher_only, "resume": resume_config, "record": record_config,
-               "safety": safety_config, "ft": ft_config, "fsp": fsp_config}
+               "safety": safety_config}
     if arg not in configs:
         raise ValueError(f"unknown helpers config {arg!r}; use one of {sorted(configs)}")
     return configs[arg]()
+
+
+# ----------------------------------------------------------------------------- in-process runs
+
+
+def mesh(devices: int = 2):
+    """A mesh over the first `devices` of the pytest process's 8 CPU devices, for `loop.run`.
+
+    Two devices still run the sharded step with cross-device means; a checkpoint save or restore
+    of replicated arrays costs about a quarter of the 8-device time. Tests where the device count
+    is the point build their own mesh."""
+    import jax
+
+    from qkd_jax.train import parallel
+
+    return parallel.make_mesh(jax.devices()[:devices])
 
 
 # ----------------------------------------------------------------------------- checkpoints on disk

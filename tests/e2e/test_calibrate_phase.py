@@ -14,7 +14,7 @@ import pytest
 
 from qkd_jax.run.config_schema import phase
 from qkd_jax.run.loop import run
-from tests.e2e.helpers import teacher_only
+from tests.e2e.helpers import mesh, teacher_only
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_w8a8_calibration_keeps_teacher_accuracy(tmp_path):
     )
     config.phase_order = "teacher,calibrate"
     config.quant.w_bits = config.quant.a_bits = 8
-    results = run(config, tmp_path / "w8")
+    results = run(config, tmp_path / "w8", mesh=mesh())
     teacher, calibrated = results["teacher"].eval["top1"], results["calibrate"].eval["top1"]
     assert teacher > 50.0  # two short epochs: well above chance (10%)
     t_vars, s_vars = results["teacher"].student, results["calibrate"].student
@@ -37,5 +37,5 @@ def test_w8a8_calibration_keeps_teacher_accuracy(tmp_path):
 
     config.quant.w_bits = config.quant.a_bits = 2
     config.teacher_checkpoint = str(tmp_path / "w8" / "teacher")
-    low = run(config, tmp_path / "w2")["calibrate"].eval["top1"]
+    low = run(config, tmp_path / "w2", mesh=mesh())["calibrate"].eval["top1"]
     assert low < calibrated

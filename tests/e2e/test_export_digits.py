@@ -26,6 +26,7 @@ from qkd_jax import data as qdata
 from qkd_jax.quant import export as qexport
 from qkd_jax.run.export_checkpoint import load_model
 from qkd_jax.run.loop import run
+from tests.e2e.helpers import mesh
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -64,7 +65,7 @@ def test_integer_inference_predicts_like_the_fake_quant_student(tmp_path, capsys
 
     config = _tiny_digits_config(str(tmp_path / "tfds"))
     workdir = tmp_path / "run"
-    results = run(config, workdir)
+    results = run(config, workdir, mesh=mesh())
     capsys.readouterr()
 
     out = tmp_path / "sqakd_w2a2.npz"

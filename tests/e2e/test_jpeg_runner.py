@@ -1,5 +1,9 @@
 """The runner on a prepared `imagenet2012` of synthetic JPEGs with `data.jpeg`: uint8 batches from
-grain worker processes, normalised in the step, evaluated like the host-normalised float path."""
+grain worker processes, normalised in the step, evaluated like the host-normalised float path.
+
+The model is SqueezeNet 1.0, which has no BatchNorm: a calibrate phase after the teacher (PACT
+W4A4, first and last layer at 8 bits) must accept the teacher's empty 'batch_stats' collection
+(copying it into the student once failed)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import pytest
 from benchmarks import synthetic_imagenet
 from qkd_jax.data import dataset_info, get_source, make_eval_loader
 from qkd_jax.run import build, loop
+from qkd_jax.run.config_schema import phase
 from qkd_jax.train import parallel
 from qkd_jax.train.step import eval_step
 from tests.e2e.helpers import read_metrics, teacher_only
@@ -28,8 +33,13 @@ def test_jpeg_path_trains_and_evaluates_like_the_float_path(tmp_path):
     c.dataset.eval_batch_size = BATCH
     c.model.name = "squeezenet1_0"
     c.data.jpeg, c.data.num_workers, c.data.prefetch = True, 1, 2
+    c.quant.method, c.quant.preset, c.quant.w_bits, c.quant.a_bits = "pact", "first_last_8bit", 4, 4
+    c.phase_order = "teacher,calibrate"
+    c.phases.calibrate = phase("calibrate", init_from="teacher", batch_size=BATCH)
     mesh = parallel.make_mesh(jax.devices()[:2])
     results = loop.run(c, tmp_path / "work", mesh=mesh)
+    assert results["teacher"].student["batch_stats"] == {} == results["calibrate"].student["batch_stats"]
+    assert results["calibrate"].eval["count"] == VAL
     train = [r for r in read_metrics(tmp_path / "work") if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
     ev = results["teacher"].eval

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import math
+import json
 import pathlib
 import sys
 
@@ -106,7 +106,18 @@ def test_quick_grid_writes_table_csv_and_plot(rd, tmp_path):
     with open(paths["runs_csv"], newline="") as f:
         runs = list(csv.DictReader(f))
     assert len(runs) == 3 and all(r["seed"] == "0" for r in runs)
-    assert all(0.0 <= float(r["top1"]) <= 100.0 and math.isfinite(float(r["loss"])) for r in runs)
+    # Each run's accuracy and loss are the final eval the runner logged in its own metrics.jsonl
+    # (a report that mixed up runs, phases or columns would differ here).
+    logged = {}
+    for run_dir, phases in (("seed0/teacher", ("teacher",)), ("seed0/grid_interval_w2a2", ("qat", "sqakd"))):
+        records = [json.loads(x) for x in (opts.budget_dir / run_dir / "metrics.jsonl").read_text().splitlines()]
+        for phase in phases:
+            logged[phase] = [r for r in records if r["phase"] == phase and r["kind"] == "eval"][-1]
+    for r in runs:
+        ev = logged["teacher" if r["section"] == "teacher" else r["variant"]]
+        assert float(r["top1"]) == pytest.approx(ev["top1"], abs=1e-4), r
+        assert float(r["loss"]) == pytest.approx(ev["loss"], rel=1e-4), r
+    assert float(by_variant["qat"]["mean_top1"]) == pytest.approx(logged["qat"]["top1"], abs=5e-3)
 
     md = paths["md"].read_text()
     assert "| method | W/A bits | plain QAT (labels) | SQAKD (no labels) |" in md

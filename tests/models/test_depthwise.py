@@ -64,6 +64,7 @@ def test_other_convs_fall_through_to_lax():
     assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow  # whole MobileNetV2 forward and backward in float64 (about a minute)
 def test_mobilenet_v2_shifted_matches_grouped():
     # In float64: through 52 training-mode BatchNorms and ReLU6 kinks, a last-bit difference in one
     # conv grows by about 1e5, so in float32 the two formulations' gradients differ by 0.6% on a

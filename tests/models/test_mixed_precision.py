@@ -119,6 +119,7 @@ def test_bf16_layer_quantizes_in_float32_on_the_same_grid(method, signed):
     assert np.all(np.abs(y16 - y32) <= 5.1 * 2.0**-9 * np.abs(y32) + 1e-6)
 
 
+@pytest.mark.slow  # calibrates and trains VGG-8 (the bf16 step's dtypes are also read from its lowered module: tests/train/test_lowering.py)
 def test_bf16_train_step_keeps_the_state_float32():
     data = _data()
     _, _, state = _run(jnp.bfloat16, True, 1, data, _variables(True, data))
@@ -130,6 +131,7 @@ def test_bf16_train_step_keeps_the_state_float32():
     assert logits.dtype == jnp.float32
 
 
+@pytest.mark.slow  # six compiled VGG-8 train steps
 def test_bf16_fp_steps_track_fp32_steps():
     """FP VGG-8, 3 SGD steps from the same fp32 variables.
 
@@ -150,6 +152,7 @@ def test_bf16_fp_steps_track_fp32_steps():
         assert np.linalg.norm(d16 - d32) <= 0.35 * np.linalg.norm(d32), t
 
 
+@pytest.mark.slow  # calibration and six compiled VGG-8 W4A4 train steps
 def test_bf16_quantized_loss_tracks_fp32():
     """W4A4 LSQ VGG-8: a bf16 rounding moves an input across a 4-bit code boundary only when it
     lies within 2^-9 |x| of it, so the loss moves a little more than in FP: <= 5e-2 relative

@@ -91,7 +91,12 @@ def measured_input_minima(name: str, seed: int = 0) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(jax.jit(forward)(variables, x)).items()}
 
 
-@pytest.mark.parametrize("name", MEASURED)
+# The largest forwards (64 px, many layers) run in the full tier.
+SLOW_MEASURED = ("resnet50", "mobilenet_v2", "efficientnet_b0")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow if n in SLOW_MEASURED else ())
+                                  for n in MEASURED])
 def test_declared_signed_inputs_match_the_measured_signs(name):
     minima = measured_input_minima(name)
     params = jax.eval_shape(lambda: get_model(name, 10).init(

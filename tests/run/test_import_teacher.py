@@ -64,6 +64,7 @@ def _write_safetensors(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> Non
     path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
 
 
+@pytest.mark.slow  # the suite's one ImageNet-style run on mock data (a few steps of ResNet-18 W4A4)
 def test_imported_teacher_is_read_back_and_distilled_from(variables, tmp_path, capsys):
     state_dict = export_torchvision(MODEL, variables)
     weights = tmp_path / "r18.safetensors"

@@ -14,7 +14,8 @@ from qkd_jax.run import preflight
 def _plan(tmp_path, name="p", *, kind="student", epochs=1, spe=22, every=4, keep=2, log=1):
     return types.SimpleNamespace(name=name, kind=kind, epochs=epochs, steps_per_epoch=spe, total_steps=epochs * spe,
                                  checkpoint_every_steps=every, keep_checkpoints=keep, log_every_steps=log,
-                                 eval_every_epochs=1, from_teacher_checkpoint=False, directory=tmp_path / name)
+                                 eval_every_epochs=1, from_teacher_checkpoint=False, directory=tmp_path / name,
+                                 teacher_select="last")
 
 
 @pytest.mark.parametrize("epochs,spe,every,expected", [

@@ -67,7 +67,7 @@ def test_attention_step_equals_the_hand_composed_loss():
     new_state, metrics = jax.jit(functools.partial(train_step, objective=objective, axis_name=None))(
         state, {"image": x, "label": y})
 
-    _, feats_t = apply_with_features(model, t_vars, x)
+    _, feats_t = jax.jit(lambda v, x: apply_with_features(model, v, x))(t_vars, x)
 
     def reference(params):
         variables = {**s_vars, "params": params}
@@ -76,7 +76,7 @@ def test_attention_step_equals_the_hand_composed_loss():
         at = sum(fl.attention(s, t) for s, t in zip(feats_s[1:-1], feats_t[1:-1]))
         return ce + 1000.0 * at, (ce, at)
 
-    (total, (ce, at)), grads = jax.value_and_grad(reference, has_aux=True)(s_vars["params"])
+    (total, (ce, at)), grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(s_vars["params"])
     np.testing.assert_allclose(metrics["ce"], ce, rtol=1e-5)
     np.testing.assert_allclose(metrics["attention"], at, rtol=1e-4)
     np.testing.assert_allclose(metrics["loss"], total, rtol=1e-5)

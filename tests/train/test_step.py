@@ -160,8 +160,7 @@ def test_eval_step_counts_against_numpy():
     logits = np.asarray(state.apply_fn(state.variables(), batch["image"], train=False))
     labels, mask = np.asarray(batch["label"]), np.asarray(batch["mask"])
     top1 = (np.argmax(logits, -1) == labels) * mask
-    rank = (logits > logits[np.arange(16), labels][:, None]).sum(-1)
-    top5 = (rank < 4) * mask  # 4 classes: label always in the top 5
+    top5 = mask  # 4 classes: every label is in the top 5 (top-5 proper: the test below)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
     ce = -logp[np.arange(16), labels] * mask
     np.testing.assert_allclose(float(out["top1"]), top1.sum())
@@ -173,6 +172,23 @@ def test_eval_step_counts_against_numpy():
     out8 = sharded(parallel.replicate(state.variables(), mesh), parallel.shard_batch(batch, mesh))
     for key in out:
         np.testing.assert_allclose(float(out8[key]), float(out[key]), rtol=1e-5)
+
+
+def test_classification_counts_top5_against_numpy_with_12_classes():
+    # More classes than 5, so a label can fall outside the top 5; ties are avoided by distinct
+    # logits. Reference: the label's rank (number of larger logits) below 1 or 5.
+    from qkd_jax.train.step import classification_counts
+
+    rng = np.random.default_rng(5)
+    logits = rng.permutation(64 * 12).reshape(64, 12).astype(np.float32) / 7.0
+    labels = rng.integers(0, 12, 64)
+    mask = rng.integers(0, 2, 64).astype(np.float32)
+    rank = (logits > logits[np.arange(64), labels][:, None]).sum(-1)
+    out = classification_counts(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), jnp.asarray(mask))
+    assert 0 < ((rank >= 5) * mask).sum()  # some masked-in labels are outside the top 5
+    assert float(out["top1"]) == ((rank == 0) * mask).sum()
+    assert float(out["top5"]) == ((rank < 5) * mask).sum()
+    assert float(out["count"]) == mask.sum()
 
 
 def test_preprocess_maps_uint8_images_before_both_networks():

@@ -160,11 +160,15 @@ def _tree_size(tree) -> StateSize:
     return StateSize(sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves), len(leaves))
 
 
-def trained_size(net: build.Network, config, weights, quant_params, *, quant_decay: bool = False) -> StateSize:
+def trained_size(net: build.Network, config, weights, quant_params, *, quant_decay: bool = False,
+                 steps_per_epoch: int = 1, total_steps: int = 1) -> StateSize:
     """A network's params, batch_stats and quantizer deltas plus its optimizer state (Adam's two
-    moments, SGD's momentum), from shapes only (jax.eval_shape: nothing is computed)."""
+    moments, SGD's momentum), from shapes only (jax.eval_shape: nothing is computed). The steps
+    only let the learning-rate schedules validate (e.g. warmup shorter than the phase): the
+    state's shapes do not depend on them."""
     dummy = jnp.zeros((1, *build.input_shape(config)), jnp.float32)
-    tx = build_optimizer(weights, quant_params, steps_per_epoch=1, total_steps=1, quant_decay=quant_decay)
+    tx = build_optimizer(weights, quant_params, steps_per_epoch=max(steps_per_epoch, 1),
+                         total_steps=max(total_steps, 1), quant_decay=quant_decay)
 
     def init(key):
         variables = net.local_model.init(key, dummy, train=False)
@@ -203,12 +207,13 @@ def checkpoint_size(ctx: RunContext, plan: PhasePlan) -> int:
     feature criterion (CRD's memory banks) is not counted."""
     config = ctx.config
     ph = config.phases[plan.name]
+    steps = dict(steps_per_epoch=plan.steps_per_epoch, total_steps=plan.total_steps)
     size = trained_size(ctx.network(plan.kind), config, plan.weights, plan.quant_params,
-                        quant_decay=plan.quant_decay)
+                        quant_decay=plan.quant_decay, **steps)
     if plan.train_teacher:
         t_spec = group_spec(ph.teacher_opt)
         no_decay = dataclasses.replace(t_spec, weight_decay=0.0)  # the FP teacher's empty quant group
-        size = size + trained_size(ctx.network("teacher"), config, t_spec, no_decay)
+        size = size + trained_size(ctx.network("teacher"), config, t_spec, no_decay, **steps)
     return (size.nbytes + ORBAX_BYTES_PER_ARRAY * size.arrays + ORBAX_BYTES_PER_CHECKPOINT
             + len(config.to_json()))
 

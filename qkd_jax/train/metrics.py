@@ -78,10 +78,8 @@ class MetricsWriter:
         record = {"time": time.time(), "phase": phase, "step": int(step), "kind": kind, **clean}
         self._append(json.dumps(record) + "\n")
         if self._tb is not None:
-            for key, value in clean.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{phase}/{kind}/{key}", value, int(step))
-            self._tb.flush()
+            self._tb.add_scalars({f"{phase}/{kind}/{key}": value for key, value in clean.items()
+                                  if isinstance(value, (int, float)) and math.isfinite(value)}, int(step))
 
     def drop_after(self, phase: str, step: int) -> int:
         """Removes `phase`'s records with a step above `step` from metrics.jsonl (-1: all of
@@ -130,10 +128,10 @@ _TB_CLIENTS = {"gs": ("google.cloud.storage", "google-cloud-storage"), "s3": ("b
 
 
 def _tensorboard_writer(directory):
-    """A tensorboardX SummaryWriter for `directory`, or None, with a one-line notice, for a
-    bucket scheme tensorboardX cannot write here (its client library missing, or no writer for
-    the scheme): the run goes on with metrics.jsonl only."""
-    from tensorboardX import SummaryWriter  # light, no TensorFlow needed
+    """A synchronous TensorBoard event writer for `directory` (train/tb_events.py), or None, with a
+    one-line notice, for a bucket scheme tensorboardX cannot write here (its client library
+    missing, or no writer for the scheme): the run goes on with metrics.jsonl only."""
+    from qkd_jax.train.tb_events import ScalarEventWriter  # tensorboardX: light, no TensorFlow needed
 
     text = os.fspath(directory)
     if is_remote(text):
@@ -144,7 +142,7 @@ def _tensorboard_writer(directory):
             print(f"qkd_jax: note: no TensorBoard events in {text} ({need}, or set "
                   f"--config.tensorboard=False to silence this); metrics.jsonl is written.", flush=True)
             return None
-    return SummaryWriter(text)
+    return ScalarEventWriter(text)
 
 
 def format_duration(seconds: float) -> str:

@@ -527,22 +527,3 @@ def test_export_errors_before_any_work_are_one_line_with_exit_code_2(tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: gs://qkd-no-bucket/run is in Google Cloud Storage, which needs gcsfs: "
                                       "pip install gcsfs") and err.count("\n") == 1, err
-
-
-@pytest.mark.slow
-def test_rerun_with_every_checkpoint_corrupt_is_one_line_without_tensorstore_specs(runs, tmp_path):
-    workdir = tmp_path / "work"
-    shutil.copytree(runs.reference, workdir)
-    steps = finalized_steps(workdir / PHASE)
-    for f in (workdir / PHASE).rglob("ocdbt.process_0/d/*"):
-        f.write_bytes(b"\0 not array data \0")  # the arrays' chunks: TensorStore fails with its spec
-    proc = run_cli("safety", workdir, check=False, timeout=RUN_TIMEOUT)
-    assert proc.returncode == 1
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("qkd_jax:")]
-    assert len(errors) == 1 and errors[0].startswith(
-        f"qkd_jax: CorruptCheckpointError: none of the checkpoints in {workdir / PHASE} can be restored (step "
-        f"{steps[-1]}: "), proc.stderr[-3000:]
-    assert errors[0].endswith("the run refuses to silently start over.")
-    # Besides it, one warning line per unreadable step; no TensorStore spec, no traceback.
-    assert len(proc.stderr.strip().splitlines()) == 1 + len(steps), proc.stderr[-3000:]
-    assert "tensorstore_spec" not in proc.stderr and "'driver'" not in proc.stderr and "Traceback" not in proc.stderr

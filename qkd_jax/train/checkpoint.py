@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qkd_jax.train.paths import PathLike, as_path
+from qkd_jax.train.quiet_loops import quiet_closed_loops
 from qkd_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def read_arrays(step_dir: PathLike, keys: Optional[tuple[str, ...]] = None) -> d
     import numpy as np
 
     path = as_path(step_dir) / "state"
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with quiet_closed_loops(), ocp.PyTreeCheckpointer() as checkpointer:
         tree = checkpointer.metadata(path).item_metadata.tree
         wanted = {k: tree[k] for k in (keys or tuple(tree)) if k in tree}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
@@ -271,7 +272,8 @@ class PhaseCheckpointer:
         }
         if (step_dir / "data").exists():
             items["data"] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        with quiet_closed_loops():  # a failed restore's late TensorStore reads stay silent (train/quiet_loops.py)
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         meta = restored["meta"]
         if meta is None or int(meta.get("step", -1)) != step:
             raise ValueError(f"metadata of step {step} is missing or names another step: {meta}")

@@ -222,7 +222,7 @@ def test_pooling_is_the_released_arithmetic():
     np.testing.assert_allclose(cktf.pool_flat(jnp.asarray(x), "global"), ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)])  # float64: ~30 s
 def test_zero_features_give_finite_values_and_gradients(dtype):
     with jax.enable_x64(dtype == jnp.float64):
         arrays = jax.tree.map(np.zeros_like, _arrays(0))

@@ -71,7 +71,9 @@ def grain_row(data_dir: str, path: str, workers: int, batch: int, batches: int, 
     images = batches * batch
     return {"pipeline": "grain", "path": path, "workers": workers, "images": images,
             "wall_s": wall, "cpu_s": cpu, "images_per_s": images / wall,
-            "images_per_cpu_s": images / cpu, "cores_busy": cpu / wall, "first_batch_s": startup,
+            # /proc counts CPU time in clock ticks (10 ms): a tiny run can read 0, which says nothing per core
+            "images_per_cpu_s": images / cpu if cpu > 0 else float("nan"), "cores_busy": cpu / wall,
+            "first_batch_s": startup,
             "dtype": str(out["image"].dtype), "shape": list(first["image"].shape)}
 
 

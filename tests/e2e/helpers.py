@@ -28,10 +28,10 @@ HELPERS = "tests/e2e/helpers.py"  # relative to REPO (the subprocesses' working 
 
 
 def _set_phases(config, phases: list[tuple[str, Any]]) -> None:
-    import ml_collections
+    """`phase_order` and `phases` from (name, phase) pairs; each phase deep-copied (no shared nodes)."""
+    from qkd_jax.run import recipes
 
-    config.phase_order = ",".join(name for name, _ in phases)
-    config.phases = ml_collections.ConfigDict({name: ph for name, ph in phases})
+    recipes.set_phases(config, phases)
 
 
 def teacher_only(*, epochs: int = 1, batch_size: int = 64, lr: float = 0.05, **top: Any):
@@ -120,28 +120,29 @@ def feature_suite_config():
     from qkd_jax.run import recipes
 
     c = teacher_only(epochs=0, batch_size=128, checkpoint_every_steps=3, log_every_steps=1)
+    # Shared by every phase below: set_phases deep-copies each phase, so none shares a node.
     weights = optimizer_config(optimizer="adam", learning_rate=1e-3, schedule="cosine_epoch")
     quant = optimizer_config(optimizer="adam", learning_rate=1e-5, schedule="cosine_epoch")
 
     def baseline(token):
-        return (token, recipes.feature_phase(token, epochs=1, batch_size=128, weights=weights.copy_and_resolve_references(),
-                                             quant_params=quant.copy_and_resolve_references(),
+        return (token, recipes.feature_phase(token, epochs=1, batch_size=128, weights=weights,
+                                             quant_params=quant,
                                              options=FEATURE_TEST_OPTIONS.get(token)))
 
     # FSP's init as the digits config runs it (configs/digits_feature_kd.py): the released init SGD
     # for the weights at the student's rate, the quantizer parameters on the student's Adam.
     fsp_init = recipes.fsp_init_phase(epochs=1, batch_size=128, learning_rate=1e-3)
-    fsp_init.quant_params = quant.copy_and_resolve_references()
+    fsp_init.quant_params = quant
     phases = [("teacher", c.phases.teacher), ("calibrate", phase("calibrate", init_from="teacher", batch_size=128)),
               baseline("crd"), baseline("cktf"), ("ft_paraphraser", recipes.paraphraser_phase(epochs=1, batch_size=128))]
     phases += [baseline(token) for token in FEATURE_SUITE_BASELINES[2:]]
     phases += [
         ("ft", recipes.ft_phase(paraphraser="ft_paraphraser", epochs=1, batch_size=128,
-                                weights=weights.copy_and_resolve_references(),
-                                quant_params=quant.copy_and_resolve_references())),
+                                weights=weights,
+                                quant_params=quant)),
         ("fsp_init", fsp_init),
         ("fsp", phase("student", objective="task", init_from="fsp_init", epochs=1, batch_size=128,
-                      weights=weights.copy_and_resolve_references(), quant_params=quant.copy_and_resolve_references())),
+                      weights=weights, quant_params=quant)),
     ]
     _set_phases(c, phases)
     return c
@@ -216,7 +217,7 @@ def read_state(step_dir: str | os.PathLike) -> dict:
     path = pathlib.Path(step_dir).absolute() / "state"
     with ocp.PyTreeCheckpointer() as ckptr:
         # Restored as numpy on the host: no device placement (fast with 8 devices in the process).
-        structure = ckptr.metadata(path).item_metadata.tree
+        structure = _metadata_tree(ckptr, path)
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
         return ckptr.restore(path, restore_args=args)
 
@@ -226,7 +227,15 @@ def state_keys(step_dir: str | os.PathLike) -> list[str]:
     import orbax.checkpoint as ocp
 
     with ocp.PyTreeCheckpointer() as ckptr:
-        return sorted(ckptr.metadata(pathlib.Path(step_dir).absolute() / "state").item_metadata.tree)
+        return sorted(_metadata_tree(ckptr, pathlib.Path(step_dir).absolute() / "state"))
+
+
+def _metadata_tree(ckptr: Any, path: pathlib.Path) -> Any:
+    """The item's metadata tree under every supported orbax: newer releases wrap it in a
+    StepMetadata (`.item_metadata.tree`), orbax 0.11 (the lowest bound) returns the tree itself."""
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    return getattr(meta, "tree", meta)
 
 
 def read_meta(step_dir: str | os.PathLike) -> dict:

@@ -20,16 +20,11 @@ from qkd_jax.run.config_schema import ConfigError
 from qkd_jax.run.export_checkpoint import export_checkpoint
 from qkd_jax.run.loop import run
 from qkd_jax.run.rerun import ConfigChangedError
-from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import CorruptCheckpointError
-from tests.e2e.helpers import finalized_steps, read_meta, read_state, record_config, run_cli
+from tests.e2e.helpers import finalized_steps, mesh, read_meta, read_state, record_config, run_cli
 
 pytestmark = pytest.mark.slow
 PHASES = ("teacher", "calibrate", "sqakd")
-
-
-def _mesh():
-    return parallel.make_mesh(jax.devices()[:1])
 
 
 def _snapshot(workdir: pathlib.Path) -> dict[str, bytes]:
@@ -44,7 +39,7 @@ def _meta(workdir: pathlib.Path, phase: str) -> dict:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("record") / "run"
-    results = run(record_config(), workdir, mesh=_mesh())
+    results = run(record_config(), workdir, mesh=mesh(1))
     return workdir, results
 
 
@@ -59,7 +54,7 @@ def _refused(config, workdir: pathlib.Path) -> str:
     """Runs `config` in `workdir`, expects ConfigChangedError and nothing written; its message."""
     before = _snapshot(workdir)
     with pytest.raises(ConfigChangedError) as err:
-        run(config, workdir, mesh=_mesh())
+        run(config, workdir, mesh=mesh(1))
     assert _snapshot(workdir) == before
     return str(err.value)
 
@@ -134,7 +129,7 @@ def test_retrain_from_calibrate_retrains_it_and_later_phases(workdir, finished):
     config.quant.delta, config.quant.estimator = 0.1, "ewgs"
     config.retrain_from = "calibrate"
     teacher_before = _snapshot(workdir / "teacher")
-    results = run(config, workdir, mesh=_mesh())
+    results = run(config, workdir, mesh=mesh(1))
     assert _snapshot(workdir / "teacher") == teacher_before  # read back, not retrained
     deltas = jax.tree.leaves(read_state(workdir / "calibrate" / "0")["quant_delta"])
     assert deltas and all(np.all(np.asarray(d) == np.float32(0.1)) for d in deltas)
@@ -147,7 +142,7 @@ def test_retrain_from_calibrate_retrains_it_and_later_phases(workdir, finished):
     assert stored["quant"]["delta"] == 0.1 and stored["retrain_from"] == ""
     # The new settings are now the record: rerunning them (without retrain_from) reads back.
     config.retrain_from = ""
-    again = run(config, workdir, mesh=_mesh())
+    again = run(config, workdir, mesh=mesh(1))
     assert again["sqakd"].eval == results["sqakd"].eval
 
 
@@ -155,7 +150,7 @@ def test_unchanged_rerun_reads_everything_back(workdir, finished, capsys):
     config = record_config()
     config.log_every_steps = 3  # cadence is not a setting of the result: no refusal
     capsys.readouterr()
-    results = run(config, workdir, mesh=_mesh())
+    results = run(config, workdir, mesh=mesh(1))
     out = capsys.readouterr().out
     assert "[calibrate] already calibrated" in out and "[sqakd] already completed at step 11" in out
     assert {p: r.eval for p, r in results.items()} == {p: r.eval for p, r in finished[1].items()}
@@ -170,7 +165,7 @@ def test_a_subset_of_the_phases_keeps_the_other_rows_of_the_summary(workdir, fin
     config = record_config()
     config.phase_order = "teacher,calibrate"
     capsys.readouterr()
-    run(config, workdir, mesh=_mesh())
+    run(config, workdir, mesh=mesh(1))
     out = capsys.readouterr().out
     summary = json.loads((workdir / "summary.json").read_text())
     assert list(summary) == list(PHASES)
@@ -188,7 +183,7 @@ def test_checkpoints_without_record_are_accepted_with_a_warning(workdir, capsys)
             path.write_text(json.dumps(meta))
     config = record_config()
     config.phases.sqakd.batch_size = 64  # nothing recorded to compare with
-    run(config, workdir, mesh=_mesh())
+    run(config, workdir, mesh=mesh(1))
     out = capsys.readouterr().out
     assert out.count("has no settings record") == len(PHASES)
     assert "[sqakd] already completed at step 11" in out
@@ -198,7 +193,7 @@ def test_retrain_from_must_name_a_phase(workdir):
     config = record_config()
     config.retrain_from = "qat"
     with pytest.raises(ConfigError, match="retrain_from"):
-        run(config, workdir, mesh=_mesh())
+        run(config, workdir, mesh=mesh(1))
 
 
 def test_export_refuses_a_config_that_differs_from_the_record(workdir, tmp_path, capsys):

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from qkd_jax.run import loop
-from qkd_jax.train import parallel
 from tests.e2e.helpers import (
     assert_trees_identical,
     finalized_steps,
+    mesh,
     qkd_chain,
     read_meta,
     read_metrics,
@@ -63,10 +62,6 @@ def cifar10_config(data_dir):
     sqakd_chain(c, batch_size=BATCH)
     qkd_chain(c, batch_size=BATCH)
     return c
-
-
-def _mesh():
-    return parallel.make_mesh(jax.devices()[:MESH_DEVICES])
 
 
 def _snapshot(workdir, phases) -> dict:
@@ -131,7 +126,7 @@ def _check_rerun_skips(config, workdir, first, capsys) -> None:
     metrics_before = (workdir / "metrics.jsonl").read_text()
     summary_before = json.loads((workdir / "summary.json").read_text())
     capsys.readouterr()
-    again = loop.run(config, workdir, mesh=_mesh())
+    again = loop.run(config, workdir, mesh=mesh(MESH_DEVICES))
     out = capsys.readouterr().out
     for name in phases:
         if config.phases[name].kind == "calibrate":
@@ -151,7 +146,7 @@ def _check_rerun_skips(config, workdir, first, capsys) -> None:
 def test_mock_dataset_end_to_end_and_rerun_skips(mock_tfds, tmp_path, capsys):
     config = cifar10_config(tmp_path / "no_data_here")
     workdir = tmp_path / "work"
-    results = loop.run(config, workdir, mesh=_mesh())
+    results = loop.run(config, workdir, mesh=mesh(MESH_DEVICES))
     out = capsys.readouterr().out
     _check_first_run(config, workdir, results, out)
     _check_rerun_skips(config, workdir, results, capsys)

@@ -15,9 +15,8 @@ import jax
 import pytest
 
 from qkd_jax.run import loop
-from qkd_jax.train import parallel
 from qkd_jax.train.checkpoint import PhaseCheckpointer
-from tests.e2e.helpers import finalized_steps, read_meta, read_metrics, teacher_only
+from tests.e2e.helpers import finalized_steps, mesh, read_meta, read_metrics, teacher_only
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +32,7 @@ def _config(data_dir):
 
 
 def _run(config, workdir):
-    return loop.run(config, workdir, mesh=parallel.make_mesh(jax.devices()[:1]))
+    return loop.run(config, workdir, mesh=mesh(1))
 
 
 def _evals(workdir) -> list[dict]:

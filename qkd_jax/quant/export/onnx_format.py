@@ -253,7 +253,7 @@ def to_onnx(model, exported: IntegerExport, *, types: str = "container", debug_i
         outputs, builder.initializers)
     opset = OPSET_2BIT if {"INT2", "UINT2"} & layers.narrow_types else OPSET
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="qkd_jax")
-    proto.ir_version = min(proto.ir_version, 11 if opset >= OPSET_2BIT else 10)
+    proto.ir_version = 13 if opset >= OPSET_2BIT else 10  # the IR versions that came with opsets 25 and 21
     meta = {"types": types, "integer_layers": layers.counts["integer"], "qdq_layers": layers.counts["qdq"],
             "float_layers": layers.counts["float"], "source": str(exported.manifest.get("source"))}
     helper.set_model_props(proto, {k: str(v) for k, v in meta.items()})

@@ -27,7 +27,6 @@ from qkd_jax.quant.export.onnx_check import optimized_ops, session  # noqa: E402
 from qkd_jax.quant.export.onnx_format import to_onnx  # noqa: E402
 from qkd_jax.quant.layers import quantized_layers  # noqa: E402
 from qkd_jax.quant.rules import Rule, rule_set, with_signed_inputs  # noqa: E402
-from tests.quant.test_export import _random_variables  # noqa: E402
 
 KEY = functools.partial(jax.random.key, impl="unsafe_rbg")
 
@@ -84,13 +83,22 @@ QUANT_PARAMS = {"w_lower": -0.45, "w_upper": 0.4, "a_lower": -0.1, "a_upper": 2.
 
 
 def _variables(model, x, seed):
-    v = _random_variables(model, x, seed)
+    """Kernels N(0, 1/fan_in), biases and BatchNorm means N(0, 0.2^2), scales and variances
+    U(0.5, 2), quantizer parameters QUANT_PARAMS (test_export.py's filler, set directly)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: model.init(KEY(0), x[:1]))
 
     def fill(path, leaf):
-        name = path[-1].key
-        return np.float32(QUANT_PARAMS[name]) if name in QUANT_PARAMS else leaf
+        name, shape = path[-1].key, leaf.shape
+        if name in QUANT_PARAMS:
+            return np.float32(QUANT_PARAMS[name])
+        if name == "kernel":
+            return (rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))).astype(np.float32)
+        if name in ("bias", "mean"):
+            return rng.normal(0, 0.2, shape).astype(np.float32)
+        return rng.uniform(0.5, 2.0, shape).astype(np.float32)  # BatchNorm scale, var
 
-    return {c: jax.tree_util.tree_map_with_path(fill, t) for c, t in v.items()}
+    return {c: jax.tree_util.tree_map_with_path(fill, shapes[c]) for c in ("params", "batch_stats") if c in shapes}
 
 
 def _code_units(x: np.ndarray, entry: dict, grid: qcodes.Grid) -> np.ndarray:

@@ -11,7 +11,8 @@ for reading), and prints the per-layer size report. --format=onnx writes an ONNX
 (--onnx-types=container: integer ConvInteger / MatMulInteger kernels in onnxruntime; strict:
 INT4/UINT4/INT2/UINT2 Q/DQ, run as float by onnxruntime) and checks it in onnxruntime against the
 integer inference; --format=stablehlo writes a jax.export artifact (cpu, cuda, tpu). Both are
-built from the same export record as the .npz and written atomically (temporary name, rename). Errors (missing phase, an FP checkpoint such
+built from the same export record as the .npz and written atomically (temporary name, rename).
+Errors (missing phase, an FP checkpoint such
 as the teacher, a config that does not describe the checkpoint or differs from the settings it
 recorded: model, classes, image size, method, bits, preset, pact_alpha; an unreadable checkpoint;
 an OUT that cannot be written; a gs:// path without gcsfs and google-cloud-storage installed;

@@ -208,7 +208,8 @@ def _check_container(toy):
     assert np.array_equal(logits.argmax(-1)[clean], ref.argmax(-1)[clean])
     ops = optimized_ops(proto.SerializeToString())
     convs, denses = _integer_layer_counts(toy["exported"])
-    assert (ops["ConvInteger"], ops["MatMulInteger"]) == (convs, denses) == (2 * (len(toy['specs']) - 2), len(toy['specs']) - 2)
+    two_sided = len(toy["specs"]) - 2
+    assert (ops["ConvInteger"], ops["MatMulInteger"]) == (convs, denses) == (2 * two_sided, two_sided)
     float_convs = ops["Conv"] + ops["FusedConv"] + ops["NchwcConv"]
     assert float_convs == 4  # the weights-only and activations-only branches' two convs
     assert ops["MatMul"] + ops["Gemm"] + ops["FusedGemm"] + ops["FusedMatMul"] == 2

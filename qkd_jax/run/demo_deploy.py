@@ -49,7 +49,14 @@ def deployment_report(workdir, config, results: Mapping[str, Any], phase: str = 
     local = "://" not in str(workdir)
     out_dir = os.path.join(str(workdir), DEPLOY_DIR) if local else tempfile.mkdtemp(prefix="qkd_deploy_")
     os.makedirs(out_dir, exist_ok=True)
-    exported = export_checkpoint(workdir, phase)
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's notes on checkpoint metadata, as the export CLI
+    try:
+        exported = export_checkpoint(workdir, phase)
+    finally:
+        absl_logging.set_verbosity(verbosity)
     model = load_model(exported)
     paths = {"npz": os.path.join(out_dir, f"{phase}.npz"), "float": os.path.join(out_dir, f"{phase}_float.onnx"),
              "int8": os.path.join(out_dir, f"{phase}_int8.onnx")}

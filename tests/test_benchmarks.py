@@ -60,3 +60,22 @@ def test_tiny_run_figures_are_consistent(accelerator, tmp_path):
     assert row["images_per_s"] == pytest.approx(row["batch"] / row["step_s"], rel=1e-12)
     assert row["mfu"] == pytest.approx(row["flops"] / row["step_s"] / 2e12, rel=1e-12)
     assert result["input_pipeline"] is None and result["meta"]["backend"] == jax.default_backend()
+
+
+@pytest.mark.slow  # builds, exports and times a ResNet-20 (8 px) in onnxruntime
+def test_onnx_benchmark_quick_run(tmp_path):
+    """benchmarks/onnx_inference.py --quick: one row per batch, every quantized layer of the
+    container model on an integer kernel, images/s = batch / time and the ratio their quotient,
+    the int8-container file smaller than the float one."""
+    pytest.importorskip("onnxruntime", reason='pip install -e ".[onnx]"')
+    spec = importlib.util.spec_from_file_location("onnx_bench", ROOT / "benchmarks" / "onnx_inference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "onnx.json"
+    assert module.main(["--quick", f"--out={out}"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["size"], r["batch"]) for r in rows] == [("resnet20", 8, 1), ("resnet20", 8, 4)]
+    for r in rows:
+        assert r["integer_nodes"] == r["quantized_layers"] == 20
+        assert r["ratio"] == pytest.approx(r["int8_images_per_s"] / r["float_images_per_s"], rel=1e-12)
+        assert r["int8_bytes"] < r["float_bytes"] / 3  # int8 weights vs float32

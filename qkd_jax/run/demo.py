@@ -4,7 +4,9 @@
 
 Trains the FP teacher, calibrates a W2A2 student, trains it with SQAKD (KL to the frozen
 teacher only) and, from the same calibration, with plain QAT (cross-entropy), then prints the
-accuracies side by side. Rerunning reads the finished phases back instead of retraining;
+accuracies side by side, and ends with the deployment: the SQAKD student exported to ONNX and
+run in onnxruntime on the test split (run/demo_deploy.py; without the onnx extra, one line on how
+to install it). Rerunning reads the finished phases back instead of retraining;
 `--fresh` trains everything again: once the config is validated, the run's checks passed and the
 workdir's lock is taken, it deletes the previous run in the workdir, only if it is recognisably a
 qkd_jax workdir (run/fresh.py).
@@ -61,6 +63,9 @@ def _demo(config, workdir: str, fresh: bool) -> None:
     results = run(config, workdir, fresh=fresh)
     print(f"\nDigits demo ({len(results)} phases, {time.perf_counter() - t0:.0f} s; workdir {workdir}):")
     print(comparison_table(results, config))
+    from qkd_jax.run.demo_deploy import deployment_report
+
+    print("\n" + deployment_report(workdir, config, results))
 
 
 def main(argv: list[str]) -> None:

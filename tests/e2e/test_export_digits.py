@@ -1,6 +1,6 @@
 """End to end on the bundled digits: train a tiny W2A2 ResNet-20 student with the runner,
-export it with the CLI, and check integer inference against the fake-quant student on the whole
-test split (360 images), activation code by activation code.
+export it with the CLI (.npz and ONNX), and check integer inference and onnxruntime against the
+fake-quant student on the whole test split (360 images), activation code by activation code.
 
 Both paths compute each quantized layer as an exact integer sum times the same float32 scale
 (`layer_quant`, "Integer factorisation"), so on equal inputs their codes are equal. The float
@@ -120,6 +120,31 @@ def test_integer_inference_predicts_like_the_fake_quant_student(tmp_path, capsys
     top1_fake = 100.0 * np.mean(fake.argmax(-1) == labels)
     assert abs(top1_int - top1_fake) <= 100.0 * (~clean).sum() / len(images)
     assert top1_fake == pytest.approx(results["sqakd"].eval["top1"], abs=100.0 * 1 / 360)
+    _check_onnx(workdir, tmp_path, capsys, model, exported, images, labels, fake)
+
+
+def _check_onnx(workdir, tmp_path, capsys, model, exported, images, labels, fake):
+    """The same student through `--format=onnx` in onnxruntime: the fake-quant student's predictions
+    on the 360 images (its accuracy), the integer inference's activation codes (boundary rule of
+    tests/quant/test_onnx_export.py), and the 18 quantized convs as ConvInteger nodes."""
+    from qkd_jax.export import main as export_main
+    from qkd_jax.quant.export.onnx_check import optimized_ops, run_onnx
+    from qkd_jax.quant.export.onnx_format import to_onnx
+    from tests.quant.test_onnx_export import _assert_codes_match, _reference, _run
+
+    out = tmp_path / "sqakd_w2a2.onnx"
+    assert export_main([f"--workdir={workdir}", "--phase=sqakd", "--format=onnx", f"--out={out}"]) == 0
+    assert "18 ConvInteger" in capsys.readouterr().out
+    data = out.read_bytes()
+    assert optimized_ops(data)["ConvInteger"] == 18
+    got = run_onnx(data, np.asarray(images))
+    _, inputs, codes = _reference(model, exported, images)
+    clean = _assert_codes_match(exported, inputs, codes, _run(to_onnx(model, exported, debug_inputs=True), images))
+    assert clean.sum() >= len(images) - 3, f"{(~clean).sum()} of 360 images had a code flip"
+    np.testing.assert_array_equal(got.argmax(-1)[clean], fake.argmax(-1)[clean])
+    top1_onnx = 100.0 * np.mean(got.argmax(-1) == labels)
+    top1_fake = 100.0 * np.mean(fake.argmax(-1) == labels)
+    assert abs(top1_onnx - top1_fake) <= 100.0 * (~clean).sum() / len(images)
 
 
 def _apply_with_layer_inputs(model, variables, images, exported_layers):

@@ -13,7 +13,11 @@ workdir, 'sqakd')` and `load_model(exported)` rebuild the student from the store
 Modules: codes (per-method grids, weight/activation codes), packing (bit packing),
 fileformat (file, manifest, validator), exporter (model + variables -> export),
 integer_inference (the student's flax graph with integer conv/dense), report (sizes).
-Command line: python -m qkd_jax.export --workdir=DIR --phase=NAME --out=FILE.npz
+Formats beside the .npz, each reading the same IntegerExport (imported on use: the ONNX one needs
+the optional `onnx` extra): onnx_format (to_onnx / save_onnx; graph from graph_trace + onnx_graph,
+checked with onnx_check), stablehlo_format (to_stablehlo / save_stablehlo, jax.export); atomic
+(temporary name, then rename).
+Command line: python -m qkd_jax.export --workdir=DIR --phase=NAME [--format=npz|onnx|stablehlo] --out=FILE
 """
 
 from qkd_jax.quant.export.codes import Grid, activation_grid, encode_weight, weight_grid

@@ -10,6 +10,7 @@ import ml_collections
 from etils import epath
 
 from qkd_jax.distill import get_objective
+from qkd_jax.distill.squat_feature import with_model_tap
 from qkd_jax.run.config_schema import build_objective, group_spec, phase_names
 from qkd_jax.train.optim import GroupSpec
 from qkd_jax.train.paths import as_path
@@ -104,7 +105,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: epath.Path, name: str,
         freeze=tuple(n.strip() for n in ph.freeze.split(",") if n.strip()),
         train_teacher=bool(ph.train_teacher),
         objective_name=ph.objective,
-        objective=None if ph.kind == "calibrate" else build_objective(ph),
+        objective=None if ph.kind == "calibrate" else with_model_tap(build_objective(ph), config.model.name),
         batch_size=ph.batch_size,
         epochs=ph.epochs,
         steps_per_epoch=steps_per_epoch,

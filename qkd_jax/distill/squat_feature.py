@@ -38,6 +38,7 @@ import jax.numpy as jnp
 
 from qkd_jax.distill.feature_kd import FeatureKD, register_feature
 from qkd_jax.quant.layer_quant import DELTA_COLLECTION, QUANT, input_scale, quantize_input
+from qkd_jax.quant.layers import layer_precision
 from qkd_jax.quant.methods import get_method
 from qkd_jax.quant.precision import LayerPrecision
 
@@ -79,7 +80,6 @@ def _interceptor(tap: str, records: list, student: bool):
             module = context.module
             x = jnp.asarray(args[0], jnp.float32)
             if student:
-                from qkd_jax.quant.layers import layer_precision
                 rules = getattr(module, "rules", None)
                 lp = layer_precision(module, rules) if rules is not None else None
                 q = module.get_variable("params", QUANT) if module.has_variable("params", QUANT) else {}

@@ -106,7 +106,9 @@ def train_step(
     With a feature criterion (`objective.feature`, qkd_jax.distill.feature_kd) both networks'
     features are recorded, `objective.beta * feature.loss(...)` is added, the criterion's
     auxiliary params (`state.aux`) are updated by their own optimizer and its auxiliary state
-    (e.g. CRD's memory banks) is replaced by the one the criterion returns.
+    (e.g. CRD's memory banks) is replaced by the one the criterion returns. A criterion with
+    `needs_tap` (SQuaT, qkd_jax.distill.squat_feature) instead records both networks' input at its
+    tap layer and gets the student's and the teacher's quantized codes there as its features.
 
     `preprocess` (e.g. `qkd_jax.data.device_normalize.normalizer`) maps `batch['image']` to the
     model input on the device (uint8 batches from the host).

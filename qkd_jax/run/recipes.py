@@ -79,8 +79,9 @@ def squat_phase(token: str, *, epochs: int, batch_size: int, weights: ml_collect
                 quant_params: ml_collections.ConfigDict, distance: str = "mse", tap: str = "",
                 init_from: str = "calibrate") -> ml_collections.ConfigDict:
     """SQuaT's student phase: gamma * CE + KL_4(s, sg(t)) + 1.0 * distance(q_s, sg(q_t)) at the
-    model's declared tap ('' = qkd_jax.models.registry.squat_tap, filled in by the runner)."""
-    options = {"distance": distance, **({"tap": tap} if tap else {})}
+    model's declared tap ('' = qkd_jax.models.registry.squat_tap, filled in by the runner; present
+    either way, so that --config.phases.<name>.feature_options.tap=REGEX overrides it)."""
+    options = {"distance": distance, "tap": tap}
     return phase("student", objective="squat", alpha=1.0, temperature=4.0, beta=1.0, gamma=SQUAT_TOKENS[token],
                  feature="squat", feature_options=ml_collections.ConfigDict(options), init_from=init_from,
                  teacher_from="teacher", epochs=epochs, batch_size=batch_size, weights=weights,

@@ -41,7 +41,7 @@ def test_squat_token_is_the_released_recipe(name, token, gamma, tmp_path):
     assert c.phase_order == "teacher,calibrate,student" and c.quant.method == "interval"
     ph = c.phases.student
     assert (ph.objective, ph.alpha, ph.temperature, ph.beta, ph.gamma) == ("squat", 1.0, 4.0, 1.0, gamma)
-    assert ph.feature == "squat" and dict(ph.feature_options) == {"distance": "mse"}
+    assert ph.feature == "squat" and dict(ph.feature_options) == {"distance": "mse", "tap": ""}
     assert (ph.epochs, ph.batch_size, ph.init_from, ph.teacher_from) == (r["epochs"], r["batch"], "calibrate", "teacher")
     assert ph.weights.learning_rate == r["lr_m"] and ph.weights.weight_decay == r["wd"]
     assert ph.quant_params.learning_rate == r["lr_q"] and ph.quant_params.optimizer == "adam"
@@ -83,3 +83,17 @@ def test_digits_config_options_and_errors():
     assert c.quant.method == "interval"
     with pytest.raises(ValueError, match="unknown token 'vgg'"):
         _load("digits_squat", "squat,vgg,w2a2")
+
+
+def test_tap_and_distance_override_from_the_command_line(tmp_path):
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["prog", f"--config={CONFIGS / 'cifar10_resnet20.py'}:squat,w2a2",
+            r"--config.phases.student.feature_options.tap=layer3_0/conv1",
+            "--config.phases.student.feature_options.distance=l1"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    objective = make_plan(fv.config, tmp_path, "student", steps_per_epoch=3).objective
+    assert objective.feature == SQuaT(tap="layer3_0/conv1", distance="l1")

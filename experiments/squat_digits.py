@@ -337,6 +337,10 @@ def reading(opts: Options, comps: list[dict]) -> list[str]:
         if c["arm"] == MISMATCH:
             lines.append(f"- Released mismatch (not a like-for-like comparison): SQuaT with the Hessian delta minus "
                          f"SQAKD with delta 0 at W{c['bits']}A{c['bits']}: {c['test'].mean:+.2f} points.")
+            if opts.epochs <= max(1, opts.epochs // 3):
+                lines.append(f"- With {opts.epochs} student epoch(s) no delta refresh happens (the runner refreshes "
+                             "before the first step of epoch k * every, k >= 1), so the mismatch row trained as SQuaT "
+                             "with delta 0.")
     return lines
 
 

@@ -19,7 +19,8 @@ The teacher side is wrapped in ``stop_gradient`` (the release copies ``lA, uA`` 
 student's quantizer parameters get a gradient only through ``q_s``.
 
 The train step (``qkd_jax.train.step``) records both taps with flax method interception
-(:func:`teacher_tap`, :func:`student_forward`): no model code changes, any layer path works.
+(:meth:`SQuaT.teacher_forward`, :meth:`SQuaT.student_forward`): no model code changes, any layer path
+works. The runner fills an empty ``tap`` with the model's declared one (``run/plan.py``).
 Distances: 'mse' (the released ``--distill_loss L2``, ``nn.MSELoss``: the mean over all elements)
 and 'l1' (the released argparse default ``L1``, mean |q_s - q_t|: on a unit-width grid it is the
 mean number of levels apart over ``levels - 1``, and its gradient does not fade as the codes
@@ -166,6 +167,15 @@ class SQuaT(FeatureKD):
             raise ValueError(f"squat tap {self.tap!r} is not a valid regex ({err}); give a layer path such as "
                              f"'layer3_2/conv2'") from None
 
+    def teacher_forward(self, apply_fn: Callable, variables: dict, images: Array) -> tuple[Array, Array]:
+        """The train step's frozen-teacher forward: (logits, tap input), see :func:`teacher_tap`."""
+        return teacher_tap(apply_fn, variables, images, self.tap)
+
+    def student_forward(self, apply_fn: Callable, variables: dict, images: Array, *, rng: Array,
+                        teacher_input: Array) -> tuple[Array, Any, list, list]:
+        """The train step's student forward: (logits, batch_stats, [q_s], [q_t]), see :func:`student_forward`."""
+        return student_forward(apply_fn, variables, images, rng=rng, feature=self, teacher_input=teacher_input)
+
     def loss(self, params, state, feats_s, feats_t, *, rng, index=None, axis_name=None):
         if not self.tap:
             raise ValueError("squat has no tap; set feature_options.tap (the runner fills in the model's "
@@ -173,11 +183,3 @@ class SQuaT(FeatureKD):
         (q_s,), (q_t,) = feats_s, feats_t
         return DISTANCES[self.distance](q_s, jax.lax.stop_gradient(q_t)), state
 
-
-def with_model_tap(objective: Any, model: str) -> Any:
-    """``objective`` with its SQuaT criterion's empty tap replaced by ``model``'s declared one."""
-    feature = getattr(objective, "feature", None)
-    if not isinstance(feature, SQuaT) or feature.tap:
-        return objective
-    from qkd_jax.models.registry import squat_tap
-    return dataclasses.replace(objective, feature=dataclasses.replace(feature, tap=squat_tap(model)))

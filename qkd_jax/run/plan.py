@@ -10,7 +10,8 @@ import ml_collections
 from etils import epath
 
 from qkd_jax.distill import get_objective
-from qkd_jax.distill.squat_feature import with_model_tap
+from qkd_jax.distill.squat_feature import SQuaT
+from qkd_jax.models.registry import squat_tap
 from qkd_jax.run.config_schema import build_objective, group_spec, phase_names
 from qkd_jax.train.optim import GroupSpec
 from qkd_jax.train.paths import as_path
@@ -80,6 +81,15 @@ def phase_seed(config: ml_collections.ConfigDict, name: str) -> int:
     """The phase's seed: the run seed and the phase's position in phase_order."""
     index = phase_names(config).index(name)
     return (int(config.seed) * 1009 + index) % (2**31)
+
+
+def with_model_tap(objective: Any, model: str) -> Any:
+    """``objective`` with its SQuaT criterion's empty tap replaced by ``model``'s declared one
+    (``models.registry.squat_tap``); any other objective unchanged."""
+    feature = getattr(objective, "feature", None)
+    if not isinstance(feature, SQuaT) or feature.tap:
+        return objective
+    return dataclasses.replace(objective, feature=dataclasses.replace(feature, tap=squat_tap(model)))
 
 
 def make_plan(config: ml_collections.ConfigDict, workdir: epath.Path, name: str,

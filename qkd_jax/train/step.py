@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qkd_jax.distill import squat_feature
 from qkd_jax.models.features import read_block_outputs, read_features
 from qkd_jax.models.layers import BLOCKS, FEATURES
 from qkd_jax.train.state import TeacherState, TrainState
@@ -107,8 +106,9 @@ def train_step(
     features are recorded, `objective.beta * feature.loss(...)` is added, the criterion's
     auxiliary params (`state.aux`) are updated by their own optimizer and its auxiliary state
     (e.g. CRD's memory banks) is replaced by the one the criterion returns. A criterion with
-    `needs_tap` (SQuaT, qkd_jax.distill.squat_feature) instead records both networks' input at its
-    tap layer and gets the student's and the teacher's quantized codes there as its features.
+    `needs_tap` (SQuaT, qkd_jax.distill.squat_feature) runs both forwards itself (`teacher_forward`,
+    `student_forward`: each network's input at its tap layer) and gets the student's and the
+    teacher's quantized codes there as its features.
 
     `preprocess` (e.g. `qkd_jax.data.device_normalize.normalizer`) maps `batch['image']` to the
     model input on the device (uint8 batches from the host).
@@ -141,8 +141,7 @@ def train_step(
     tap = getattr(feature, "needs_tap", False)  # SQuaT: both taps recorded by method interception
     if needs_teacher and not co_study:
         if tap:
-            frozen_logits, t_tap = squat_feature.teacher_tap(teacher.apply_fn, teacher.variables(), images,
-                                                             feature.tap)
+            frozen_logits, t_tap = feature.teacher_forward(teacher.apply_fn, teacher.variables(), images)
         else:
             frozen_logits, t_feats, t_blocks = _frozen_teacher(teacher, images, feature)
     aux_state = state.aux.state if state.aux is not None else {}
@@ -154,8 +153,8 @@ def train_step(
         if feature is None:
             s_logits, s_stats = _forward(state.apply_fn, s_vars, images, train=True, rng=rng)
         elif tap:
-            s_logits, s_stats, s_feats, feats_t = squat_feature.student_forward(
-                state.apply_fn, s_vars, images, rng=rng, feature=feature, teacher_input=t_tap)
+            s_logits, s_stats, s_feats, feats_t = feature.student_forward(
+                state.apply_fn, s_vars, images, rng=rng, teacher_input=t_tap)
             s_blocks = {}
         else:
             s_logits, s_stats, s_feats, s_blocks = _forward_features(

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qkd_jax import distill
-from qkd_jax.distill.squat_feature import SQuaT, TapRecord, code_span, tap_codes, with_model_tap
+from qkd_jax.distill.squat_feature import SQuaT, TapRecord, code_span, tap_codes
 from qkd_jax.quant.layers import QConv
 from qkd_jax.quant.methods import QUANT_METHODS, get_method
 from qkd_jax.quant.precision import LayerPrecision
@@ -195,6 +195,7 @@ def test_the_models_declared_taps_are_the_last_conv_of_the_last_block():
     from qkd_jax.distill.squat_feature import _interceptor
     from qkd_jax.models import get_model
     from qkd_jax.models.registry import squat_tap
+    from qkd_jax.run.plan import with_model_tap
 
     expected = {"resnet20": "layer3_2/conv2", "resnet32": "layer3_4/conv2", "resnet18": "layer4_1/conv2",
                 "resnet34": "layer4_2/conv2", "resnet50": "layer4_2/conv3", "mobilenet_v2": "block17/project"}

@@ -12,6 +12,12 @@ ARG (after the colon; default 'sqakd,w2a2'):
                 CE) -> co_study (100, teacher trained too) -> tutoring (70, frozen co-studied
                 teacher); QKD's CIFAR schedule, this file's student recipe in every phase;
                 settings W2A2, W3A3, W4A4 (docs/method.md section 8).
+  squat|squat_ce,wBaB
+                SQuaT (lcdbsa522/SQuaT run_cifar100_resnet32_squat.sh, docs/method.md "SQuaT"):
+                teacher -> calibrate -> student with KL_4 + 1.0 * MSE(q_s, sg(q_t)) at the input of
+                the last block's conv2 (the teacher's input quantized with the student's current
+                bounds), no labels ('squat') or + 1.0 * CE ('squat_ce', the CIFAR script's loss
+                line); the released delta refresh (quant.estimator 'hessian' every 10 epochs).
   B in 1..8; paper settings W1A1, W2A2, W4A4. The quantizer is 'interval' (EWGS / SQAKD
   learnable interval), preset 'sqakd_cifar': stem conv, BatchNorms and classifier stay FP.
 Student: Adam 5e-4 with coupled L2 5e-4 (weights) + Adam 5e-6 without decay (quantizer
@@ -44,6 +50,6 @@ ALPHA = {"w4a4": 100.0}  # SQAKD alpha by bits where it is not 1
 
 
 def get_config(arg: str = ""):
-    v = common.cifar_variant(arg, VARIANTS)
+    v = common.cifar_variant(arg, VARIANTS, squat=True)
     return common.cifar_config(v, dataset="cifar100", model="resnet32", preset="sqakd_cifar", epochs=720,
                                alpha=ALPHA.get(f"w{v.w_bits}a{v.a_bits}", 1.0))

@@ -28,6 +28,15 @@ ARG (after the colon; default 'sqakd,w2a2'):
                 phase on the teacher's feats[-2], then the student with FT beta 200 and that
                 paraphraser frozen (aux_from); 'fsp' trains 'fsp_init' (FSP losses only, the
                 classifier frozen), then the student with plain CE (docs/method.md section 7).
+  squat|squat_ce,wBaB
+                SQuaT (lcdbsa522/SQuaT, docs/method.md "SQuaT"): teacher -> calibrate -> student with
+                KL_4(student, teacher) + 1.0 * MSE(q_s, sg(q_t)), q_s the student's quantized input of
+                the last block's conv2 in [0, 1] codes, q_t the teacher's same input quantized with
+                the student's current interval bounds; no labels ('squat', the paper's label-free
+                claim) or + 1.0 * CE ('squat_ce', the CIFAR script's loss line). The released delta
+                refresh: quant.estimator 'hessian' every 10 epochs on the phase's KL
+                (--config.quant.estimator=ste for SQAKD's delta 0); --config.phases.student.feature_options.distance=l1
+                for the L1 distance.
   B in 1..8; paper settings W1A1, W2A2, W4A4. The quantizer is 'interval' (EWGS / SQAKD
   learnable interval), preset 'sqakd_cifar': stem conv, BatchNorms and classifier stay FP.
 Student: Adam 1e-3 with coupled L2 1e-4 (weights) + Adam 1e-5 without decay (quantizer
@@ -64,6 +73,6 @@ VARIANTS = common.CIFAR10_RESNET20_VARIANTS
 
 
 def get_config(arg: str = ""):
-    v = common.cifar_variant(arg, VARIANTS, features=True)
+    v = common.cifar_variant(arg, VARIANTS, features=True, squat=True)
     return common.cifar_config(v, dataset="cifar10", model="resnet20", preset="sqakd_cifar", epochs=1200,
                                alpha=1.0)

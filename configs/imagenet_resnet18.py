@@ -11,6 +11,11 @@ ARG (after the colon; default 'qkd,w4a4'):
                      -> co_study (50 epochs, teacher trained too) -> tutoring (35 epochs, frozen
                      co-studied teacher). QKD's CIFAR schedule 30/100/70 (200 epochs) scaled to the
                      100-epoch ImageNet budget; every phase restarts its cosine schedule.
+  squat|squat_ce,wBaB SQuaT (lcdbsa522/SQuaT ImageNet/scripts/run_squat.sh, docs/method.md "SQuaT"):
+                     teacher -> calibrate -> student, KL_4 + 1.0 * MSE(q_s, sg(q_t)) at the input of
+                     layer4's last conv2 (the teacher's input quantized with the student's current
+                     quantizer), no labels ('squat', the script's --kd_alpha 0.0) or + CE ('squat_ce');
+                     batch 128 (released), the delta from the Hessian trace every epoch ('interval').
   B in 1..8, paper settings W2A2, W3A3, W4A4; a method token overrides the quantizer
   (e.g. 'sqakd,lsq,w4a4').
 Student phases (EWGS ImageNet recipe): SGD 1e-2, momentum 0.9, coupled wd 1e-4 (weights) + Adam 1e-5
@@ -45,4 +50,4 @@ VARIANTS = common.IMAGENET_VARIANTS
 
 
 def get_config(arg: str = ""):
-    return common.imagenet_config(common.imagenet_variant(arg, VARIANTS), model="resnet18")
+    return common.imagenet_config(common.imagenet_variant(arg, VARIANTS, squat=True), model="resnet18")

@@ -8,10 +8,12 @@ Feature-distillation losses of the paper's comparison (AT, NST, SP, RKD, CC, Fit
 FSP, VID, PKT, CRD, CKTF) are scalar-valued functions in :mod:`qkd_jax.distill.feature_losses`;
 the criteria a train step runs (:func:`get_feature`) are in :mod:`qkd_jax.distill.feature_kd`,
 those with trainable parts in their own modules (FitNet 'hint', CC 'correlation', VID 'vid',
-CRD 'crd', CKTF 'cktf', FT 'factor'), imported here so that they register themselves.
+CRD 'crd', CKTF 'cktf', FT 'factor', SQuaT 'squat'), imported here so that they register themselves.
+`squat(...)` is SQuaT's objective: SQAKD's KL plus the distance between the student's quantized tap
+and the teacher's tap quantized with the student's current quantizer (:mod:`qkd_jax.distill.squat_feature`).
 """
 
-from qkd_jax.distill import cc, cktf, crd, factor, feature_losses, fitnet, vid  # noqa: F401  (registers the criteria)
+from qkd_jax.distill import cc, cktf, crd, factor, feature_losses, fitnet, squat_feature, vid  # noqa: F401  (registers the criteria)
 from qkd_jax.distill.losses import cross_entropy, kl_divergence
 from qkd_jax.distill.objectives import (
     OBJECTIVES,
@@ -26,6 +28,7 @@ from qkd_jax.distill.objectives import (
     kl_term,
     self_study,
     sqakd,
+    squat,
     task,
     tutoring,
     weighted_mean,
@@ -47,6 +50,7 @@ __all__ = [
     "kl_term",
     "self_study",
     "sqakd",
+    "squat",
     "task",
     "tutoring",
     "weighted_mean",

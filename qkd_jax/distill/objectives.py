@@ -251,6 +251,30 @@ def kd(
     return Objective(tuple(t for t in terms if t.weight != 0), name="kd", feature=feature, beta=float(beta))
 
 
+def squat(
+    alpha: float = 1.0,
+    temperature: float = 4.0,
+    beta: float = 1.0,
+    gamma: float = 0.0,
+    label_smoothing: float = 0.0,
+    feature: Union[FeatureKD, str, None] = None,
+) -> Objective:
+    """SQuaT: `gamma * CE(y, s) + alpha * KL_T(s, sg(t)) + beta * distance(q_s, sg(q_t))`, the
+    distance between the student's quantized tap and the teacher's tap quantized with the
+    student's current quantizer (qkd_jax.distill.squat_feature). Released recipe: alpha 1, T 4, beta 1,
+    'mse'; gamma 0 (label-free, the default) or 1 (the CIFAR script's CE term). `feature` is a
+    `SQuaT` criterion or 'squat' (default: the model's declared tap, 'mse')."""
+    from qkd_jax.distill.squat_feature import SQuaT
+
+    if feature is None or isinstance(feature, str):
+        feature = get_feature(feature or "squat")
+    if not isinstance(feature, SQuaT):
+        raise ValueError(f"objective 'squat' takes the 'squat' feature criterion, got {feature.name!r}; "
+                         f"use objective='kd' for other criteria.")
+    terms = [ce_term(gamma, label_smoothing), kl_term(alpha, temperature)]
+    return Objective(tuple(t for t in terms if t.weight != 0), name="squat", feature=feature, beta=float(beta))
+
+
 def self_study(label_smoothing: float = 0.0) -> Objective:
     """QKD self-studying phase: the quantized student alone, `CE(y, s)`."""
     return Objective((ce_term(1.0, label_smoothing),), name="self_study")
@@ -271,6 +295,7 @@ OBJECTIVES: dict[str, Callable[..., AnyObjective]] = {
     "sqakd": sqakd,
     "task": task,
     "kd": kd,
+    "squat": squat,
     "self_study": self_study,
     "tutoring": tutoring,
     "co_study": co_study,

@@ -3,6 +3,7 @@
     teacher = get_model('resnet20', 10)                      # nn.Conv / nn.Dense: FP
     student = get_model('resnet20', 10, conv=qconv_factory)  # same parameter paths
     signed_inputs('mobilenet_v2')                            # regex of the layers with signed inputs
+    squat_tap('resnet20')                                    # regex of SQuaT's feature tap
 
 Signed inputs. Each model declares, from its architecture, which conv / dense layers receive
 inputs with negative values (a regex fully matched against the layer path); the others receive
@@ -79,6 +80,33 @@ _MODELS: dict[str, ModelSpec] = {
     "squeezenet1_0": ModelSpec(SqueezeNet, _IMAGENET),
     "efficientnet_b0": ModelSpec(EfficientNet, _IMAGENET, _EFFICIENTNET_SIGNED),
 }
+
+
+# SQuaT's feature tap (qkd_jax.distill.squat_feature): the input of the last conv of the last residual block,
+# the layer the released code taps (lcdbsa522/SQuaT CIFAR/ResNet/models/custom_models_resnet.py
+# `layer3[-1].conv2`, ImageNet/custom_models.py `layer4[-1].conv2`). A regex fully matched against
+# layer paths; the LAST matching layer called in the forward pass is the tap. Bottleneck ResNets end
+# their block with conv3 and MobileNetV2 its last inverted-residual block with the 1x1 `project`
+# (our choice, by the same rule: the last conv of the last block).
+_SQUAT_TAPS: dict[str, str] = {
+    "resnet20": r"layer3_\d+/conv2",
+    "resnet32": r"layer3_\d+/conv2",
+    "resnet56": r"layer3_\d+/conv2",
+    "resnet18": r"layer4_\d+/conv2",
+    "resnet34": r"layer4_\d+/conv2",
+    "resnet50": r"layer4_\d+/conv3",
+    "mobilenet_v2": r"block\d+/project",
+}
+
+
+def squat_tap(name: str) -> str:
+    """The SQuaT tap regex declared for model ``name`` (see ``_SQUAT_TAPS``); ValueError naming the
+    fix (``feature_options.tap``) for a model that declares none."""
+    _spec(name)
+    if name not in _SQUAT_TAPS:
+        raise ValueError(f"model {name!r} declares no SQuaT tap (declared: {sorted(_SQUAT_TAPS)}); set the "
+                         f"phase's feature_options.tap to a regex of the quantized layer whose input to distil")
+    return _SQUAT_TAPS[name]
 
 
 def list_models() -> list[str]:

@@ -63,7 +63,7 @@ def summary_table(config: ml_collections.ConfigDict, results: dict[str, PhaseRes
         precision = "FP32" if res.kind in ("teacher", "paraphraser") else f"{q.method} W{q.w_bits}A{q.a_bits}"
         objective = "-" if res.kind == "calibrate" else plan.objective_name
         feature = getattr(plan.objective, "feature", None)
-        if feature is not None:  # the feature term, e.g. 'kd+attention'
+        if feature is not None and feature.name != objective:  # the feature term, e.g. 'kd+attention' ('squat' is one)
             objective = f"{objective}+{feature.name}"
         uses_labels = "-" if res.kind == "calibrate" else ("yes" if plan.needs_labels else "no")
         if res.kind == "paraphraser":  # MSE reconstruction of the teacher's feats[-2], no labels

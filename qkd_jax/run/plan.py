@@ -10,6 +10,8 @@ import ml_collections
 from etils import epath
 
 from qkd_jax.distill import get_objective
+from qkd_jax.distill.squat_feature import SQuaT
+from qkd_jax.models.registry import squat_tap
 from qkd_jax.run.config_schema import build_objective, group_spec, phase_names
 from qkd_jax.train.optim import GroupSpec
 from qkd_jax.train.paths import as_path
@@ -81,6 +83,15 @@ def phase_seed(config: ml_collections.ConfigDict, name: str) -> int:
     return (int(config.seed) * 1009 + index) % (2**31)
 
 
+def with_model_tap(objective: Any, model: str) -> Any:
+    """``objective`` with its SQuaT criterion's empty tap replaced by ``model``'s declared one
+    (``models.registry.squat_tap``); any other objective unchanged."""
+    feature = getattr(objective, "feature", None)
+    if not isinstance(feature, SQuaT) or feature.tap:
+        return objective
+    return dataclasses.replace(objective, feature=dataclasses.replace(feature, tap=squat_tap(model)))
+
+
 def make_plan(config: ml_collections.ConfigDict, workdir: epath.Path, name: str,
               steps_per_epoch: int) -> PhasePlan:
     """Resolves phase `name` (`steps_per_epoch` from the opened training split)."""
@@ -104,7 +115,7 @@ def make_plan(config: ml_collections.ConfigDict, workdir: epath.Path, name: str,
         freeze=tuple(n.strip() for n in ph.freeze.split(",") if n.strip()),
         train_teacher=bool(ph.train_teacher),
         objective_name=ph.objective,
-        objective=None if ph.kind == "calibrate" else build_objective(ph),
+        objective=None if ph.kind == "calibrate" else with_model_tap(build_objective(ph), config.model.name),
         batch_size=ph.batch_size,
         epochs=ph.epochs,
         steps_per_epoch=steps_per_epoch,

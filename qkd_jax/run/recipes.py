@@ -64,6 +64,39 @@ FEATURE_OPTIONS = {
 }
 
 
+# SQuaT (lcdbsa522/SQuaT; docs/method.md, "SQuaT"): ARG token -> the CE weight gamma. 'squat' is the
+# label-free objective of the paper's claim (the ImageNet script's --kd_alpha 0.0 on CE); 'squat_ce'
+# adds the CE term the CIFAR train_quant_distill.py loss line weighs with --kd_gamma 1.0.
+SQUAT_TOKENS = {"squat": 0.0, "squat_ce": 1.0}
+# Released scripts (run_cifar*_squat.sh, ImageNet/scripts/run_squat.sh): --kd_T 4, --kd_beta 1.0 on
+# the logit KL, 1.0 on the feature MSE (--distill_loss L2), the EWGS delta from the Hessian trace
+# (--use_hessian True) every 10 epochs on CIFAR (train_quant_distill.py's --update_every default: the
+# scripts' --update_scales_every is not one of its flags) and every epoch on ImageNet.
+SQUAT_HESSIAN_EVERY = {"cifar": 10, "imagenet": 1}
+
+
+def squat_phase(token: str, *, epochs: int, batch_size: int, weights: ml_collections.ConfigDict,
+                quant_params: ml_collections.ConfigDict, distance: str = "mse", tap: str = "",
+                init_from: str = "calibrate") -> ml_collections.ConfigDict:
+    """SQuaT's student phase: gamma * CE + KL_4(s, sg(t)) + 1.0 * distance(q_s, sg(q_t)) at the
+    model's declared tap ('' = qkd_jax.models.registry.squat_tap, filled in by the runner; present
+    either way, so that --config.phases.<name>.feature_options.tap=REGEX overrides it)."""
+    options = {"distance": distance, "tap": tap}
+    return phase("student", objective="squat", alpha=1.0, temperature=4.0, beta=1.0, gamma=SQUAT_TOKENS[token],
+                 feature="squat", feature_options=ml_collections.ConfigDict(options), init_from=init_from,
+                 teacher_from="teacher", epochs=epochs, batch_size=batch_size, weights=weights,
+                 quant_params=quant_params)
+
+
+def squat_hessian(config: ml_collections.ConfigDict, every_epochs: int) -> None:
+    """The released SQuaT delta refresh: quant.estimator 'hessian' every `every_epochs` epochs on the
+    phase's loss (the released update_grad_scales differentiates KL + MSE without CE; here the
+    logit terms of the phase's objective: the feature term is not in the probe, docs/method.md)."""
+    config.quant.estimator = "hessian"
+    config.quant.hessian_every_epochs = every_epochs
+    config.quant.hessian_loss = "phase"
+
+
 # Factor Transfer: beta 200 (run_cifar10_resnet20_EWGS+KDs.sh, 'EWGS+FT'). It needs a paraphraser
 # phase first (paraphraser_phase), so it is not in FEATURE_BASELINES (one student phase each).
 FT_BASELINE = ("factor", 200.0)
@@ -285,6 +318,9 @@ def student_phase(variant: Variant, *, epochs: int, batch_size: int, weights: ml
     if variant.objective in FEATURE_BASELINES:
         return feature_phase(variant.objective, epochs=epochs, batch_size=batch_size, weights=weights,
                              quant_params=quant_params, label_smoothing=label_smoothing)
+    if variant.objective in SQUAT_TOKENS:
+        return squat_phase(variant.objective, epochs=epochs, batch_size=batch_size, weights=weights,
+                           quant_params=quant_params)
     objective = STUDENT_OBJECTIVE[variant.objective]
     sqakd = objective == "sqakd"
     return phase(
@@ -381,10 +417,12 @@ CIFAR_RECIPES = {
 QKD_CIFAR_EPOCHS = {"self_study": 30, "co_study": 100, "tutoring": 70}
 
 
-def cifar_variant(arg: Optional[str], paper: Sequence[str], *, features: bool = False) -> Variant:
+def cifar_variant(arg: Optional[str], paper: Sequence[str], *, features: bool = False,
+                  squat: bool = False) -> Variant:
     """`features`: also accept the feature-distillation tokens (FEATURE_BASELINES, 'ft', 'fsp'), for the files
-    whose model the released SQAKD EWGS+KDs scripts train."""
-    extra = (*FEATURE_BASELINES, *TWO_PHASE_BASELINES) if features else ()
+    whose model the released SQAKD EWGS+KDs scripts train; `squat`: also 'squat' / 'squat_ce' (SQUAT_TOKENS),
+    for the files whose model the released SQuaT scripts train."""
+    extra = ((*FEATURE_BASELINES, *TWO_PHASE_BASELINES) if features else ()) + (tuple(SQUAT_TOKENS) if squat else ())
     return parse_variant(arg, objectives=("qat", "sqakd", "qkd", *extra), methods=("interval", "qkd"),
                          default="sqakd,w2a2",
                          default_method={"qat": "interval", "sqakd": "interval", "qkd": "qkd",
@@ -415,6 +453,8 @@ def cifar_config(variant: Variant, *, dataset: str, model: str, preset: str, epo
                            quant_params=lambda: adam(r["quant_lr"]), lr_m=r["student_lr"],
                            weight_decay=r["student_wd"])
         return c
+    if variant.objective in SQUAT_TOKENS:
+        squat_hessian(c, SQUAT_HESSIAN_EVERY["cifar"])
     student = None
     if variant.objective != "fp":
         student = student_phase(
@@ -553,10 +593,18 @@ IMAGENET_BATCH = 256
 QKD_IMAGENET_EPOCHS = {"self_study": 15, "co_study": 50, "tutoring": 35}
 
 
-def imagenet_variant(arg: Optional[str], paper: Sequence[str]) -> Variant:
-    return parse_variant(arg, objectives=("qat", "sqakd", "qkd"),
+def imagenet_variant(arg: Optional[str], paper: Sequence[str], *, squat: bool = False) -> Variant:
+    """`squat`: also accept 'squat' / 'squat_ce' (the files whose model the released SQuaT scripts train)."""
+    extra = tuple(SQUAT_TOKENS) if squat else ()
+    return parse_variant(arg, objectives=("qat", "sqakd", "qkd", *extra),
                          methods=("interval", "qkd", "pact", "lsq", "dorefa"), default="qkd,w4a4",
-                         default_method={"qat": "interval", "sqakd": "interval", "qkd": "qkd"}, paper=paper)
+                         default_method={"qat": "interval", "sqakd": "interval", "qkd": "qkd",
+                                         **{t: "interval" for t in extra}}, paper=paper)
+
+
+# Released SQuaT ImageNet ResNet-18 (ImageNet/scripts/run_squat.sh): batch 128, 100 epochs, SGD 1e-2
+# (weights) / Adam 1e-5 (quantizer), cosine; the rest as the EWGS ImageNet recipe here.
+SQUAT_IMAGENET_BATCH = 128
 
 
 def imagenet_weights() -> ml_collections.ConfigDict:
@@ -601,8 +649,11 @@ def imagenet_config(variant: Variant, *, model: str,
                                             decay_epochs=(30, 60), decay_factor=0.1))
     if variant.objective != "qkd":
         student = None
+        if variant.objective in SQUAT_TOKENS:
+            squat_hessian(c, SQUAT_HESSIAN_EVERY["imagenet"])
         if variant.objective != "fp":
-            student = student_phase(variant, epochs=IMAGENET_EPOCHS, batch_size=IMAGENET_BATCH,
+            batch = SQUAT_IMAGENET_BATCH if variant.objective in SQUAT_TOKENS else IMAGENET_BATCH
+            student = student_phase(variant, epochs=IMAGENET_EPOCHS, batch_size=batch,
                                     alpha=1.0, temperature=4.0, weights=imagenet_weights(),
                                     quant_params=imagenet_quant())
         standard_phases(c, variant, teacher, student)

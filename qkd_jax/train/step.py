@@ -105,7 +105,10 @@ def train_step(
     With a feature criterion (`objective.feature`, qkd_jax.distill.feature_kd) both networks'
     features are recorded, `objective.beta * feature.loss(...)` is added, the criterion's
     auxiliary params (`state.aux`) are updated by their own optimizer and its auxiliary state
-    (e.g. CRD's memory banks) is replaced by the one the criterion returns.
+    (e.g. CRD's memory banks) is replaced by the one the criterion returns. A criterion with
+    `needs_tap` (SQuaT, qkd_jax.distill.squat_feature) runs both forwards itself (`teacher_forward`,
+    `student_forward`: each network's input at its tap layer) and gets the student's and the
+    teacher's quantized codes there as its features.
 
     `preprocess` (e.g. `qkd_jax.data.device_normalize.normalizer`) maps `batch['image']` to the
     model input on the device (uint8 batches from the host).
@@ -133,17 +136,26 @@ def train_step(
             f"has no 'index'; build the training loader with make_train_loader(..., with_index=True) "
             f"(the runner does so for such criteria)."
         )
-    frozen_logits = t_feats = None
+    frozen_logits = t_feats = t_tap = None
     t_blocks: dict = {}
+    tap = getattr(feature, "needs_tap", False)  # SQuaT: both taps recorded by method interception
     if needs_teacher and not co_study:
-        frozen_logits, t_feats, t_blocks = _frozen_teacher(teacher, images, feature)
+        if tap:
+            frozen_logits, t_tap = feature.teacher_forward(teacher.apply_fn, teacher.variables(), images)
+        else:
+            frozen_logits, t_feats, t_blocks = _frozen_teacher(teacher, images, feature)
     aux_state = state.aux.state if state.aux is not None else {}
 
     def loss_fn(params, teacher_params, aux_params):
         s_vars = {**state.variables(), "params": params}
         new_aux_state = aux_state
+        feats_t = t_feats
         if feature is None:
             s_logits, s_stats = _forward(state.apply_fn, s_vars, images, train=True, rng=rng)
+        elif tap:
+            s_logits, s_stats, s_feats, feats_t = feature.student_forward(
+                state.apply_fn, s_vars, images, rng=rng, teacher_input=t_tap)
+            s_blocks = {}
         else:
             s_logits, s_stats, s_feats, s_blocks = _forward_features(
                 state.apply_fn, s_vars, images, rng=rng, feature=feature
@@ -158,7 +170,7 @@ def train_step(
         loss, aux = objective(s_logits, t_logits, labels)
         if feature is not None:
             f_loss, new_aux_state = feature.loss(
-                aux_params, aux_state, s_feats, t_feats,
+                aux_params, aux_state, s_feats, feats_t,
                 rng=jax.random.fold_in(rng, 2), index=index, axis_name=axis_name, **s_blocks, **t_blocks,
             )
             aux = {**aux, feature.name: f_loss}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: installs qkd_jax into .venv/ on first use, then runs the demo.
+# The main job: installs qkd_jax[onnx] into .venv/ on first use (onnxruntime runs the exported
+# student at the end of the demo), then runs the demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/ensure_venv.sh
+source launch/ensure_venv.sh onnx
 exec python -m qkd_jax.demo "$@"

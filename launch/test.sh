@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite: installs qkd_jax[test,torch] into .venv/ on first use, then runs pytest.
+# The test suite: installs qkd_jax[test,torch,onnx] into .venv/ on first use, then runs pytest.
 #
 #   bash launch/test.sh                 the fast tier: every unit test (-m "not slow"), ~10 min on 2 cores
 #   bash launch/test.sh --all           both tiers: also the end-to-end runs (tests/e2e/) and other slow tests
@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
     *) break ;;
   esac
 done
-source launch/ensure_venv.sh test,torch
+source launch/ensure_venv.sh test,torch,onnx
 # Two pytest workers match the 2-core CI machine; set QKD_TEST_WORKERS=0 to run serially.
 # --dist loadfile: a module's tests run on one worker, so a module fixture that trains a whole
 # run (tests/e2e) runs once per test run, not once per worker.

@@ -85,7 +85,7 @@ def resize(image: np.ndarray, height: int, width: int, box: Box | None = None) -
     pil_box = None if box is None else (box[1], box[0], box[1] + box[3], box[0] + box[2])
     channels = [image] if image.shape[2] == 3 else [image[..., c] for c in range(image.shape[2])]
     out = [np.asarray(Image.fromarray(np.ascontiguousarray(c)).resize(
-        (width, height), Image.BILINEAR, box=pil_box)) for c in channels]
+        (width, height), Image.Resampling.BILINEAR, box=pil_box)) for c in channels]
     return out[0] if image.shape[2] == 3 else np.stack(out, axis=-1)
 
 

@@ -178,7 +178,7 @@ def _decode_box_resized(data: bytes, box: aug.Box, out_h: int, out_w: int,
     image, s = _decode_reduced(data, full_h, full_w, d, space)
     dh, dw = image.shape[:2]
     pil_box = (min(left * s, dw), min(top * s, dh), min((left + w) * s, dw), min((top + h) * s, dh))
-    out = np.asarray(PILImage.fromarray(image).resize((out_w, out_h), PILImage.BILINEAR, box=pil_box))
+    out = np.asarray(PILImage.fromarray(image).resize((out_w, out_h), PILImage.Resampling.BILINEAR, box=pil_box))
     return aug.flip_lr(out) if flip else out
 
 
@@ -226,7 +226,7 @@ def imagenet_eval_jpeg(data: Encoded, *, size: int) -> Image:
     from PIL import Image as PILImage
 
     pil_box = (cl * fx * s, ct * fy * s, (cl + size) * fx * s, (ct + size) * fy * s)
-    return np.asarray(PILImage.fromarray(image).resize((size, size), PILImage.BILINEAR, box=pil_box))
+    return np.asarray(PILImage.fromarray(image).resize((size, size), PILImage.Resampling.BILINEAR, box=pil_box))
 
 
 def train_transform(image_size: int | None = None) -> Callable[[Encoded, np.random.Generator], Image]:

@@ -20,6 +20,7 @@ from qkd_jax.distill import cktf
 from qkd_jax.distill.crd import crd_contrast_index
 from qkd_jax.distill.feature_kd import get_feature
 from tests.distill import torch_released as tr
+from tests.x64 import enable_x64
 
 N, N_DATA, N_CLASSES, K, DIM = 6, 40, 4, 20, 8
 LABELS = (np.arange(N_DATA) * 7) % N_CLASSES
@@ -224,7 +225,7 @@ def test_pooling_is_the_released_arithmetic():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)])  # float64: ~30 s
 def test_zero_features_give_finite_values_and_gradients(dtype):
-    with jax.enable_x64(dtype == jnp.float64):
+    with enable_x64(dtype == jnp.float64):
         arrays = jax.tree.map(np.zeros_like, _arrays(0))
         for method in ("Largest", "Smallest"):
             crit, feats_s, feats_t, blocks_s, blocks_t, aux = _setup(arrays, method, "avg8", dtype=dtype)

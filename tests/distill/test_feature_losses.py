@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from qkd_jax.distill import feature_losses as fl
+from tests.x64 import enable_x64
 
 # float32 rounding is ~6e-8 relative per operation; the losses chain O(10) operations and
 # reductions of <= 1e3 terms, so 1e-4 relative leaves a wide margin on any correct evaluation.
@@ -196,7 +197,7 @@ def cast(tree, dtype):
 
 @pytest.fixture
 def x64():
-    with jax.enable_x64(True):
+    with enable_x64(True):
         yield
 
 
@@ -361,7 +362,7 @@ DEGENERATE = degenerate_cases()
 @pytest.mark.parametrize("case", DEGENERATE, ids=[c[0] for c in DEGENERATE])
 def test_finite_at_degenerate_points(case, dtype):
     _, loss, s, t = case
-    with jax.enable_x64(dtype == "float64"):
+    with enable_x64(dtype == "float64"):
         s, t = cast(s, jnp.dtype(dtype)), cast(t, jnp.dtype(dtype))
         value, grads = jax.value_and_grad(loss, argnums=(0, 1))(s, t)
         assert np.isfinite(float(value))
@@ -381,6 +382,6 @@ def test_degenerate_limits():
     assert abs(float(fl.rkd(one_s, one_t))) < 1e-6
     # Equal student rows: the released clamp makes their distance sqrt(1e-12) and their
     # difference vector normalises to 0, both reproduced.
-    with jax.enable_x64(True):
+    with enable_x64(True):
         same = jnp.tile(jnp.asarray(VEC_S[:1], jnp.float64), (3, 1))
         np.testing.assert_allclose(float(fl.rkd(same, same)), 0.0, atol=1e-12)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from qkd_jax.distill import cross_entropy, kl_divergence
+from tests.x64 import enable_x64
 
 
 def np_log_softmax(x: np.ndarray) -> np.ndarray:
@@ -99,7 +100,7 @@ def test_bf16_inputs_computed_in_float32(logits):
 def test_gradients_check_grads(logits):
     s, t = logits
     labels = jnp.array([0, 3, 9, 2, 2, 5])
-    with jax.enable_x64(True):
+    with enable_x64(True):
         s64, t64 = jnp.asarray(s, jnp.float64), jnp.asarray(t, jnp.float64)
         jax.test_util.check_grads(lambda a, b: kl_divergence(a, b, 4.0), (s64, t64), order=1, modes=("rev",))
         jax.test_util.check_grads(lambda a: cross_entropy(a, labels, 0.1), (s64,), order=1, modes=("rev",))

@@ -10,6 +10,7 @@ import pytest
 
 from qkd_jax.models import get_model
 from qkd_jax.models.depthwise import depthwise_conv_general_dilated
+from tests.x64 import enable_x64
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -73,7 +74,7 @@ def test_mobilenet_v2_shifted_matches_grouped():
     # natively and with max ISA AVX2 and SSE4_2), so 1e-8 holds on any processor and is still eight
     # orders of magnitude below the ~100% of a wrong gradient. Float32 agreement of each conv is
     # the test above.
-    with jax.enable_x64(True):
+    with enable_x64(True):
         x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 3)), jnp.float64)
         grouped = get_model("mobilenet_v2", 5, dtype=jnp.float64)
         shifted = get_model("mobilenet_v2", 5, depthwise="shifted", dtype=jnp.float64)

@@ -33,6 +33,7 @@ from qkd_jax.models.torchvision_import import (
     torch_to_flax,
     torchvision_shapes,
 )
+from tests.x64 import enable_x64
 
 # (state_dict entries, elements incl. one per num_batches_tracked) of torchvision 0.28's
 # models with 1000 classes: len(sd) and sum(v.numel() for v in sd.values()).
@@ -436,7 +437,7 @@ def test_logits_match_torchvision(name: str) -> None:
 
     with torch.no_grad():
         want64 = reference.double()(torch.from_numpy(x).double()).numpy()
-    with jax.enable_x64(True):
+    with enable_x64(True):
         variables64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
         model64 = get_model(name, 37, dtype=jnp.float64)
         got64 = np.asarray(jax.jit(model64.apply)(variables64, x.transpose(0, 2, 3, 1).astype(np.float64)))

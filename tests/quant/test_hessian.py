@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from qkd_jax import quant
+from tests.x64 import enable_x64
 
 N = 6
 
@@ -109,7 +110,7 @@ def closed_form_hessian_diag(x, c):
 
 
 def test_hvp_through_quantizer_matches_finite_differences_float64():
-    with jax.enable_x64(True):
+    with enable_x64(True):
         x = points_inside_cells(0, np.float64)
         rng = np.random.default_rng(1)
         c = rng.uniform(0.5, 2.0, size=x.shape)

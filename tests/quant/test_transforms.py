@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from qkd_jax import quant
+from tests.x64 import enable_x64
 
 BITS, DELTA = 3, 0.4
 SHAPE = (6, 4)
@@ -174,7 +175,7 @@ def test_double_reverse_runs_and_matches_finite_differences(name):
     (delta > 0, so dL/dx depends on x inside a rounding cell). The x-block of this surrogate
     Jacobian is symmetric (elementwise, or J^T D J + sum h_j Hess(x_n_j) for DoReFa weights),
     so J^T v = J v. The parameter block of the double reverse must exist and be finite."""
-    with jax.enable_x64(True):
+    with enable_x64(True):
         quantize = CASES[name][0]
         rng = np.random.default_rng(11)
         x = jnp.asarray(cell_interior_x(name, 12))

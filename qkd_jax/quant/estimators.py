@@ -50,6 +50,9 @@ class Estimator:
 
     name: ClassVar[str] = ""
     stochastic: ClassVar[bool] = False
+    # False when the training forward leaves the grid (uniform noise): layers then skip their
+    # integer factorisation for that call.
+    on_grid: ClassVar[bool] = True
 
     def backward(self, g: jax.Array, x_n: jax.Array, x_q: jax.Array, levels: int) -> jax.Array:
         """dL/dx_n from g = dL/dx_q (straight-through by default)."""
@@ -237,6 +240,7 @@ class Noise(Estimator):
 
     name: ClassVar[str] = "noise"
     stochastic: ClassVar[bool] = True
+    on_grid: ClassVar[bool] = False
     rate: float = 1.0
 
     def check(self) -> None:

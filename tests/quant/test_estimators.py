@@ -210,7 +210,8 @@ def test_noise_is_one_uniform_grid_step_on_a_share_of_elements(rate):
 # ----------------------------------------------------------------------------- transforms
 
 
-@pytest.mark.parametrize("name", [*DETERMINISTIC, "stochastic", "noise"])
+# 'ewgs', 'approxsign' and 'reste' share their code paths with 'ste' / 'dsq' (legacy / generic rule).
+@pytest.mark.parametrize("name", ["ste", "dsq", "stochastic", "noise"])
 def test_jit_vmap_and_shard_map_agree_with_eager(name):
     est, levels = E.make(name, OPTIONS.get(name)), 4
     x = jnp.asarray(_x(levels, 8 * 16).reshape(8, 16))
@@ -231,7 +232,7 @@ def test_jit_vmap_and_shard_map_agree_with_eager(name):
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(eager), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", DETERMINISTIC)
+@pytest.mark.parametrize("name", ["ewgs", "dsq", "reste"])
 def test_reverse_over_reverse_matches_finite_differences_of_the_gradient(name):
     """The Hessian probe's H v (reverse-over-reverse) equals central differences of the estimator's
     gradient (points kept inside their cells so the hard forward does not move)."""
@@ -245,9 +246,10 @@ def test_reverse_over_reverse_matches_finite_differences_of_the_gradient(name):
         return jnp.sum(w * discretize(v, levels, estimator=est) ** 2 + 0.5 * v ** 3)
 
     v = jnp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], x.size).astype(np.float32))
-    hv = jax.grad(lambda y: jnp.vdot(jax.grad(f)(y), v))(x)
+    hv = jax.jit(jax.grad(lambda y: jnp.vdot(jax.grad(f)(y), v)))(x)
     h = 1e-3
-    fd = (jax.grad(f)(x + h * v) - jax.grad(f)(x - h * v)) / (2 * h)
+    grad = jax.jit(jax.grad(f))
+    fd = (grad(x + h * v) - grad(x - h * v)) / (2 * h)
     np.testing.assert_allclose(np.asarray(hv), np.asarray(fd), rtol=2e-2, atol=2e-3)
 
 

@@ -2,7 +2,7 @@
 
 An estimator says what the discretizer's backward pass (and, for some, its training-time
 forward pass) is; the hard forward `x_q = round(x_n (L - 1)) / (L - 1)` stays the discretizer's,
-so evaluation and the integer export never depend on the estimator (docs/method.md section 11).
+so evaluation and the integer export never depend on the estimator (docs/method.md section 12).
 
     backward(g, x_n, x_q, levels) -> dL/dx_n      g = dL/dx_q, all on the [0, 1] grid, L = levels
     forward(x_n, levels, key)     -> x_q          training-time forward (`stochastic` ones only)
@@ -22,7 +22,7 @@ with `@estimator_record` and, to be named in configs, `register(cls)`:
 
 Built-ins: 'ste', 'ewgs' (fixed delta; delta=None reads the layer's 'quant_delta', which the
 Hessian refresh writes), 'dsq', 'approxsign', 'reste', 'stochastic', 'noise'. Formulas and sources
-are in docs/method.md section 11; each backward rule below is the derivative of a per-cell surrogate
+are in docs/method.md section 12; each backward rule below is the derivative of a per-cell surrogate
 in grid-index units u = x_n (L - 1) with t = 2 (u - floor(u)) - 1 in [-1, 1] the position in the cell.
 """
 

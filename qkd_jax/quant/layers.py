@@ -33,7 +33,7 @@ Collections a quantized layer uses (paths relative to the layer):
     intermediates  'w_hat', 'a_hat' (tuples, flax `sow`): the fake-quantized weights and inputs,
                    recorded only when apply is given mutable=['intermediates'].
 
-Gradient estimator (`LayerPrecision.estimator`, docs/method.md section 11): None, 'ste' and 'ewgs'
+Gradient estimator (`LayerPrecision.estimator`, docs/method.md section 12): None, 'ste' and 'ewgs'
 use the 'quant_delta' collection as above. A stochastic estimator (stochastic rounding, uniform
 noise) runs its training forward only when apply is given a 'quantize' PRNG stream (the train step
 passes one; evaluation, calibration and the export do not, so they see the hard rounding). An

@@ -69,7 +69,7 @@ def student_rules(config: ml_collections.ConfigDict) -> qrules.RuleSet:
     method = student_method(config)
     extra = {"pact_alpha": q.pact_alpha} if (method == "pact" and q.pact_alpha > 0) else {}
     estimator = config_estimator(q)
-    if estimator is not None:  # every quantized layer's rule carries it (docs/method.md section 11)
+    if estimator is not None:  # every quantized layer's rule carries it (docs/method.md section 12)
         extra["estimator"] = estimator
     rules = PRESETS[q.preset](method, q.w_bits, q.a_bits, **extra)
     return qrules.with_signed_inputs(rules, signed_inputs(config.model.name))

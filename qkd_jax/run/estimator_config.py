@@ -1,5 +1,5 @@
 """`quant.estimator` / `quant.estimator_options` of a config: parsed, validated, turned into the
-estimator every quantized layer's rule carries (docs/method.md section 11).
+estimator every quantized layer's rule carries (docs/method.md section 12).
 
     --config.quant.estimator=dsq --config.quant.estimator_options=alpha=0.3
     --config.quant.estimator=noise --config.quant.estimator_options='rate=0.5'

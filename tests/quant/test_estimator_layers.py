@@ -1,4 +1,4 @@
-"""Estimators in quantized layers and in the config (docs/method.md section 11).
+"""Estimators in quantized layers and in the config (docs/method.md section 12).
 
 A layer's rule carries its estimator; the stochastic training forward runs only when apply gets a
 'quantize' PRNG stream (the train step's), so evaluation and export see the hard rounding; the

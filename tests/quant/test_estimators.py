@@ -1,4 +1,4 @@
-"""Tests of the gradient estimators (qkd_jax/quant/estimators.py, docs/method.md section 11).
+"""Tests of the gradient estimators (qkd_jax/quant/estimators.py, docs/method.md section 12).
 
 Expected backward rules are NumPy transcriptions of the papers' surrogates, checked once more
 against central finite differences of the surrogate itself; STE / EWGS against the legacy

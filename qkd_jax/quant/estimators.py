@@ -89,11 +89,15 @@ class Keyed:
 
 
 def register(cls: type) -> type:
-    """Adds an estimator class to ESTIMATORS under `cls.name` (a new, non-empty name)."""
+    """Adds an estimator class to ESTIMATORS under `cls.name` (a new, non-empty name; a redefinition of
+    the same class, e.g. a notebook cell run twice, replaces the earlier one)."""
     if not (isinstance(cls, type) and issubclass(cls, Estimator)) or not cls.name:
         raise ValueError(f"register takes an Estimator subclass with a name, got {cls!r}")
-    if cls.name in ESTIMATORS and ESTIMATORS[cls.name] is not cls:
-        raise ValueError(f"estimator {cls.name!r} is already registered")
+    old = ESTIMATORS.get(cls.name)
+    # A class of the same module and qualified name replaces its earlier definition (a re-run cell).
+    redefined = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+    if old is not None and old is not cls and not redefined:
+        raise ValueError(f"estimator {cls.name!r} is already registered (by {old.__module__}.{old.__qualname__})")
     ESTIMATORS[cls.name] = cls
     return cls
 

@@ -292,6 +292,8 @@ def test_a_custom_estimator_registers_and_runs():
         np.testing.assert_allclose(np.asarray(g), [0.25, -0.1])
         with pytest.raises(ValueError, match="already registered"):
             E.register(type("Other", (Clipped,), {"name": "test_clipped"}))
+        again = type("Clipped", (Clipped,), {"__module__": Clipped.__module__, "__qualname__": Clipped.__qualname__})
+        assert E.register(again) is again and E.ESTIMATORS["test_clipped"] is again  # a re-run cell
     finally:
         E.ESTIMATORS.pop("test_clipped")
 

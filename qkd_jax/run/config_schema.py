@@ -148,6 +148,9 @@ def base_config() -> ml_collections.ConfigDict:
             # Hessian-trace delta); estimator_options: 'key=value,...' (run/estimator_config.py).
             estimator="ste",
             estimator_options="",
+            # Estimator diagnostics logged every N steps of student phases (0 = off; run/diagnostics_log.py).
+            diagnostics_every_steps=0,
+            diagnostics_estimators="ste",
             delta=0.0,
             hessian_every_epochs=10,
             hessian_batches=3,
@@ -351,6 +354,13 @@ def _validate_estimator(q: ml_collections.ConfigDict) -> None:
         config_estimator(q)
     except (ValueError, TypeError) as err:
         _fail("quant.estimator_options", q.estimator_options, str(err))
+    from qkd_jax.run.diagnostics_log import diagnostics_names
+
+    _int_in("quant.diagnostics_every_steps", q.diagnostics_every_steps, 0)
+    try:
+        diagnostics_names(q.diagnostics_estimators)
+    except ValueError as err:
+        _fail("quant.diagnostics_estimators", q.diagnostics_estimators, str(err))
 
 
 def _validate_variant(q: ml_collections.ConfigDict) -> None:

@@ -38,7 +38,7 @@ def runs(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def _last_loss(workdir: pathlib.Path) -> float:
-    rows = [r for r in read_metrics(workdir) if r.get("phase") == "sqakd" and "loss" in r]
+    rows = [r for r in read_metrics(workdir) if r.get("phase") == "sqakd" and r.get("kind") == "train"]
     assert rows, f"no sqakd losses in {workdir}"
     return float(rows[-1]["loss"])
 

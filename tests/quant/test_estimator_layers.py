@@ -137,3 +137,18 @@ def test_options_parse_and_are_recorded_only_when_set():
     assert "quant.estimator_options" not in quant_record(_config(estimator="dsq"))
     record = quant_record(_config(estimator="dsq", estimator_options="alpha=0.3"))
     assert record["quant.estimator"] == "dsq" and record["quant.estimator_options"] == "alpha=0.3"
+
+
+def test_config_json_written_before_estimators_existed_loads_with_the_legacy_defaults(tmp_path):
+    import json
+
+    from qkd_jax.run.config_files import load_config
+
+    values = json.loads(base_config().to_json())
+    for key in ("estimator_options", "diagnostics_every_steps", "diagnostics_estimators"):
+        del values["quant"][key]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(values))
+    config = load_config(str(path))
+    validate(config)
+    assert (config.quant.estimator_options, config.quant.diagnostics_every_steps) == ("", 0)

@@ -33,6 +33,12 @@ Collections a quantized layer uses (paths relative to the layer):
     intermediates  'w_hat', 'a_hat' (tuples, flax `sow`): the fake-quantized weights and inputs,
                    recorded only when apply is given mutable=['intermediates'].
 
+Gradient estimator (`LayerPrecision.estimator`, docs/method.md section 12): None, 'ste' and 'ewgs'
+use the 'quant_delta' collection as above. A stochastic estimator (stochastic rounding, uniform
+noise) runs its training forward only when apply is given a 'quantize' PRNG stream (the train step
+passes one; evaluation, calibration and the export do not, so they see the hard rounding). An
+off-grid training forward (uniform noise) skips the integer factorisation for that call.
+
 Compute dtype (the nn.Conv / nn.Dense field `dtype`, set model-wide by the models' `dtype`): the
 conv / matmul runs in it; params, quantizer parameters, the quantizers and their scales stay
 float32, so w_hat and a_hat land on the same float32 grids in bfloat16 and float32 compute.
@@ -62,11 +68,14 @@ from qkd_jax.quant.layer_quant import (
     quantize_weight,
     weight_scale,
 )
+from qkd_jax.quant.estimators import is_ewgs_family, legacy_delta
 from qkd_jax.quant.methods import get_method
 from qkd_jax.quant.released_methods import full_range_transforms
 from qkd_jax.quant.rules import FULL_PRECISION, LayerPrecision, RuleSet
 
 INTERMEDIATES = "intermediates"
+#: The flax PRNG stream stochastic estimators draw from (given by the train step only).
+QUANTIZE_RNG = "quantize"
 RulesLike = Union[RuleSet, LayerPrecision, None]
 PlainOp = Callable[[jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
 
@@ -85,6 +94,25 @@ def _delta(module: nn.Module, side: str):
     if module.has_variable(DELTA_COLLECTION, side) or module.is_mutable_collection(DELTA_COLLECTION):
         return module.variable(DELTA_COLLECTION, side, lambda: jnp.zeros((), jnp.float32)).value
     return 0.0
+
+
+def _rounding(module: nn.Module, lp: LayerPrecision, side: str):
+    """What the layer's quantizers get in their `delta` slot: the EWGS delta (legacy estimators), the
+    estimator, or the estimator keyed for its training forward (a 'quantize' stream was given)."""
+    est = lp.estimator
+    if is_ewgs_family(est):
+        delta = _delta(module, side)
+        return delta if est is None else legacy_delta(est, delta)
+    if est.stochastic and _noisy(module, lp):
+        return est.keyed(module.make_rng(QUANTIZE_RNG))
+    return est
+
+
+def _noisy(module: nn.Module, lp: LayerPrecision) -> bool:
+    """The layer's estimator runs its stochastic training forward in this call."""
+    est = lp.estimator
+    return (est is not None and est.stochastic and not module.is_initializing()
+            and module.has_rng(QUANTIZE_RNG))
 
 
 def _hook(module: nn.Module, name: str):
@@ -155,13 +183,14 @@ def _forward(
     y_fp = op(x, kernel, None) if calibrating else None
     w_hat = kernel
     if lp.w_bits is not None:
-        w_hat = quantize_weight(lp, kernel, q, _delta(module, "w"), _hook(module, "w_q")).astype(kernel.dtype)
+        w_hat = quantize_weight(lp, kernel, q, _rounding(module, lp, "w"), _hook(module, "w_q")).astype(kernel.dtype)
     a_hat = x
     if lp.a_bits is not None:
-        a_hat = quantize_input(lp, x, q, _delta(module, "a"), _hook(module, "a_q"))
+        a_hat = quantize_input(lp, x, q, _rounding(module, lp, "a"), _hook(module, "a_q"))
     _sow(module, "w_hat", w_hat)
     _sow(module, "a_hat", a_hat)
-    if lp.w_bits is not None and lp.a_bits is not None and not lp.full_range:
+    off_grid = _noisy(module, lp) and not getattr(lp.estimator, "on_grid", True)
+    if lp.w_bits is not None and lp.a_bits is not None and not lp.full_range and not off_grid:
         s_w, s_a = weight_scale(lp, q, w_hat), input_scale(lp, q)
         q_w = integer_valued(w_hat, s_w).astype(w_hat.dtype)
         y = op(integer_valued(a_hat, s_a), q_w, None)

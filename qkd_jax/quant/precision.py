@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -18,6 +18,8 @@ class LayerPrecision:
     |output_scale| (EWGS). `pact_alpha`: a constant PACT alpha for calibration (None: from data).
     `full_range`: the released MQBench "32-bit" layer (`qkd_jax.quant.released_methods`): no
     rounding, only the method's transforms; w_bits / a_bits then read 32 (not a grid).
+    `estimator`: the layer's gradient estimator (`qkd_jax.quant.estimators`); None: EWGS with the
+    layer's 'quant_delta' (0 = STE), as before estimators were pluggable.
     """
 
     method: str = "none"
@@ -27,6 +29,7 @@ class LayerPrecision:
     output_scale: bool = False
     pact_alpha: Optional[float] = None
     full_range: bool = False
+    estimator: Optional[Any] = None
     rule: Optional[int] = None  # index of the rule that matched, None when no rule did
     pattern: Optional[str] = None
 

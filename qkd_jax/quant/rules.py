@@ -28,6 +28,7 @@ import dataclasses
 import re
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from qkd_jax.quant.estimators import Estimator
 from qkd_jax.quant.methods import QUANT_METHODS
 from qkd_jax.quant.precision import FULL_PRECISION, LayerPrecision
 from qkd_jax.quant.validation import check_bits
@@ -61,6 +62,8 @@ class Rule:
       output_scale: learnable |output_scale| on the layer output; None = the method's default
         (True for 'interval', False otherwise).
       pact_alpha: constant initial PACT alpha (> 0) used by calibration; None = from data.
+      estimator: the gradient estimator of the layer's rounding (`qkd_jax.quant.estimators.make`);
+        None = EWGS with the layer's 'quant_delta' (0 = STE).
     """
 
     pattern: str
@@ -71,8 +74,12 @@ class Rule:
     a_signed: bool = False
     output_scale: Optional[bool] = None
     pact_alpha: Optional[float] = None
+    estimator: Optional[Estimator] = None
 
     def __post_init__(self) -> None:
+        if self.estimator is not None and not isinstance(self.estimator, Estimator):
+            raise ValueError(f"Rule estimator must be an Estimator (qkd_jax.quant.estimators.make(name, options)), "
+                             f"got {self.estimator!r}")
         if not isinstance(self.pattern, str):
             raise ValueError(f"Rule pattern must be a regex string, got {self.pattern!r}")
         try:
@@ -126,6 +133,7 @@ class Rule:
             a_signed=self.a_signed,
             output_scale=scale,
             pact_alpha=self.pact_alpha,
+            estimator=self.estimator,
             rule=index,
             pattern=self.pattern,
         )

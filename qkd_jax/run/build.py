@@ -21,6 +21,7 @@ from qkd_jax.quant import rules as qrules
 from qkd_jax.quant.layers import quantized_layers
 from qkd_jax.quant.released_methods import RELEASED_METHODS
 from qkd_jax.quant.released_rules import mqbench_academic
+from qkd_jax.run.estimator_config import config_estimator
 from qkd_jax.train.parallel import DATA_AXIS
 from qkd_jax.train.state import KEPT_COLLECTIONS
 
@@ -67,6 +68,9 @@ def student_rules(config: ml_collections.ConfigDict) -> qrules.RuleSet:
     q = config.quant
     method = student_method(config)
     extra = {"pact_alpha": q.pact_alpha} if (method == "pact" and q.pact_alpha > 0) else {}
+    estimator = config_estimator(q)
+    if estimator is not None:  # every quantized layer's rule carries it (docs/method.md section 12)
+        extra["estimator"] = estimator
     rules = PRESETS[q.preset](method, q.w_bits, q.a_bits, **extra)
     return qrules.with_signed_inputs(rules, signed_inputs(config.model.name))
 

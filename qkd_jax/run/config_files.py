@@ -22,6 +22,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         values = json.loads(file.read_text())
         # A config.json written before `data` existed ran with the defaults (host decode, no workers).
         values.setdefault("data", base_config().data.to_dict())
+        # ... and before pluggable estimators: the legacy estimator, no diagnostics (docs/method.md section 12).
+        defaults = base_config().quant
+        for key in ("estimator_options", "diagnostics_every_steps", "diagnostics_estimators"):
+            values.get("quant", {}).setdefault(key, defaults[key])
         return ml_collections.ConfigDict(values)
     # A config .py is imported by Python's import system: it must be a local file.
     module_spec = importlib.util.spec_from_file_location(f"_qkd_config_{file.stem}", file)

@@ -39,6 +39,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 QUANT_VARIANTS = ("textbook", "released")
 
 PHASE_KINDS = ("teacher", "calibrate", "student", "paraphraser")
+#: The EWGS estimators of the legacy path (quant_delta); every registered estimator is accepted too
+#: (run/estimator_config.py).
 ESTIMATORS = ("ste", "ewgs", "hessian")
 # How quant.estimator='hessian' takes its traces (docs/method.md section 5): each layer probed on its
 # own (released EWGS code) or one joint probe; the cross-entropy with labels (released) or the phase's loss.
@@ -142,7 +144,13 @@ def base_config() -> ml_collections.ConfigDict:
             w_bits=2,
             a_bits=2,
             preset="sqakd_cifar",
+            # A registered gradient estimator (qkd_jax/quant/estimators.py) or 'hessian' (EWGS with the
+            # Hessian-trace delta); estimator_options: 'key=value,...' (run/estimator_config.py).
             estimator="ste",
+            estimator_options="",
+            # Estimator diagnostics logged every N steps of student phases (0 = off; run/diagnostics_log.py).
+            diagnostics_every_steps=0,
+            diagnostics_estimators="ste",
             delta=0.0,
             hessian_every_epochs=10,
             hessian_batches=3,
@@ -312,8 +320,7 @@ def validate(config: ml_collections.ConfigDict, *, known_models: Iterable[str] =
         _fail("quant.preset", q.preset, f"unknown precision preset; known: {known_presets}")
     _int_in("quant.w_bits", q.w_bits, 1, 8)
     _int_in("quant.a_bits", q.a_bits, 1, 8)
-    if q.estimator not in ESTIMATORS:
-        _fail("quant.estimator", q.estimator, f"must be one of {ESTIMATORS}")
+    _validate_estimator(q)
     if not q.delta >= 0:
         _fail("quant.delta", q.delta, "EWGS delta must be >= 0 (0 = straight-through)")
     _int_in("quant.hessian_every_epochs", q.hessian_every_epochs, 1)
@@ -333,6 +340,27 @@ def validate(config: ml_collections.ConfigDict, *, known_models: Iterable[str] =
     if config.teacher_select not in TEACHER_SELECT:
         _fail("teacher_select", config.teacher_select, f"must be one of {TEACHER_SELECT}")
     _validate_phases(config)
+
+
+def _validate_estimator(q: ml_collections.ConfigDict) -> None:
+    """quant.estimator names a registered estimator (or 'hessian'); its options parse and are valid."""
+    from qkd_jax.run.estimator_config import config_estimator, known_estimators
+
+    if q.estimator not in known_estimators():
+        _fail("quant.estimator", q.estimator, f"unknown gradient estimator; registered: {known_estimators()}")
+    if not isinstance(q.estimator_options, str):
+        _fail("quant.estimator_options", q.estimator_options, "must be a string 'key=value,...'")
+    try:
+        config_estimator(q)
+    except (ValueError, TypeError) as err:
+        _fail("quant.estimator_options", q.estimator_options, str(err))
+    from qkd_jax.run.diagnostics_log import diagnostics_names
+
+    _int_in("quant.diagnostics_every_steps", q.diagnostics_every_steps, 0)
+    try:
+        diagnostics_names(q.diagnostics_estimators)
+    except ValueError as err:
+        _fail("quant.diagnostics_estimators", q.diagnostics_estimators, str(err))
 
 
 def _validate_variant(q: ml_collections.ConfigDict) -> None:

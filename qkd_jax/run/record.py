@@ -49,7 +49,12 @@ def model_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def quant_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return {f"quant.{key}": config.quant[key] for key in _QUANT_KEYS}
+    record = {f"quant.{key}": config.quant[key] for key in _QUANT_KEYS}
+    # Recorded only when set, so workdirs written before the key existed still rerun; a rerun with
+    # other options (or another estimator, quant.estimator) is a recorded change.
+    if config.quant.get("estimator_options", ""):
+        record["quant.estimator_options"] = config.quant.estimator_options
+    return record
 
 
 def shape_record(config: ml_collections.ConfigDict, keys: tuple[str, ...] = SHAPE_KEYS) -> dict[str, Any]:

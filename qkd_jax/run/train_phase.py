@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from qkd_jax.data.device_prefetch import DevicePrefetch
-from qkd_jax.run import build
+from qkd_jax.run import build, diagnostics_log
 from qkd_jax.run.config_schema import objective_kwargs
 from qkd_jax.run.context import PhaseResult, RunContext, console
 from qkd_jax.run.divergence import DivergenceMonitor, loss_weight
@@ -150,6 +150,8 @@ def run_training(ctx: RunContext, plan: PhasePlan, ckpt: PhaseCheckpointer) -> P
             console(progress.line(done, values, lr=lrs["lr/weights"]))
             if warning := monitor.update(done, values["loss"]):
                 _report_warning(ctx, name, done, warning, monitor)
+        if diagnostics_log.due(ctx.config, plan.kind, done):  # watching only (run/diagnostics_log.py)
+            diagnostics_log.log_diagnostics(ctx, plan, state, done)
         epoch_end = done % spe == 0
         if epoch_end and done != total and (done // spe) % plan.eval_every_epochs == 0:
             ev = evaluate(ctx, net.train_model, state.variables(), phase=name)

@@ -38,11 +38,18 @@ def _step_rng(state: TrainState, axis_name: Optional[str]) -> jax.Array:
     return rng
 
 
+def _train_rngs(rng: jax.Array) -> dict:
+    """The PRNG streams of a train-mode forward: 'dropout', and 'quantize' for the stochastic
+    training forward of gradient estimators (layers that use none never draw from it, so the
+    numbers of every other estimator are unchanged; qkd_jax.quant.layers)."""
+    return {"dropout": rng, "quantize": jax.random.fold_in(rng, 3)}
+
+
 def _forward(apply_fn: Callable, variables: dict, images: jax.Array, *, train: bool, rng: jax.Array):
     """Runs a model; in train mode returns (logits, new batch_stats)."""
     if train:
         logits, mutated = apply_fn(
-            variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+            variables, images, train=True, mutable=["batch_stats"], rngs=_train_rngs(rng)
         )
         return logits, mutated.get("batch_stats", {})
     return apply_fn(variables, images, train=False), variables.get("batch_stats", {})
@@ -66,7 +73,7 @@ def _forward_features(apply_fn: Callable, variables: dict, images: jax.Array, *,
     (logits, batch_stats, features, block kwargs of the criterion's loss)."""
     logits, mutated = apply_fn(
         variables, images, train=True, mutable=["batch_stats", *_feature_collections(feature)],
-        rngs={"dropout": rng},
+        rngs=_train_rngs(rng),
     )
     return (logits, mutated.get("batch_stats", {}), read_features(mutated, feature.preact),
             _block_kwargs(feature, mutated, "s"))

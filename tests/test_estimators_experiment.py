@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import math
-import pathlib
 
 import numpy as np
 import pytest

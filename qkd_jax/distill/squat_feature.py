@@ -102,12 +102,13 @@ def teacher_tap(apply_fn: Callable, variables: dict, images: Array, tap: str) ->
     return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(_last(records, tap, "teacher").x)
 
 
-def student_forward(apply_fn: Callable, variables: dict, images: Array, *, rng: Array,
+def student_forward(apply_fn: Callable, variables: dict, images: Array, *, rngs: dict,
                     feature: "SQuaT", teacher_input: Array) -> tuple[Array, Any, list, list]:
-    """A train-mode student forward recording its tap: (logits, batch_stats, [q_s], [q_t])."""
+    """A train-mode student forward recording its tap: (logits, batch_stats, [q_s], [q_t]).
+    `rngs`: the train step's PRNG streams ('dropout', and 'quantize' for stochastic estimators)."""
     records: list = []
     with nn.intercept_methods(_interceptor(feature.tap, records, student=True)):
-        logits, mutated = apply_fn(variables, images, train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+        logits, mutated = apply_fn(variables, images, train=True, mutable=["batch_stats"], rngs=rngs)
     q_s, q_t = tap_codes(_last(records, feature.tap, "student"), teacher_input)
     return logits, mutated.get("batch_stats", {}), [q_s], [q_t]
 
@@ -171,10 +172,10 @@ class SQuaT(FeatureKD):
         """The train step's frozen-teacher forward: (logits, tap input), see :func:`teacher_tap`."""
         return teacher_tap(apply_fn, variables, images, self.tap)
 
-    def student_forward(self, apply_fn: Callable, variables: dict, images: Array, *, rng: Array,
+    def student_forward(self, apply_fn: Callable, variables: dict, images: Array, *, rngs: dict,
                         teacher_input: Array) -> tuple[Array, Any, list, list]:
         """The train step's student forward: (logits, batch_stats, [q_s], [q_t]), see :func:`student_forward`."""
-        return student_forward(apply_fn, variables, images, rng=rng, feature=self, teacher_input=teacher_input)
+        return student_forward(apply_fn, variables, images, rngs=rngs, feature=self, teacher_input=teacher_input)
 
     def loss(self, params, state, feats_s, feats_t, *, rng, index=None, axis_name=None):
         if not self.tap:

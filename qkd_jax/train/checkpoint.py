@@ -136,6 +136,15 @@ def _abstract(tree: Any, mesh: Optional[Mesh]) -> Any:
     return jax.tree.map(to_struct, tree)
 
 
+def metadata_tree(checkpointer: Any, path: Any) -> Any:
+    """The metadata tree of a PyTree checkpoint item under every supported orbax: current releases
+    wrap it in a StepMetadata (`.item_metadata.tree`), orbax 0.11 (the lowest bound) returns the
+    tree itself."""
+    meta = checkpointer.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    return getattr(meta, "tree", meta)
+
+
 def read_arrays(step_dir: PathLike, keys: Optional[tuple[str, ...]] = None) -> dict:
     """The arrays of one checkpoint step's train state as NumPy, without a template.
 
@@ -146,7 +155,7 @@ def read_arrays(step_dir: PathLike, keys: Optional[tuple[str, ...]] = None) -> d
 
     path = as_path(step_dir) / "state"
     with quiet_closed_loops(), ocp.PyTreeCheckpointer() as checkpointer:
-        tree = checkpointer.metadata(path).item_metadata.tree
+        tree = metadata_tree(checkpointer, path)
         wanted = {k: tree[k] for k in (keys or tuple(tree)) if k in tree}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
         return checkpointer.restore(

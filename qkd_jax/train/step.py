@@ -161,7 +161,7 @@ def train_step(
             s_logits, s_stats = _forward(state.apply_fn, s_vars, images, train=True, rng=rng)
         elif tap:
             s_logits, s_stats, s_feats, feats_t = feature.student_forward(
-                state.apply_fn, s_vars, images, rng=rng, teacher_input=t_tap)
+                state.apply_fn, s_vars, images, rngs=_train_rngs(rng), teacher_input=t_tap)
             s_blocks = {}
         else:
             s_logits, s_stats, s_feats, s_blocks = _forward_features(

@@ -26,6 +26,21 @@ from PIL import Image
 
 from qkd_jax.data import jpeg_augment as ja
 
+# The extension reproduces the resize arithmetic of Pillow 13 (the locked version) bit for bit.
+# Pillow 9.3-12 (in setup.cfg's range) round the bilinear resize differently: 1 level apart in up
+# to a fifth of the pixels (measured at Pillow 9.3, 10.0, 11.0 and 12.0), so there the checks
+# allow one level.
+PILLOW_EXACT = int(Image.__version__.split(".")[0]) >= 13
+
+
+def assert_pillow_equal(actual: np.ndarray, expected: np.ndarray, err_msg: str = "") -> None:
+    """Equal to Pillow's resize: bit for bit from Pillow 13, within one level before."""
+    if PILLOW_EXACT:
+        np.testing.assert_array_equal(actual, expected, err_msg=err_msg)
+    else:
+        diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+        assert diff.max(initial=0) <= 1, err_msg
+
 
 
 def _build_prerequisites_missing() -> str | None:
@@ -114,7 +129,7 @@ def test_resize_equals_pillow_bit_for_bit(ext, horizontal_loop):
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         out = np.empty(out_hw + (3,), np.uint8)
         ext.resize(image, (h, w), box, out_hw, out)
-        np.testing.assert_array_equal(out, _pillow(image, box, out_hw), err_msg=f"{(h, w)} {box} {out_hw}")
+        assert_pillow_equal(out, _pillow(image, box, out_hw), err_msg=f"{(h, w)} {box} {out_hw}")
 
 
 ENCODINGS = [
@@ -146,8 +161,8 @@ def test_cropped_decode_then_resize_equals_whole_decode_then_pillow(encoding, d,
         flip = bool(trial % 2)
         ext.decode_crop_resize(data, d, (dh, dw), box, out_hw, out, flip)
         expected = _pillow(whole, box, out_hw)
-        np.testing.assert_array_equal(out, expected[:, ::-1] if flip else expected,
-                                      err_msg=f"{(h, w)} {box} {out_hw} flip={flip}")
+        assert_pillow_equal(out, expected[:, ::-1] if flip else expected,
+                            err_msg=f"{(h, w)} {box} {out_hw} flip={flip}")
 
 
 def test_only_the_region_the_resize_reads_is_decoded(ext):
@@ -194,7 +209,7 @@ def test_transforms_equal_with_and_without_the_extension(shape, monkeypatch, ext
     without.append(ja.imagenet_eval_jpeg(data, size=224))
     for a, b in zip(with_ext, without):
         assert a.dtype == np.uint8 and a.shape == (224, 224, 3)
-        np.testing.assert_array_equal(a, b)
+        assert_pillow_equal(a, b)
 
 
 NAN, INF = float("nan"), float("inf")

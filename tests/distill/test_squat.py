@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from qkd_jax import distill
-from qkd_jax.distill.squat_feature import SQuaT, TapRecord, code_span, tap_codes
+from qkd_jax.distill.squat_feature import SQuaT, TapRecord, code_span, student_forward, tap_codes
+from qkd_jax.quant import estimators
 from qkd_jax.quant.layers import QConv
 from qkd_jax.quant.methods import QUANT_METHODS, get_method
 from qkd_jax.quant.precision import LayerPrecision
@@ -210,3 +211,27 @@ def test_the_models_declared_taps_are_the_last_conv_of_the_last_block():
     assert objective.feature.tap == squat_tap("resnet20") and objective.name == "squat"
     with pytest.raises(ValueError, match="feature_options.tap"):
         squat_tap("vgg8")
+
+
+def test_student_tap_takes_the_train_steps_quantize_stream():
+    """A stochastic estimator at the tap (additive noise on every element) noises the student's
+    forward when the train step's 'quantize' stream reaches it, and only then: without the stream
+    the logits are the hard forward's (model.apply with no stream). The distance itself reads
+    the hard codes of the recorded tap input (on the 2-bit grid either way)."""
+    lp = LayerPrecision(method="interval", w_bits=2, a_bits=2, estimator=estimators.make("noise", {"rate": 1.0}))
+    student = _TapNet(lp)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 3)), jnp.float32)
+    s_vars = student.init(jax.random.key(0), x)
+    feature = SQuaT(tap="tap")
+    t_in = jnp.zeros((2, 5, 5, 4), jnp.float32)
+
+    def forward(rngs):
+        logits, _, (q_s,), _ = student_forward(student.apply, s_vars, x, rngs=rngs, feature=feature, teacher_input=t_in)
+        return np.asarray(logits), np.asarray(q_s) * 3.0
+
+    hard_logits, hard_codes = forward({"dropout": jax.random.key(1)})
+    noised_logits, noised_codes = forward({"dropout": jax.random.key(1), "quantize": jax.random.key(2)})
+    np.testing.assert_allclose(hard_logits, np.asarray(student.apply(s_vars, x, train=True)), rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(noised_logits - hard_logits)) > 1e-3
+    for codes in (hard_codes, noised_codes):
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-5)

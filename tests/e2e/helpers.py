@@ -214,10 +214,12 @@ def read_state(step_dir: str | os.PathLike) -> dict:
     import numpy as np
     import orbax.checkpoint as ocp
 
+    from qkd_jax.train.checkpoint import metadata_tree
+
     path = pathlib.Path(step_dir).absolute() / "state"
     with ocp.PyTreeCheckpointer() as ckptr:
         # Restored as numpy on the host: no device placement (fast with 8 devices in the process).
-        structure = _metadata_tree(ckptr, path)
+        structure = metadata_tree(ckptr, path)
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
         return ckptr.restore(path, restore_args=args)
 
@@ -226,16 +228,10 @@ def state_keys(step_dir: str | os.PathLike) -> list[str]:
     """Top-level keys of a step's 'state' item, from its metadata only (no arrays read)."""
     import orbax.checkpoint as ocp
 
+    from qkd_jax.train.checkpoint import metadata_tree
+
     with ocp.PyTreeCheckpointer() as ckptr:
-        return sorted(_metadata_tree(ckptr, pathlib.Path(step_dir).absolute() / "state"))
-
-
-def _metadata_tree(ckptr: Any, path: pathlib.Path) -> Any:
-    """The item's metadata tree under every supported orbax: newer releases wrap it in a
-    StepMetadata (`.item_metadata.tree`), orbax 0.11 (the lowest bound) returns the tree itself."""
-    meta = ckptr.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    return getattr(meta, "tree", meta)
+        return sorted(metadata_tree(ckptr, pathlib.Path(step_dir).absolute() / "state"))
 
 
 def read_meta(step_dir: str | os.PathLike) -> dict:

@@ -20,6 +20,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 from qkd_jax.quant import estimators as E
 from qkd_jax.quant.discretize import discretize, discretize_index
 
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # NumPy 2 renamed trapz (1.26 is the lowest bound)
+
 LEVELS = [2, 4, 16]
 DETERMINISTIC = ["ste", "ewgs", "dsq", "approxsign", "reste"]
 
@@ -124,7 +126,7 @@ def test_surrogate_slopes_average_to_one_per_cell(name):
     est = E.make(name, OPTIONS[name])
     x = (np.arange(200001) / 200000.0).astype(np.float32)  # one cell of the 2-level grid
     slope = jax.grad(lambda v: jnp.sum(discretize(v, 2, estimator=est)))(jnp.asarray(x))
-    mean = float(np.trapezoid(np.asarray(slope, np.float64), x.astype(np.float64)))
+    mean = float(_trapezoid(np.asarray(slope, np.float64), x.astype(np.float64)))
     expected = 1.0
     if name == "reste":
         o, thr = OPTIONS[name]["power"], OPTIONS[name]["threshold"]

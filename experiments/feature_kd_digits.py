@@ -71,7 +71,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from experiments import reproduce_digits as rd  # noqa: E402
-from experiments.paired_tests import ALPHA, holm, paired_t  # noqa: E402
+from experiments.paired_tests import ALPHA, holm, mean_pm_std as _pm, mean_std as _mean_std, paired_t  # noqa: E402
 from qkd_jax.run import recipes  # noqa: E402
 
 # One-phase baselines: token -> (criterion, beta). A criterion added to recipes in another mapping
@@ -270,14 +270,6 @@ def comparisons(opts: Options, records: dict) -> list[dict]:
         c["p_holm"] = p_holm
     return out
 
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
-
-
-def _pm(values: Sequence[float]) -> str:
-    m, s = _mean_std(values)
-    return f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}"
 
 
 def _verdict(c: dict) -> str:

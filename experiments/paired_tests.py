@@ -96,6 +96,17 @@ def verdict(test: PairedT, alpha: float = ALPHA) -> str:
     return "not significant"
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def mean_pm_std(values: Sequence[float]) -> str:
+    """'m ± s' with two decimals, or 'm' alone for one value (the experiments' table cells)."""
+    m, s = mean_std(values)
+    return f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}"
+
+
 def correct_counts(path: pathlib.Path) -> dict[tuple[str, int, str], list[int]]:
     """{(method, bits, 'qat'|'sqakd'): correct images per seed, in seed order} of the grid rows."""
     rows: dict[tuple[str, int, str], dict[int, int]] = {}

@@ -68,7 +68,8 @@ def _signed(spec, path) -> bool:
 
 
 class Branches(nn.Module):
-    """One small conv net per precision spec, side by side: logits of shape (branches, N, 5).
+    """One small conv net per precision spec, side by side: logits of shape (branches, N, 5), or
+    (N, 5 * branches) concatenated on the class axis with `concat` (one output for ONNX).
 
     Each branch: strided conv -> BN -> ReLU [-> grouped 'SAME' conv -> BN -> ReLU if deep] ->
     mean pool -> dense with bias; every conv/dense quantized by the branch's rule."""
@@ -77,6 +78,7 @@ class Branches(nn.Module):
     conv: object
     dense: object
     deep: bool = False
+    concat: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -89,7 +91,7 @@ class Branches(nn.Module):
                 y = self.conv(8, (3, 3), padding="SAME", feature_group_count=2, name=f"{n}_c2")(y)
                 y = nn.relu(bn(name=f"{n}_bn2")(y))
             outs.append(self.dense(5, name=f"{n}_fc")(jnp.mean(y, axis=(1, 2))))
-        return jnp.stack(outs)
+        return jnp.concatenate(outs, axis=-1) if self.concat else jnp.stack(outs)
 
 
 def _random_variables(model, x, seed):

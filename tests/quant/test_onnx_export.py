@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +26,7 @@ from qkd_jax.quant.export.onnx_check import optimized_ops, session  # noqa: E402
 from qkd_jax.quant.export.onnx_format import to_onnx  # noqa: E402
 from qkd_jax.quant.layers import quantized_layers  # noqa: E402
 from qkd_jax.quant.rules import Rule, rule_set, with_signed_inputs  # noqa: E402
+from tests.quant.test_export import Branches, _name  # noqa: E402  (deep=True, concat=True: one (N, 5 * branches) output)
 
 KEY = functools.partial(jax.random.key, impl="unsafe_rbg")
 
@@ -45,35 +45,9 @@ FAST_SPECS = [("interval", 2, False, "wa"), ("pact", 3, False, "wa"), ("lsq", 8,
               ("interval", 3, False, "w"), ("lsq", 4, False, "a")]
 
 
-def _name(spec) -> str:
-    m, b, signed, sides = spec
-    return f"{m}{b}{'s' if signed else ''}{'' if sides == 'wa' else '_' + sides}"
-
-
 def _rules(specs):
     return rule_set(*[Rule(pattern=f"{_name(s)}_(c1|c2|fc)", method=s[0], w_bits=s[1] if "w" in s[3] else None,
                            a_bits=s[1] if "a" in s[3] else None, a_signed=s[2]) for s in specs])
-
-
-class Branches(nn.Module):
-    """One small net per spec side by side (strided conv -> BN -> ReLU -> grouped 'SAME' conv -> BN ->
-    ReLU -> mean -> dense with bias); logits (N, 5 * branches) concatenated on the class axis."""
-
-    names: tuple
-    conv: object
-    dense: object
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
-        outs = []
-        for n in self.names:
-            y = self.conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name=f"{n}_c1")(x)
-            y = nn.relu(bn(name=f"{n}_bn1")(y))
-            y = self.conv(8, (3, 3), padding="SAME", feature_group_count=2, name=f"{n}_c2")(y)
-            y = nn.relu(bn(name=f"{n}_bn2")(y))
-            outs.append(self.dense(5, name=f"{n}_fc")(jnp.mean(y, axis=(1, 2))))
-        return jnp.concatenate(outs, axis=-1)
 
 
 # Quantizer parameters set directly (no calibration pass: it costs ~30 s of op-by-op dispatch for
@@ -165,7 +139,7 @@ def _integer_layer_counts(exported) -> tuple[int, int]:
 def _toy(specs):
     names = tuple(_name(s) for s in specs)
     conv, dense = quantized_layers(_rules(specs))
-    model = Branches(names, conv, dense)
+    model = Branches(names, conv, dense, deep=True, concat=True)
     # non-negative images: the unsigned specs' first layers read them on their unsigned grids
     x = jnp.asarray(np.abs(np.random.default_rng(0).normal(size=(16, 8, 8, 3))), jnp.float32)
     exported = qexport.export_variables(model, _variables(model, x, 0), (8, 8, 3))
@@ -245,7 +219,7 @@ def _check_strict_and_float(toy):
 ], ids=["signed-1-bit-activations", "interval-W8-container", "dorefa-W8-strict"])
 def test_unrepresentable_layers_are_refused(spec, types, message):
     conv, dense = quantized_layers(_rules([spec]))
-    model = Branches((_name(spec),), conv, dense)
+    model = Branches((_name(spec),), conv, dense, deep=True, concat=True)
     x = jnp.asarray(np.abs(np.random.default_rng(1).normal(size=(2, 8, 8, 3))), jnp.float32)
     exported = qexport.export_variables(model, _variables(model, x, 1), (8, 8, 3))
     with pytest.raises(qexport.ExportError, match=message):

@@ -3,7 +3,8 @@ paired tests against the STE (Holm), and the estimator diagnostics' descent chec
 
     python experiments/estimators_digits.py --out=docs/estimators [--seeds=3] [--epochs=4]
         [--teacher-epochs=12] [--methods=interval,lsq,pact,dorefa] [--bits=1,2,4]
-        [--estimators=ste,ewgs,dsq,approxsign,reste,stochastic,noise] [--workdirs=workdirs/estimators] [--quick]
+        [--estimators=ste,ewgs,dsq,approxsign,reste,stochastic,noise] [--workdirs=workdirs/estimators]
+        [--jobs=1] [--quick]
 
 Writes OUT.md (the table, the paired tests, the descent check, the command and wall time),
 OUT_runs.csv (one row per run) and OUT.png (mean top-1 per estimator, one panel per method).
@@ -17,6 +18,10 @@ differences to the STE are paired. 'ewgs' runs with delta 0.2 (fixed), the other
 Diagnostics: for each (seed, method, bits), `qkd_jax.quant.diagnostics` on the final STE student and one
 training batch of 256 images: the share of (layer, step size) pairs where each estimator's normalised
 gradient step on one layer lowers the true quantized loss (step sizes 1e-3, 1e-2, 1e-1).
+
+Each finished run leaves `estimator_result.json` (its config and top-1) and each cell `descent.json`, so
+a rerun reads finished work back without training; `--jobs=N` trains N students at a time in worker
+processes that share the persistent compilation cache (`.cache/jax`).
 
 `--quick` (the test's smoke setting): 1 seed, 1 epoch (teacher 1), interval and LSQ at W2A2, estimators
 ste, dsq and noise; outputs under workdirs/estimators_quick/ unless --out / --workdirs are given.
@@ -38,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from experiments import paired_tests as pt  # noqa: E402
+from experiments import parallel  # noqa: E402
 from experiments import reproduce_digits as rd  # noqa: E402
 
 METHODS = ("interval", "lsq", "pact", "dorefa")
@@ -59,6 +65,7 @@ class Options:
     bits: tuple[int, ...] = BITS
     estimators: tuple[str, ...] = ESTIMATORS
     command: str = ""
+    jobs: int = 1
 
     @property
     def reproduce(self) -> rd.Options:
@@ -77,8 +84,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     p.add_argument("--methods", default=None)
     p.add_argument("--bits", default=None)
     p.add_argument("--estimators", default=None)
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default 1)")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
     q = a.quick
     base = ROOT / "workdirs" / ("estimators_quick" if q else "estimators")
     return Options(
@@ -91,6 +101,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
         bits=rd._csv_list(a.bits, BITS, int, "--bits") if a.bits else ((2,) if q else BITS),
         estimators=(rd._csv_list(a.estimators, ESTIMATORS, name="--estimators") if a.estimators
                     else (("ste", "dsq", "noise") if q else ESTIMATORS)),
+        jobs=a.jobs,
         command="python experiments/estimators_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     )
 
@@ -152,31 +163,88 @@ def rd_options(name: str) -> dict:
     return parse_options(OPTIONS.get(name, ""))
 
 
-def run_grid(opts: Options, log=print) -> list[dict]:
-    from qkd_jax.run.loop import run
+Key = tuple[int, str, int, str]  # (seed, method, bits, estimator)
 
+
+def _cell_dir(opts: Options, seed: int, method: str, bits: int) -> pathlib.Path:
+    return opts.workdirs / f"seed{seed}" / f"{method}_w{bits}a{bits}"
+
+
+def _teacher(seed: int, opts: Options) -> dict:
+    return rd.execute(rd.RunSpec("teacher", seed), opts.reproduce)
+
+
+def execute(key: Key, opts: Options) -> dict:
+    """Runs (or reads back from its `estimator_result.json`) one student; the diagnosed estimator's run
+    also computes (or reads back) its cell's descent shares. Returns {'top1', 'wall_s', 'reused'}."""
+    import json
+
+    seed, method, bits, est = key
+    config = build_config(opts, seed, method, bits, est)
+    wanted = rd._config_dict(config)
+    workdir = _cell_dir(opts, seed, method, bits) / est
+    result_file = workdir / "estimator_result.json"
+    stored = json.loads(result_file.read_text()) if result_file.exists() else {}
+    student = None
+    if stored.get("config") != wanted:
+        old = workdir / "config.json"
+        if old.exists() and rd._differences(json.loads(old.read_text()), wanted):
+            raise rd.ConfigMismatchError(f"{workdir} holds a run of a different config; delete it or choose --workdirs")
+        from qkd_jax.run.loop import run
+
+        t0 = time.perf_counter()
+        with rd._quiet(workdir / "run.log"):
+            results = run(config, workdir)
+        student = results["sqakd"].student
+        stored = {"top1": float(results["sqakd"].eval["top1"]), "wall_s": time.perf_counter() - t0,
+                  "config": wanted}
+        result_file.write_text(json.dumps(stored, indent=1))
+        reused = False
+    else:
+        reused = True
+    if est == _diagnosed(opts):
+        descent_file = _cell_dir(opts, seed, method, bits) / "descent.json"
+        want = {"estimators": list(opts.estimators), "step_sizes": list(STEP_SIZES), "student": wanted}
+        cached = json.loads(descent_file.read_text()) if descent_file.exists() else {}
+        if cached.get("of") != want:
+            if student is None:  # a finished run: its checkpoint is read back, nothing trains
+                from qkd_jax.run.loop import run
+
+                with rd._quiet(workdir / "run.log"):
+                    student = run(config, workdir)["sqakd"].student
+            shares = descent_shares(config, student, opts.estimators)
+            descent_file.write_text(json.dumps({"of": want, "descent": shares}, indent=1))
+    return {"top1": stored["top1"], "wall_s": stored["wall_s"], "reused": reused}
+
+
+def _diagnosed(opts: Options) -> str:
+    """The estimator whose final student the descent check runs on: the STE, else the first one."""
+    return "ste" if "ste" in opts.estimators else opts.estimators[0]
+
+
+def run_grid(opts: Options, log=print) -> list[dict]:
+    """Every run (teachers first, then `opts.jobs` students at a time), reusing finished ones; one row per
+    run in grid order, each with its cell's descent share."""
+    import json
+
+    keys = [(s, m, b, e) for s in range(opts.seeds) for m in opts.methods for b in opts.bits for e in opts.estimators]
+    records: dict = {}
+
+    def done(key: Key, rec: dict) -> None:
+        records[key] = rec
+        seed, method, bits, est = key
+        how = "reused" if rec["reused"] else f"{rec['wall_s']:.0f} s"
+        log(f"[{len(records)}/{len(keys)}] seed {seed} {method} W{bits}A{bits} {est}: top-1 {rec['top1']:.2f}% ({how})")
+
+    for seed in range(opts.seeds):  # before any student: every student of a seed loads its teacher
+        _teacher(seed, opts)
+    parallel.run_stages(execute, [keys], opts, opts.jobs, done, str(ROOT / ".cache" / "jax"))
     rows = []
-    for seed in range(opts.seeds):
-        rd.execute(rd.RunSpec("teacher", seed), opts.reproduce)
-        for method in opts.methods:
-            for bits in opts.bits:
-                students = {}
-                for est in opts.estimators:
-                    config = build_config(opts, seed, method, bits, est)
-                    workdir = opts.workdirs / f"seed{seed}" / f"{method}_w{bits}a{bits}" / est
-                    t0 = time.perf_counter()
-                    with rd._quiet(workdir / "run.log"):
-                        results = run(config, workdir)
-                    wall = time.perf_counter() - t0
-                    students[est] = (config, results["sqakd"].student)
-                    rows.append({"method": method, "bits": bits, "estimator": est, "seed": seed,
-                                 "top1": float(results["sqakd"].eval["top1"]), "descent": "", "wall_s": round(wall, 1)})
-                    log(f"seed {seed} {method} W{bits}A{bits} {est}: top-1 {rows[-1]['top1']:.2f}% ({wall:.0f} s)")
-                config, student = students.get("ste", next(iter(students.values())))
-                shares = descent_shares(config, student, opts.estimators)
-                for row in rows:
-                    if (row["method"], row["bits"], row["seed"]) == (method, bits, seed):
-                        row["descent"] = round(shares[row["estimator"]], 4)
+    for key in keys:
+        seed, method, bits, est = key
+        shares = json.loads((_cell_dir(opts, seed, method, bits) / "descent.json").read_text())["descent"]
+        rows.append({"method": method, "bits": bits, "estimator": est, "seed": seed, "top1": records[key]["top1"],
+                     "descent": round(shares[est], 4), "wall_s": round(records[key]["wall_s"], 1)})
     return rows
 
 
@@ -198,6 +266,29 @@ def comparisons(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+def reading(comps: Sequence[dict], opts: Options) -> list[str]:
+    """What the paired tests say, counted from the table: per estimator the cells where its mean is
+    above / below / equal to the STE's, its mean difference over cells, and the Holm verdicts."""
+    if not comps:
+        return []
+    tested = [c for c in comps if c["n"] >= 2]
+    better = [c for c in tested if c["p_holm"] < pt.ALPHA and c["mean"] > 0]
+    worse = [c for c in tested if c["p_holm"] < pt.ALPHA and c["mean"] < 0]
+    out = ["## Reading", "",
+           f"- {len(comps)} comparisons against the STE, {len(tested)} with at least 2 seeds; after Holm's "
+           f"correction {len(better)} significantly better and {len(worse)} significantly worse than the STE"
+           + ("".join(f"; {c['estimator']} {c['method']} W{c['bits']}A{c['bits']} {c['mean']:+.2f} points "
+                      f"(Holm p {c['p_holm']:.3g})" for c in better + worse)) + "."]
+    for e in [e for e in opts.estimators if e != "ste"]:
+        mine = [c for c in comps if c["estimator"] == e]
+        if mine:
+            up, down = sum(c["mean"] > 0 for c in mine), sum(c["mean"] < 0 for c in mine)
+            out.append(f"- {e}: mean difference to the STE {statistics.mean(c['mean'] for c in mine):+.2f} points "
+                       f"over {len(mine)} cells; above the STE in {up}, below in {down}, equal in "
+                       f"{len(mine) - up - down}.")
+    return out
+
+
 def write_report(opts: Options, rows: Sequence[dict], wall_s: float) -> None:
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{opts.out}_runs.csv", "w", newline="") as f:
@@ -210,10 +301,16 @@ def write_report(opts: Options, rows: Sequence[dict], wall_s: float) -> None:
         groups.setdefault((r["method"], int(r["bits"]), r["estimator"]), []).append(float(r["top1"]))
         if r["descent"] != "":
             descent.setdefault(r["estimator"], []).append(float(r["descent"]))
+    env = rd._environment()
+    summed = sum(float(r["wall_s"]) for r in rows)
+    comps = comparisons(rows)
     lines = ["# Gradient estimators on the digits (SQAKD, ResNet-20)", "",
              f"Command: `{opts.command}`; {opts.seeds} seed(s), {opts.epochs} student epoch(s), teacher "
-             f"{opts.teacher_epochs} epoch(s); wall time {wall_s / 60:.1f} min. Top-1 on the 360 test images "
-             "(one image = 0.28 points), mean ± std over seeds.", "",
+             f"{opts.teacher_epochs} epoch(s). Wall time of the invocation that wrote this report "
+             f"{rd._duration(wall_s)}; summed wall time of the student runs {rd._duration(summed)} (with "
+             f"`--jobs`, runs overlap). Machine: {env['machine']}; JAX {env['jax']} on {env['devices']}; "
+             f"{env['date']}. Top-1 on the 360 test images (one image = 0.28 points), mean ± std over seeds.", "",
+             *reading(comps, opts), "",
              "| method | W/A | estimator | top-1 % |", "| --- | --- | --- | --- |"]
     for (m, b, e), vals in sorted(groups.items()):
         sd = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
@@ -223,7 +320,7 @@ def write_report(opts: Options, rows: Sequence[dict], wall_s: float) -> None:
               "paired t-test, Holm's correction over every row of this table.", "",
               "| method | W/A | estimator | n | mean diff (points) | p | p (Holm) | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for c in comparisons(rows):
+    for c in comps:
         p = "-" if c["n"] < 2 else f"{c['p']:.3g}"
         ph = "-" if c["n"] < 2 else f"{c['p_holm']:.3g}"
         lines.append(f"| {c['method']} | {c['bits']}/{c['bits']} | {c['estimator']} | {c['n']} | "
@@ -264,6 +361,7 @@ def _plot(opts: Options, groups: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     opts = parse_args(argv)
+    parallel.setup_jax(str(ROOT / ".cache" / "jax"))
     t0 = time.perf_counter()
     rows = run_grid(opts)
     write_report(opts, rows, time.perf_counter() - t0)

@@ -70,6 +70,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from experiments import parallel  # noqa: E402
 from experiments import reproduce_digits as rd  # noqa: E402
 from experiments.paired_tests import ALPHA, holm, mean_pm_std as _pm, mean_std as _mean_std, paired_t  # noqa: E402
 from qkd_jax.run import recipes  # noqa: E402
@@ -518,7 +519,7 @@ def reproduce(opts: Options, log=print) -> dict[str, pathlib.Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     opts = parse_args(argv)
-    rd._setup_jax(str(ROOT / ".cache" / "jax"))
+    parallel.setup_jax(str(ROOT / ".cache" / "jax"))
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         report_only(opts) if opts.report_only else reproduce(opts)

@@ -50,7 +50,6 @@ epoch), outputs under workdirs/reproduce_quick/ unless --out / --workdirs are gi
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import csv
 import dataclasses
@@ -59,7 +58,6 @@ import importlib.util
 import json
 import logging
 import math
-import multiprocessing
 import os
 import pathlib
 import platform
@@ -72,6 +70,8 @@ from typing import Any, Optional, Sequence
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python experiments/reproduce_digits.py` without an installed package
     sys.path.insert(0, str(ROOT))
+
+from experiments import parallel  # noqa: E402
 
 METHODS = ("interval", "pact", "lsq", "dorefa")
 BITS = (1, 2, 4)
@@ -414,19 +414,6 @@ def _hessian_deltas(workdir: pathlib.Path) -> list[dict]:
     return out
 
 
-def _worker_init(cache_dir: str) -> None:
-    _setup_jax(cache_dir)
-
-
-def _setup_jax(cache_dir: Optional[str]) -> None:
-    """Persistent compilation cache: the same networks compile once for all seeds."""
-    import jax
-
-    if cache_dir:
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def _summary_line(spec: RunSpec, rec: dict) -> str:
     accs = ", ".join(f"{name} {ev['top1']:.1f}" for name, ev in rec["phases"].items()
                      if name not in ("calibrate",) and "top1" in ev)
@@ -447,18 +434,7 @@ def run_all(opts: Options, specs: Sequence[RunSpec], log=print) -> dict[RunSpec,
         records[spec] = rec
         log(f"[{done}/{n}] {_summary_line(spec, rec)}")
 
-    if opts.jobs == 1:
-        for spec in [*teachers, *others]:
-            report(spec, execute(spec, opts))
-        return records
-    ctx = multiprocessing.get_context("spawn")
-    cache = str(ROOT / ".cache" / "jax")
-    with concurrent.futures.ProcessPoolExecutor(opts.jobs, mp_context=ctx, initializer=_worker_init,
-                                                initargs=(cache,)) as pool:
-        for stage in (teachers, others):
-            futures = {pool.submit(execute, s, opts): s for s in stage}
-            for fut in concurrent.futures.as_completed(futures):
-                report(futures[fut], fut.result())
+    parallel.run_stages(execute, (teachers, others), opts, opts.jobs, report, str(ROOT / ".cache" / "jax"))
     return records
 
 
@@ -1024,7 +1000,7 @@ def reproduce(opts: Options, log=print) -> dict[str, pathlib.Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     opts = parse_args(argv)
-    _setup_jax(str(ROOT / ".cache" / "jax"))
+    parallel.setup_jax(str(ROOT / ".cache" / "jax"))
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         report_only(opts) if opts.report_only else reproduce(opts)

@@ -2,7 +2,7 @@
 
     python experiments/squat_digits.py --out=docs/squat_digits [--seeds=3] [--epochs=12]
         [--teacher-epochs=12] [--methods=interval,pact,lsq,dorefa] [--bits=1,2,4]
-        [--mismatch-bits=2] [--workdirs=...] [--quick] [--report-only]
+        [--mismatch-bits=2] [--workdirs=...] [--jobs=1] [--quick] [--report-only]
 
 Writes OUT.md (table, paired tests, the command, wall time, a reading), OUT.csv (one row per
 setting), OUT_runs.csv (one row per run) and OUT.png (the plot).
@@ -50,6 +50,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from experiments import parallel  # noqa: E402
 from experiments import reproduce_digits as rd  # noqa: E402
 from experiments.paired_tests import ALPHA, holm, mean_pm_std as _pm, paired_t  # noqa: E402
 
@@ -75,6 +76,7 @@ class Options:
     quick: bool = False
     command: str = ""
     report_only: bool = False
+    jobs: int = 1
 
     @property
     def budget_dir(self) -> pathlib.Path:
@@ -108,12 +110,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     p.add_argument("--methods", default=None, help="quantizer methods (default interval,pact,lsq,dorefa)")
     p.add_argument("--bits", default=None, help="bit widths WbAb (default 1,2,4)")
     p.add_argument("--mismatch-bits", type=int, default=2, help="bits of the released-mismatch row (0: none)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel worker processes (default 1)")
     p.add_argument("--quick", action="store_true", help="smoke setting (see the module docstring)")
     p.add_argument("--report-only", action="store_true", help="train nothing: rewrite the report from OUT_runs.csv")
     a = p.parse_args(argv)
     q = a.quick
     methods = _csv_list(a.methods or ("interval,lsq" if q else ",".join(METHODS)), str, METHOD_LABEL, "methods", p)
     bits = _csv_list(a.bits or ("2" if q else "1,2,4"), int, range(1, 9), "bits", p)
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
     if a.mismatch_bits not in range(0, 9):
         p.error(f"--mismatch-bits must be 0..8, got {a.mismatch_bits}")
     base = ROOT / "workdirs" / ("squat_digits_quick" if q else "squat_digits")
@@ -126,6 +131,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Options:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     return Options(out=pathlib.Path(out).absolute(), workdirs=pathlib.Path(a.workdirs or base).absolute(),
                    methods=methods, bits=bits, mismatch_bits=a.mismatch_bits, quick=q, report_only=a.report_only,
+                   jobs=a.jobs,
                    command=" ".join(["python", "experiments/squat_digits.py",
                                      *(shlex.quote(x) for x in argv_list if x != "--report-only")]), **n)
 
@@ -389,16 +395,21 @@ def report_only(opts: Options, log=print) -> dict[str, pathlib.Path]:
 
 
 def reproduce(opts: Options, log=print) -> dict[str, pathlib.Path]:
-    """Runs the grid (reusing finished runs), rewriting the outputs after each run."""
+    """Runs the grid (reusing finished runs; teachers first, then `--jobs` runs at a time), rewriting
+    the outputs after each run."""
     t0 = time.perf_counter()
     records: dict = {}
     paths: dict = {}
     specs = plan(opts)
-    for i, key in enumerate(specs, 1):
-        rec = execute(key, opts)
+    teachers = [k for k in specs if k[3] == "teacher"]
+    students = [k for k in specs if k[3] != "teacher"]
+
+    def done(key: Key, rec: dict) -> None:
+        nonlocal paths
         records[key] = rec
         how = "reused" if rec["reused"] else f"{rec['wall_s']:.0f} s"
-        log(f"[{i}/{len(specs)}] seed{key[0]}/{key[3]}_{key[1]}_w{key[2]}a{key[2]}: top1 {rec['top1']:.2f} ({how})")
+        log(f"[{len(records)}/{len(specs)}] seed{key[0]}/{key[3]}_{key[1]}_w{key[2]}a{key[2]}: "
+            f"top1 {rec['top1']:.2f} ({how})")
         env = rd._environment()
         header = [f"- wall time of this invocation: {rd._duration(time.perf_counter() - t0)}; summed wall time of all "
                   f"runs: {rd._duration(sum(r['wall_s'] for r in records.values()))}",
@@ -409,12 +420,14 @@ def reproduce(opts: Options, log=print) -> dict[str, pathlib.Path]:
         paths["meta"].write_text(json.dumps({"command": opts.command, "header": header}, indent=1) + "\n",
                                  encoding="utf-8")
         paths = write_report(opts, records, header)
+
+    parallel.run_stages(execute, (teachers, students), opts, opts.jobs, done, str(ROOT / ".cache" / "jax"))
     return paths
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     opts = parse_args(argv)
-    rd._setup_jax(str(ROOT / ".cache" / "jax"))
+    parallel.setup_jax(str(ROOT / ".cache" / "jax"))
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         report_only(opts) if opts.report_only else reproduce(opts)

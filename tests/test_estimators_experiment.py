@@ -51,6 +51,9 @@ def test_report_files(tmp_path):
     md = (tmp_path / "est.md").read_text()
     assert "`cmd --x`" in md and "| lsq | 2/2 | dsq | 93.17 ± 1.61 |" in md
     assert "| noise | 0.000 |" in md and "| ste | 0.500 |" in md
+    # Holm by hand: p(noise) = 0.0229 -> 0.0457, p(dsq) = 0.039 -> max(0.0457, 0.039): both below 0.05
+    assert "1 significantly better and 1 significantly worse" in md
+    assert "- dsq: mean difference to the STE +2.17 points over 1 cells; above the STE in 1, below in 0" in md
     assert "Holm" in md and "](est.png)" in md and (tmp_path / "est.png").stat().st_size > 0
     with open(tmp_path / "est_runs.csv") as f:
         assert len(list(csv.DictReader(f))) == 9

@@ -5,14 +5,21 @@
 
 For one batch and one model state (inference mode: BatchNorm's running statistics, hard forward):
   grad_norm[est][layer]     ||dL/dW|| of the layer's kernel under each estimator
+  act_grad_norm[est][layer] ||dL/dx|| at the layer's input x (before its activation quantizer: the
+                            gradient the layer passes back, after its own estimator) under each
+                            estimator
   cosine[layer][a|b]        cosine similarity of two estimators' kernel gradients
   clip_fraction[layer]      share of kernel elements outside the weight quantizer's clip range
                             (its straight-through derivative is exactly 0 there)
+  act_clip_fraction[layer]  the same for the layer's input elements and its activation quantizer
+                            (0 for a layer whose inputs stay full precision)
   descent[est]              share of (layer, step size) pairs where the estimator's gradient step
                             on that layer's kernel alone, W - eta dL/dW / ||dL/dW||, lowers the true
                             quantized loss (the descent check); descent_detail[est][layer] per eta
 L is the cross-entropy of the hard-quantized network. `model_for(estimator)` builds the model with
 every quantized layer using `estimator` (`with_estimator` of the rules); None is the rules' own.
+The layer inputs are read (and probed with a zero offset for dL/dx) by intercepting the quantized
+layers' calls (`flax.linen.intercept_methods`), so no model has to expose them.
 Plain functions, for notebooks; docs/method.md section 12.
 """
 
@@ -28,7 +35,7 @@ import optax
 from flax import traverse_util
 
 from qkd_jax.quant.estimators import Estimator
-from qkd_jax.quant.layer_quant import QUANT, quantize_weight
+from qkd_jax.quant.layer_quant import QUANT, quantize_input, quantize_weight
 from qkd_jax.quant.rules import Rule, RuleSet, resolve
 
 
@@ -43,6 +50,25 @@ def with_estimator(rules: RuleSet, estimator: Optional[Estimator]) -> RuleSet:
 def _loss(model: nn.Module, variables: Mapping, params: Any, images: jax.Array, labels: jax.Array) -> jax.Array:
     logits = model.apply({**variables, "params": params}, images, train=False)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+
+
+def _loss_and_inputs(model: nn.Module, variables: Mapping, params: Any, offsets: Optional[Mapping[str, jax.Array]],
+                     images: jax.Array, labels: jax.Array, layers: Sequence[str]) -> tuple[jax.Array, dict]:
+    """(loss, {layer: its input}) with `offsets[layer]` (zeros: a gradient probe) added to the input
+    of each named layer's call."""
+    inputs: dict[str, jax.Array] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        path = "/".join(context.module.path) if context.method_name == "__call__" else None
+        if path in layers and args:
+            x = args[0] if offsets is None else args[0] + offsets[path]
+            inputs[path] = x
+            args = (x, *args[1:])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        loss = _loss(model, variables, params, images, labels)
+    return loss, inputs
 
 
 def _kernel_path(layer: str) -> tuple[str, ...]:
@@ -60,6 +86,15 @@ def clip_fraction(lp: Any, kernel: jax.Array, q: Mapping[str, jax.Array]) -> flo
     if not lp.quantized or lp.w_bits is None:
         return 0.0
     grad = jax.grad(lambda w: jnp.sum(quantize_weight(lp, w, q)))(kernel)
+    return float(jnp.mean(grad == 0))
+
+
+def input_clip_fraction(lp: Any, x: jax.Array, q: Mapping[str, jax.Array]) -> float:
+    """Share of input elements where the activation quantizer's straight-through derivative is 0
+    (outside its clip range); 0 for a layer whose inputs stay full precision."""
+    if not lp.quantized or lp.a_bits is None:
+        return 0.0
+    grad = jax.grad(lambda v: jnp.sum(quantize_input(lp, v, q)))(jnp.asarray(x, jnp.float32))
     return float(jnp.mean(grad == 0))
 
 
@@ -84,14 +119,22 @@ def estimator_diagnostics(
     # one compiled loss for the base value and every moved one: a step of size 0 compares equal
     loss_at = jax.jit(lambda p: _loss(hard, variables, p, images, labels))
     base = float(loss_at(params))
+    inputs = jax.jit(lambda p: _loss_and_inputs(hard, variables, p, None, images, labels, layers)[1])(params)
+    zeros = jax.tree.map(jnp.zeros_like, inputs)
     grads: dict[str, dict[str, jax.Array]] = {}
+    act_grads: dict[str, dict[str, jax.Array]] = {}
     for name, est in estimators.items():
         model = model_for(est)
-        g = traverse_util.flatten_dict(jax.jit(jax.grad(lambda p: _loss(model, variables, p, images, labels)))(params))
+        g, g_x = jax.jit(jax.grad(lambda p, o: _loss_and_inputs(model, variables, p, o, images, labels, layers)[0],
+                                  argnums=(0, 1)))(params, zeros)
+        g = traverse_util.flatten_dict(g)
         grads[name] = {layer: g[_kernel_path(layer)] for layer in layers}
+        act_grads[name] = g_x
     report: dict[str, Any] = {"loss": base, "layers": layers,
                               "grad_norm": {n: {l: float(jnp.linalg.norm(g[l])) for l in layers}
-                                            for n, g in grads.items()}}
+                                            for n, g in grads.items()},
+                              "act_grad_norm": {n: {l: float(jnp.linalg.norm(g[l])) for l in layers}
+                                                for n, g in act_grads.items()}}
     names = list(estimators)
     report["cosine"] = {l: {f"{a}|{b}": _cosine(grads[a][l], grads[b][l])
                             for i, a in enumerate(names) for b in names[i + 1:]} for l in layers}
@@ -102,6 +145,7 @@ def estimator_diagnostics(
 
     report["clip_fraction"] = {l: clip_fraction(resolved[l], flat_params[_kernel_path(l)], quant_params(l))
                                for l in layers}
+    report["act_clip_fraction"] = {l: input_clip_fraction(resolved[l], inputs[l], quant_params(l)) for l in layers}
     detail: dict[str, dict[str, list[bool]]] = {}
     for name in names:
         detail[name] = {}

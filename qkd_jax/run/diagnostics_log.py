@@ -5,8 +5,9 @@
 Every `diagnostics_every_steps` steps of a student phase (0: never), `qkd_jax.quant.diagnostics` runs
 on one fresh training batch of the phase's batch size (labels read, host-normalised, not the step's
 batch) with the current student, and writes one 'diagnostics' record: per estimator `NAME/descent`,
-per estimator and layer `NAME/grad_norm/LAYER`, per pair and layer `cos/A|B/LAYER`, per layer
-`clip/LAYER`. Watching only: the training numbers do not change and the settings are not part of
+per estimator and layer `NAME/grad_norm/LAYER` (kernel) and `NAME/act_grad_norm/LAYER` (input), per
+pair and layer `cos/A|B/LAYER`, per layer `clip/LAYER` (kernel) and `act_clip/LAYER` (input).
+Watching only: the training numbers do not change and the settings are not part of
 the phase record (docs/method.md section 12).
 """
 
@@ -47,7 +48,10 @@ def flatten(report: dict) -> dict[str, float]:
         out.update({f"{name}/grad_norm/{layer}": v for layer, v in norms.items()})
     for layer, pairs in report["cosine"].items():
         out.update({f"cos/{pair}/{layer}": v for pair, v in pairs.items()})
+    for name, norms in report["act_grad_norm"].items():
+        out.update({f"{name}/act_grad_norm/{layer}": v for layer, v in norms.items()})
     out.update({f"clip/{layer}": v for layer, v in report["clip_fraction"].items()})
+    out.update({f"act_clip/{layer}": v for layer, v in report["act_clip_fraction"].items()})
     return out
 
 

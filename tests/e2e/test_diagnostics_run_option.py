@@ -34,5 +34,6 @@ def test_diagnostics_are_logged_and_change_nothing(tmp_path):
         for layer in layers:
             assert r[f"ste/grad_norm/{layer}"] > 0 and math.isfinite(r[f"dsq/grad_norm/{layer}"])
             assert -1.0 <= r[f"cos/ste|dsq/{layer}"] <= 1.0 and 0.0 <= r[f"clip/{layer}"] <= 1.0
+            assert r[f"ste/act_grad_norm/{layer}"] > 0 and 0.0 <= r[f"act_clip/{layer}"] <= 1.0
         assert 0.0 <= r["ste/descent"] <= 1.0 and 0.0 <= r["dsq/descent"] <= 1.0
     assert _losses(tmp_path / "watched") == _losses(tmp_path / "plain")

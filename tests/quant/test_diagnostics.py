@@ -1,6 +1,7 @@
-"""qkd_jax/quant/diagnostics.py on a two-layer quantized MLP: gradient norms and cosines against
-gradients taken directly with each estimator's model, the clip fraction against NumPy on the
-calibrated interval bounds, and the descent check's bookkeeping (no step: never a descent)."""
+"""qkd_jax/quant/diagnostics.py on a two-layer quantized MLP: kernel gradient norms and cosines against
+gradients taken directly with each estimator's model, the first layer's input gradient norm against
+the gradient with respect to the model input, the clip fractions against NumPy on the quantizers'
+bounds, and the descent check's bookkeeping (no step: never a descent)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,17 @@ def _direct_grads(est, variables, x, labels):
     return {layer: np.asarray(g[layer]["kernel"], np.float64) for layer in ("fc1", "fc2")}
 
 
+def _input_grad(est, variables, x, labels):
+    """dL/dx at the model input, which is fc1's input."""
+    model = model_for(est)
+
+    def loss(v):
+        logits = model.apply(variables, v, train=False)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+    return np.asarray(jax.jit(jax.grad(loss))(x), np.float64)
+
+
 def test_report_against_direct_gradients_and_closed_forms():
     variables, x, labels = _setup()
     ests = {"ste": None, "dsq": E.make("dsq", {"alpha": 0.3}), "approxsign": E.make("approxsign")}
@@ -70,6 +82,14 @@ def test_report_against_direct_gradients_and_closed_forms():
         cos = g["ste"].ravel() @ g["dsq"].ravel() / (np.linalg.norm(g["ste"]) * np.linalg.norm(g["dsq"]))
         assert report["cosine"][layer]["ste|dsq"] == pytest_approx(cos)
         assert -1.0 <= report["cosine"][layer]["dsq|approxsign"] <= 1.0
+    for n, e in ests.items():
+        assert report["act_grad_norm"][n]["fc1"] == pytest_approx(np.linalg.norm(_input_grad(e, variables, x, labels)))
+        assert report["act_grad_norm"][n]["fc2"] > 0
+    # fc1's interval activation quantizer (a_lower 0, a_upper 1 at init) clips the input outside [0, 1];
+    # fc2 keeps full-precision inputs
+    xs = np.asarray(x)
+    assert report["act_clip_fraction"]["fc1"] == pytest_approx(np.mean((xs < 0) | (xs > 1)))
+    assert report["act_clip_fraction"]["fc2"] == 0.0
     # the estimators differ where the rounding sits (fc1 rounds weights and inputs)
     assert report["grad_norm"]["dsq"]["fc1"] != report["grad_norm"]["ste"]["fc1"]
     # interval weights clip outside [-0.3, 0.3]; LSQ outside [-2 s, s] for its step s (W2: Q_N 2, Q_P 1)

@@ -187,17 +187,9 @@ def execute(key: Key, opts: Options) -> dict:
     stored = json.loads(result_file.read_text()) if result_file.exists() else {}
     student = None
     if stored.get("config") != wanted:
-        old = workdir / "config.json"
-        if old.exists() and rd._differences(json.loads(old.read_text()), wanted):
-            raise rd.ConfigMismatchError(f"{workdir} holds a run of a different config; delete it or choose --workdirs")
-        from qkd_jax.run.loop import run
-
-        t0 = time.perf_counter()
-        with rd._quiet(workdir / "run.log"):
-            results = run(config, workdir)
+        results, wall = rd.train(config, workdir, wanted)
         student = results["sqakd"].student
-        stored = {"top1": float(results["sqakd"].eval["top1"]), "wall_s": time.perf_counter() - t0,
-                  "config": wanted}
+        stored = {"top1": float(results["sqakd"].eval["top1"]), "wall_s": wall, "config": wanted}
         result_file.write_text(json.dumps(stored, indent=1))
         reused = False
     else:

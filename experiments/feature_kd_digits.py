@@ -233,18 +233,9 @@ def execute(seed: int, arm: str, opts: Options) -> dict:
         stored = json.loads(result_file.read_text())
         if stored.get("config") == wanted:
             return {**stored, "reused": True}
-    old = workdir / "config.json"
-    if old.exists() and rd._differences(json.loads(old.read_text()), wanted):
-        raise rd.ConfigMismatchError(f"{workdir} holds a run of a different config; delete that folder or "
-                                     f"choose another --workdirs")
-    from qkd_jax.run.loop import run
-
-    t0 = time.perf_counter()
-    with rd._quiet(workdir / "run.log"):
-        results = run(config, workdir)
+    results, wall = rd.train(config, workdir, wanted)
     ev = dict(results[arm].eval)
-    record = {"top1": float(ev["top1"]), "loss": float(ev.get("loss", math.nan)),
-              "wall_s": time.perf_counter() - t0, "config": wanted}
+    record = {"top1": float(ev["top1"]), "loss": float(ev.get("loss", math.nan)), "wall_s": wall, "config": wanted}
     result_file.write_text(json.dumps(record, indent=1))
     return {**record, "reused": False}
 

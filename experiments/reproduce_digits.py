@@ -368,6 +368,21 @@ def execute(spec: RunSpec, opts: Options) -> dict:
         stored = json.loads(result_file.read_text())
         if stored.get("config") == wanted:
             return {**stored, "reused": True}
+    results, wall = train(config, workdir, wanted)
+    record = {
+        "spec": dataclasses.asdict(spec),
+        "phases": {name: dict(res.eval) for name, res in results.items()},
+        "wall_s": wall,
+        "deltas": _hessian_deltas(workdir) if spec.kind == "ewgs" else [],
+        "config": wanted,
+    }
+    result_file.write_text(json.dumps(record, indent=1))
+    return {**record, "reused": False}
+
+
+def train(config, workdir: pathlib.Path, wanted: dict) -> tuple[dict, float]:
+    """`qkd_jax.run.loop.run(config, workdir)` with its output in workdir/run.log, refusing a workdir
+    that holds a run of another config (`wanted`: the config as JSON); (results, wall seconds)."""
     old_config = workdir / "config.json"
     if old_config.exists():
         differ = _differences(json.loads(old_config.read_text()), wanted)
@@ -380,16 +395,7 @@ def execute(spec: RunSpec, opts: Options) -> dict:
     t0 = time.perf_counter()
     with _quiet(workdir / "run.log"):
         results = run(config, workdir)
-    wall = time.perf_counter() - t0
-    record = {
-        "spec": dataclasses.asdict(spec),
-        "phases": {name: dict(res.eval) for name, res in results.items()},
-        "wall_s": wall,
-        "deltas": _hessian_deltas(workdir) if spec.kind == "ewgs" else [],
-        "config": wanted,
-    }
-    result_file.write_text(json.dumps(record, indent=1))
-    return {**record, "reused": False}
+    return results, time.perf_counter() - t0
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -248,7 +248,7 @@ def comparisons(rows: Sequence[dict]) -> list[dict]:
     for m, b, e in cells:
         seeds = sorted(s for mm, bb, ee, s in top1 if (mm, bb, ee) == (m, b, e) and (m, b, "ste", s) in top1)
         diffs = [top1[(m, b, e, s)] - top1[(m, b, "ste", s)] for s in seeds]
-        test = pt.paired_t(diffs)
+        test = pt.paired_test(diffs)
         out.append({"method": m, "bits": b, "estimator": e, "n": len(diffs), "mean": test.mean, "p": test.p})
     adjusted = pt.holm([c["p"] for c in out]) if out else []
     for c, p_adj in zip(out, adjusted):
@@ -309,7 +309,8 @@ def write_report(opts: Options, rows: Sequence[dict], wall_s: float) -> None:
         lines.append(f"| {m} | {b}/{b} | {e} | {statistics.mean(vals):.2f}{sd} |")
     lines += ["", "## Paired tests against the STE", "",
               "Per-seed differences (estimator − STE, same teacher, calibration and data order), two-sided "
-              "paired t-test, Holm's correction over every row of this table.", "",
+              "paired t-test (where all differences are equal, the exact sign-flip p, 0.25 for three seeds: "
+              "`paired_tests.paired_test`), Holm's correction over every row of this table.", "",
               "| method | W/A | estimator | n | mean diff (points) | p | p (Holm) | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in comps:

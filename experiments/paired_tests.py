@@ -71,6 +71,18 @@ def paired_t(diffs: Sequence[float]) -> PairedT:
     return PairedT(mean, se, t, t_two_sided_p(t, n - 1))
 
 
+def paired_test(diffs: Sequence[float]) -> PairedT:
+    """`paired_t`, except where every difference is the same (top-1 differences are whole images, so
+    they are compared rounded to 1e-6 points): the t statistic is then infinite (or 0/0) and says
+    nothing, and the exact two-sided sign-flip permutation p is used instead, 2 / 2^n for n equal
+    non-zero differences (0.25 for three seeds one image apart each), 1 for zeros."""
+    d = [round(float(x), 6) for x in diffs]
+    test = paired_t(d)
+    if len(d) >= 2 and len(set(d)) == 1:
+        return PairedT(test.mean, 0.0, test.t, 1.0 if d[0] == 0 else min(1.0, 2.0 / 2 ** len(d)))
+    return test
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values (family-wise error control over the m tests), in input order.
 

@@ -52,7 +52,7 @@ if str(ROOT) not in sys.path:
 
 from experiments import parallel  # noqa: E402
 from experiments import reproduce_digits as rd  # noqa: E402
-from experiments.paired_tests import ALPHA, holm, mean_pm_std as _pm, paired_t  # noqa: E402
+from experiments.paired_tests import ALPHA, holm, mean_pm_std as _pm, paired_test  # noqa: E402
 
 METHODS = ("interval", "pact", "lsq", "dorefa")
 BITS = (1, 2, 4)
@@ -214,7 +214,7 @@ def comparisons(opts: Options, records: dict) -> list[dict]:
             continue
         diffs = [other[s] - base[s] for s in seeds]
         out.append({"method": method, "bits": bits, "arm": arm, "seeds": seeds, "diffs": diffs,
-                    "sqakd": [base[s] for s in seeds], "other": [other[s] for s in seeds], "test": paired_t(diffs)})
+                    "sqakd": [base[s] for s in seeds], "other": [other[s] for s in seeds], "test": paired_test(diffs)})
     for c, p_holm in zip(out, holm([c["test"].p for c in out])):
         c["p_holm"] = p_holm
     return out
@@ -299,8 +299,9 @@ def markdown(opts: Options, records: dict, comps: list[dict], header: Sequence[s
         out.append(f"| {_label(c)} | W{c['bits']}A{c['bits']} | {_pm(c['sqakd'])} | {_pm(c['other'])} | "
                    f"{', '.join(f'{d:+.2f}' for d in c['diffs'])} | {t.mean:+.2f}{se} | {_fmt(t.p)} | "
                    f"{_fmt(c['p_holm'])} | {verdict(c)} |")
-    out += ["", f"Test: two-sided paired t-test over seeds (df = seeds − 1); Holm p over the {len(comps)} comparisons "
-            f"of this table; significant when Holm p < {ALPHA} (experiments/paired_tests.py).", "",
+    out += ["", "Test: two-sided paired t-test over seeds (df = seeds − 1; where every seed's difference is the "
+            f"same, the exact sign-flip p, 0.25 for three seeds: `paired_tests.paired_test`); Holm p over the "
+            f"{len(comps)} comparisons of this table; significant when Holm p < {ALPHA} (experiments/paired_tests.py).", "",
             f"![SQuaT minus SQAKD per setting]({opts.out.name}.png)", "", "## Reading", ""]
     out += reading(opts, comps) + [""]
     return "\n".join(out)

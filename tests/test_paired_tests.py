@@ -39,6 +39,16 @@ def test_stored_grid_counts(pt):
     assert all(len(v) == 3 and all(0 <= c <= 360 for c in v) for v in counts.values())
 
 
+def test_equal_differences_take_the_sign_flip_p(pt):
+    # three seeds one image (100/360 points) apart each, with float noise: the t statistic would be
+    # huge; the exact sign-flip p is 2 / 2^3. All zeros: 1. Otherwise the t-test's p.
+    one = 100 / 360
+    assert pt.paired_test([one, one + 1e-13, one - 1e-13]).p == 0.25
+    assert pt.paired_test([0.0, 0.0, 0.0, 0.0]).p == 1.0
+    assert pt.paired_test([-one] * 2).p == 0.5
+    assert math.isclose(pt.paired_test([1.0, 2.0, 3.0]).p, 1 - 2 * math.sqrt(3) / math.sqrt(2 + 12), rel_tol=1e-5)
+
+
 def test_compare_pairs_by_seed(pt, tmp_path):
     """Before/after comparison: seeds paired, a seed in only one report dropped, t by hand."""
     head = "section,method,bits,variant,seed,top1,top5,loss,run_wall_s\n"
